@@ -1,0 +1,36 @@
+// nanobind module _jax_mxfp8_cuda: exposes every CUDA FFI target that the
+// kernel families registered (see JAX_MXFP8_REGISTER_CUDA_TARGET), plus build info.
+#include <cuda_runtime.h>
+#include <nanobind/nanobind.h>
+
+#include "jax_mxfp8/ffi_common.h"
+
+namespace nb = nanobind;
+
+namespace jax_mxfp8 {
+std::vector<TargetRegistration>& CudaTargets() {
+  static std::vector<TargetRegistration> targets;
+  return targets;
+}
+}  // namespace jax_mxfp8
+
+NB_MODULE(_jax_mxfp8_cuda, m) {
+  m.def("registrations", []() {
+    nb::dict out;
+    for (const auto& t : jax_mxfp8::CudaTargets()) {
+      out[t.name] = nb::capsule(reinterpret_cast<void*>(t.handler));
+    }
+    return out;
+  });
+  m.def("build_info", []() {
+    nb::dict info;
+    info["cuda_architectures"] = JAX_MXFP8_CUDA_ARCHS;
+    info["cuda_runtime_version"] = CUDART_VERSION;
+#ifdef JAX_MXFP8_WITH_CUTLASS
+    info["cutlass_sm100"] = true;
+#else
+    info["cutlass_sm100"] = false;
+#endif
+    return info;
+  });
+}
