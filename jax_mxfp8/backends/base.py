@@ -1,0 +1,61 @@
+"""The backend table: each backend is one `BackendImpl` entry; nothing else branches on backends."""
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any, Callable, Optional
+
+
+class Backend(enum.Enum):
+    EMULATION = "emulation"  # jnp on any device (CPU, TPU, any GPU)
+    MARLIN = "marlin"        # fused-dequant W8A16 GEMM, SM80+
+    CUTLASS = "cutlass"      # native W8A8 block-scaled GEMM, SM100+
+
+    @classmethod
+    def parse(cls, value: "Backend | str") -> "Backend":
+        if isinstance(value, Backend):
+            return value
+        try:
+            return cls(str(value).lower())
+        except ValueError:
+            names = ", ".join(b.value for b in cls)
+            raise ValueError(f"unknown backend {value!r}; use one of: {names}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendImpl:
+    """What a backend provides.
+
+    prepare(values [N,K] e4m3, scales [N,K/32] uint8) -> (arrays: dict[str, Array], meta: hashable)
+        repacks a weight once; `meta` is static (goes into the MxWeight treedef).
+    unprepare(arrays, meta, shape) -> (values [N,K], scales [N,K/32]): the exact inverse.
+    linear(x2d [M,K], weight: MxWeight, bias [N] | None, out_dtype, quantize_activations: bool) -> [M,N]
+    """
+    backend: Backend
+    min_compute_capability: Optional[tuple[int, int]]  # None: runs on any device
+    required_targets: tuple[str, ...]  # CUDA FFI targets that must have been built
+    default_quantize_activations: bool
+    supports_w8a16: bool
+    supports_w8a8: bool
+    prepare: Callable[..., Any]
+    unprepare: Callable[..., Any]
+    linear: Callable[..., Any]
+
+
+_REGISTRY: dict[Backend, BackendImpl] = {}
+
+
+def register_backend(impl: BackendImpl) -> None:
+    _REGISTRY[impl.backend] = impl
+
+
+def get_backend_impl(backend: Backend) -> BackendImpl:
+    try:
+        return _REGISTRY[backend]
+    except KeyError:
+        raise ValueError(
+            f"backend {backend.value!r} is not available in this build of jax_mxfp8") from None
+
+
+def registered_backends() -> tuple[Backend, ...]:
+    return tuple(_REGISTRY)
