@@ -1,2 +1,17 @@
-"""jax_mxfp8: MXFP8 quantization and GEMMs for JAX (work in progress)."""
-from jax_mxfp8.reference import BLOCK_SIZE  # noqa: F401
+"""jax_mxfp8: MXFP8 (float8_e4m3fn values + one e8m0 scale per 32 elements) for JAX.
+
+Exact quantize/dequantize/swizzle on every platform, CUDA kernels behind XLA FFI
+on NVIDIA GPUs, and an MXFP8 `linear` with per-device backends.
+"""
+from jax_mxfp8.backends import Backend, select_backend
+from jax_mxfp8.linear import linear, prepare_weight, quantize_weight
+from jax_mxfp8.primitives import dequantize, quantize, swizzle_scales, unswizzle_scales
+from jax_mxfp8.reference import BLOCK_SIZE
+from jax_mxfp8.weight import MxWeight
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BLOCK_SIZE", "Backend", "MxWeight", "dequantize", "linear", "prepare_weight",
+    "quantize", "quantize_weight", "select_backend", "swizzle_scales", "unswizzle_scales",
+]
