@@ -4,6 +4,7 @@ Exact quantize/dequantize/swizzle on every platform, CUDA kernels behind XLA FFI
 on NVIDIA GPUs, and an MXFP8 `linear` with per-device backends.
 """
 from jax_mxfp8.backends import Backend, select_backend
+from jax_mxfp8.checkpoint import load_safetensors, save_safetensors
 from jax_mxfp8.linear import linear, prepare_weight, quantize_weight
 from jax_mxfp8.primitives import dequantize, quantize, swizzle_scales, unswizzle_scales
 from jax_mxfp8.reference import BLOCK_SIZE
@@ -12,6 +13,7 @@ from jax_mxfp8.weight import MxWeight
 __version__ = "0.1.0"
 
 __all__ = [
-    "BLOCK_SIZE", "Backend", "MxWeight", "dequantize", "linear", "prepare_weight",
-    "quantize", "quantize_weight", "select_backend", "swizzle_scales", "unswizzle_scales",
+    "BLOCK_SIZE", "Backend", "MxWeight", "dequantize", "linear", "load_safetensors", "prepare_weight",
+    "quantize", "quantize_weight", "save_safetensors", "select_backend", "swizzle_scales",
+    "unswizzle_scales",
 ]
