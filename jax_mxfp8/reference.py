@@ -62,6 +62,25 @@ def _scale_down(x32: jax.Array, e_b: jax.Array) -> jax.Array:
     return jnp.where(is_subnormal, sub, scaled)
 
 
+def round_to_e4m3_bits(s: jax.Array) -> jax.Array:
+    """Round-to-nearest-even of float32 |s| <= 448 to e4m3fn codes (uint8), in integer arithmetic.
+
+    XLA's own float32 -> e4m3 conversion was not correctly rounded in older releases (jax 0.7
+    rounded through an intermediate type), so the one rounding of the contract is done by hand.
+    """
+    bits = lax.bitcast_convert_type(s, jnp.uint32)
+    mag = bits & jnp.uint32(0x7FFFFFFF)
+    # Normal e4m3 (|s| >= 2^-6): round the 23-bit mantissa to 3 bits at bit 20, ties to even;
+    # a carry moves into the exponent naturally. Rebias the exponent from 127 to 7.
+    rounded = (mag + jnp.uint32(0x7FFFF) + ((mag >> 20) & 1)) >> 20
+    normal = rounded.astype(jnp.int32) - (120 << 3)
+    # Subnormal e4m3 (quantum 2^-9): |s| * 512 is exact; round it to an integer, ties to even.
+    scaled = lax.bitcast_convert_type(mag, jnp.float32) * jnp.float32(512.0)
+    subnormal = lax.round(scaled, lax.RoundingMethod.TO_NEAREST_EVEN).astype(jnp.int32)
+    code = jnp.where(mag < jnp.uint32(0x3C800000), subnormal, normal)  # 0x3C800000 = 2^-6
+    return (code.astype(jnp.uint32) | ((bits >> 31) << 7)).astype(jnp.uint8)
+
+
 def quantize(x: jax.Array, rounding: str = "ceil") -> tuple[jax.Array, jax.Array]:
     """x [..., K] (bf16/fp16/fp32) -> (values e4m3 [..., K], scales uint8 [..., K/32])."""
     *lead, k = x.shape
@@ -73,7 +92,7 @@ def quantize(x: jax.Array, rounding: str = "ceil") -> tuple[jax.Array, jax.Array
     scaled = _scale_down(blocks, e_b[..., None])
     if rounding == "floor":
         scaled = jnp.clip(scaled, -E4M3_MAX, E4M3_MAX)
-    value_bits = lax.bitcast_convert_type(scaled.astype(jnp.float8_e4m3fn), jnp.uint8)
+    value_bits = round_to_e4m3_bits(scaled)
     value_bits = jnp.where(nonfinite[..., None], jnp.uint8(E4M3_NAN_BITS), value_bits)
     values = lax.bitcast_convert_type(value_bits, jnp.float8_e4m3fn).reshape(x.shape)
     scales = jnp.where(nonfinite, SCALE_NAN, e_b).astype(jnp.uint8)
