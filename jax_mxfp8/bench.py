@@ -231,16 +231,25 @@ def linear_cases(config: Config) -> list[Case]:
 
 # ---- running and reporting ----------------------------------------------------------------
 
+def sets_for(case: Case, config: Config) -> int:
+    """R: at least config.sets, more for small cases so that R calls take well over the host
+    timing noise (decode-size kernels run for a few microseconds)."""
+    wanted = -(-256 * MiB // max(case.bytes_moved, 1))
+    return int(min(64, max(config.sets, wanted)))
+
+
 def run_case(case: Case, config: Config) -> list[dict]:
-    keys = jax.random.split(jax.random.key(hash(case.label) & 0x7FFFFFFF), config.sets)
+    sets = sets_for(case, config)
+    repeats = config.repeats if sets == config.sets else max(config.repeats, 15)
+    keys = jax.random.split(jax.random.key(hash(case.label) & 0x7FFFFFFF), sets)
     arg_sets = [case.make_args(key) for key in keys]
     jax.block_until_ready(arg_sets)
     rows = []
     for name, fn in case.impls.items():
         row = {"op": case.op, "case": case.label, "impl": name, "bytes": case.bytes_moved,
-               "size": case.size or case.bytes_moved, "flops": case.flops}
+               "size": case.size or case.bytes_moved, "flops": case.flops, "sets": sets}
         try:
-            row["time_us"] = device_time_us(fn, arg_sets, config.repeats)
+            row["time_us"] = device_time_us(fn, arg_sets, repeats)
             row["kernels"] = kernels_per_call(fn, arg_sets[0])
         except Exception as err:  # a peer that cannot run here (e.g. unsupported on this GPU)
             row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
@@ -276,8 +285,8 @@ def annotate(rows: list[dict], cases: list[Case], copy_bps: float) -> None:
 
 def markdown(rows: list[dict], meta: dict) -> str:
     out = [f"# jax_mxfp8 bench ({meta['date']})", "",
-           f"device: {meta['device']}; jax {meta['jax']}; R = {meta['sets']} argument sets, median of "
-           f"{meta['repeats']}; copy bandwidth (x*2, {meta['copy_mib']} MiB bf16) **{meta['copy_tbps']:.3f} TB/s**.", "",
+           f"device: {meta['device']}; jax {meta['jax']}; R = {meta['sets']} argument sets (up to 64 for "
+           f"small cases), median of {meta['repeats']}; copy bandwidth (x*2, {meta['copy_mib']} MiB bf16) **{meta['copy_tbps']:.3f} TB/s**.", "",
            "time = device us per call; % copy = floor / time (floor = minimum bytes / copy bandwidth); "
            "speedup vs the op's baseline peer; kernels = launching instructions in the compiled HLO.", "",
            "| op | case | impl | time us | GB/s | % copy | floor us | speedup | kernels |",
@@ -339,6 +348,7 @@ def run(ops: list[str], config: Config, out_dir: str | None) -> dict:
     meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
             "device": device.device_kind, "platform": device.platform, "jax": jax.__version__,
             "sets": config.sets, "repeats": config.repeats, "copy_mib": config.copy_mib}
+    copy_bandwidth(config)  # warm-up: clocks, allocator, first-run effects
     copy_bps = copy_bandwidth(config)
     meta["copy_tbps"] = copy_bps / 1e12
     print(f"copy bandwidth: {copy_bps / 1e12:.3f} TB/s on {meta['device']}", flush=True)

@@ -6,12 +6,16 @@
 // rounding is one RNE conversion to e4m3 (quantize) or to the output dtype (dequantize).
 // Build without fast-math: subnormal float32 products must not be flushed.
 //
-// Memory layout of the work: K is a multiple of 32, so the flattened input is a sequence of
-// 32-element blocks and the row-major scales are exactly the flattened block index. A thread
-// owns a "unit" of 16 consecutive elements (16-byte vector loads of the input, one 16-byte
-// store of e4m3 values); the two lanes of a block exchange their partial maxima with one
-// shuffle. The swizzled (F8_128x4) scale layout needs the block's (batch, row, column); its
-// zero padding is written by extra work items of the same launch.
+// Work layout: K is a multiple of 32, so the flattened input is a sequence of 32-element
+// blocks and row-major scales are the flattened block index. A warp takes a chunk of 1024
+// elements (512 for fp32) per loop step and every memory instruction of the warp covers one
+// contiguous span: lane i reads the i-th 16-byte vector of each 32-vector span (a first
+// version with each lane reading 32-64 contiguous bytes left half-filled sectors per
+// instruction and lost 10-40% of the bandwidth on H100). A block is then spread over 4 (16-bit
+// inputs) or 8 (fp32) lanes that combine their maxima with xor shuffles. Swizzled (F8_128x4)
+// scales need the block's (batch, row, column); with K/32 % 4 == 0 four scales are gathered
+// into one 32-bit store, and the zero padding rows are written by extra work items of the same
+// launch.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
@@ -27,7 +31,7 @@ namespace jax_mxfp8 {
 namespace {
 
 constexpr int kBlockSize = 32;        // elements per scale
-constexpr int kUnit = 16;             // elements per thread per step
+constexpr int kSteps = 4;             // 16-byte accesses per lane per loop step (all in flight)
 constexpr int kThreads = 256;         // threads per CTA
 constexpr uint32_t kNonFinite = 0x7F800000u;  // |bits| >= this: Inf or NaN
 constexpr uint8_t kScaleNaN = 255;
@@ -72,19 +76,19 @@ cudaError_t GridFor(uint64_t work_items, unsigned* grid) {
   return cudaSuccess;
 }
 
-// ---- element access ------------------------------------------------------------------------
+// ---- element access: one 16-byte vector per lane per access ----------------------------------
 
 template <typename T>
-struct InputTraits;
+struct Vec;  // kCount elements of T in 16 bytes, loaded as float32 (exact for every input dtype)
 
 template <>
-struct InputTraits<__nv_bfloat16> {
-  static __device__ __forceinline__ void Load16(const __nv_bfloat16* p, float (&v)[kUnit]) {
-    const uint4* q = reinterpret_cast<const uint4*>(p);
-    uint4 a = __ldg(q), b = __ldg(q + 1);
-    uint32_t w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+struct Vec<__nv_bfloat16> {
+  static constexpr int kCount = 8;
+  static __device__ __forceinline__ void Load(const __nv_bfloat16* p, float (&v)[kCount]) {
+    const uint4 q = __ldg(reinterpret_cast<const uint4*>(p));
+    const uint32_t w[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {  // bf16 -> f32 is a 16-bit shift (exact, keeps subnormals)
+    for (int i = 0; i < 4; ++i) {  // bf16 -> f32 is a 16-bit shift (exact, keeps subnormals)
       v[2 * i] = __uint_as_float(w[i] << 16);
       v[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
     }
@@ -92,15 +96,14 @@ struct InputTraits<__nv_bfloat16> {
 };
 
 template <>
-struct InputTraits<__half> {
-  static __device__ __forceinline__ void Load16(const __half* p, float (&v)[kUnit]) {
-    const uint4* q = reinterpret_cast<const uint4*>(p);
-    uint4 a = __ldg(q), b = __ldg(q + 1);
-    uint32_t w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+struct Vec<__half> {
+  static constexpr int kCount = 8;
+  static __device__ __forceinline__ void Load(const __half* p, float (&v)[kCount]) {
+    uint4 q = __ldg(reinterpret_cast<const uint4*>(p));
+    const __half2* h = reinterpret_cast<const __half2*>(&q);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      __half2 h = *reinterpret_cast<__half2*>(&w[i]);
-      float2 f = __half22float2(h);  // exact
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __half22float2(h[i]);  // exact
       v[2 * i] = f.x;
       v[2 * i + 1] = f.y;
     }
@@ -108,17 +111,14 @@ struct InputTraits<__half> {
 };
 
 template <>
-struct InputTraits<float> {
-  static __device__ __forceinline__ void Load16(const float* p, float (&v)[kUnit]) {
-    const float4* q = reinterpret_cast<const float4*>(p);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      float4 f = __ldg(q + i);
-      v[4 * i] = f.x;
-      v[4 * i + 1] = f.y;
-      v[4 * i + 2] = f.z;
-      v[4 * i + 3] = f.w;
-    }
+struct Vec<float> {
+  static constexpr int kCount = 4;
+  static __device__ __forceinline__ void Load(const float* p, float (&v)[kCount]) {
+    const float4 f = __ldg(reinterpret_cast<const float4*>(p));
+    v[0] = f.x;
+    v[1] = f.y;
+    v[2] = f.z;
+    v[3] = f.w;
   }
 };
 
@@ -152,18 +152,33 @@ __device__ __forceinline__ float Scale(uint32_t e_b) {
   return __uint_as_float(e_b > 0 ? e_b << 23 : 0x00400000u);
 }
 
-// e4m3 RNE of 16 scaled values, packed little-endian. The saturating hardware conversion is
-// safe for every rule: scaled magnitudes never exceed 448 (ceil, naive by construction; floor
-// clips first), and it is a single instruction per pair.
-__device__ __forceinline__ uint4 ToE4M3(const float (&s)[kUnit]) {
-  uint32_t w[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    uint32_t lo = __nv_cvt_float2_to_fp8x2(make_float2(s[4 * i], s[4 * i + 1]), __NV_SATFINITE, __NV_E4M3);
-    uint32_t hi = __nv_cvt_float2_to_fp8x2(make_float2(s[4 * i + 2], s[4 * i + 3]), __NV_SATFINITE, __NV_E4M3);
-    w[i] = lo | (hi << 16);
+// e4m3 RNE of n (4 or 8) scaled values, packed little-endian. The saturating hardware
+// conversion is safe for every rule: scaled magnitudes never exceed 448 (ceil and naive by
+// construction, floor clips first), and it converts a pair per instruction.
+__device__ __forceinline__ uint32_t ToE4M3x4(const float* s) {
+  const uint32_t lo = __nv_cvt_float2_to_fp8x2(make_float2(s[0], s[1]), __NV_SATFINITE, __NV_E4M3);
+  const uint32_t hi = __nv_cvt_float2_to_fp8x2(make_float2(s[2], s[3]), __NV_SATFINITE, __NV_E4M3);
+  return lo | (hi << 16);
+}
+
+template <int n>
+__device__ __forceinline__ void StoreE4M3(uint8_t* p, const float (&s)[n]) {
+  if constexpr (n == 8) {
+    *reinterpret_cast<uint2*>(p) = make_uint2(ToE4M3x4(s), ToE4M3x4(s + 4));
+  } else {
+    static_assert(n == 4, "4 or 8 values per lane");
+    *reinterpret_cast<uint32_t*>(p) = ToE4M3x4(s);
   }
-  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+template <int n>
+__device__ __forceinline__ void StoreNaN(uint8_t* p) {
+  constexpr uint32_t kNaN4 = kValueNaN * 0x01010101u;
+  if constexpr (n == 8) {
+    *reinterpret_cast<uint2*>(p) = make_uint2(kNaN4, kNaN4);
+  } else {
+    *reinterpret_cast<uint32_t*>(p) = kNaN4;
+  }
 }
 
 // Byte offset of scale (r, c) inside one batch's F8_128x4 tile set (numerics.md).
@@ -181,59 +196,80 @@ struct ScaleGeometry {
 
 // ---- quantize ------------------------------------------------------------------------------
 
-// units: number of 16-element units (2 per block). pad_items (swizzled only): one uint32 zero
-// store per (batch, padding row, 4-column group).
+// elements: x's size (a multiple of 32). pad_items (swizzled only): one uint32 zero store per
+// (batch, padding row, 4-column group). word_scales: swizzled and K/32 % 4 == 0.
 template <typename T, int kRule, bool kSwizzle>
-__global__ void __launch_bounds__(kThreads)
+// At most 64 registers (1024 threads per SM) where that does not spill; 85 otherwise.
+__global__ void __launch_bounds__(kThreads, (kSwizzle && sizeof(T) == 2) ? 3 : 4)
 QuantizeKernel(const T* __restrict__ x, uint8_t* __restrict__ values, uint8_t* __restrict__ scales,
-               uint64_t units, uint64_t pad_items, ScaleGeometry g) {
-  const uint64_t stride = static_cast<uint64_t>(gridDim.x) * kThreads;
-  const uint64_t first = static_cast<uint64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  // Warp-uniform trip count (units rounded up to a warp) so the pair shuffle sees a full warp.
-  const uint64_t warp_units = (units + 31) & ~uint64_t{31};
-  for (uint64_t unit = first; unit < warp_units; unit += stride) {
-    const bool active = unit < units;
-    float v[kUnit];
-    uint32_t amax_bits = 0;
-    if (active) {
-      InputTraits<T>::Load16(x + unit * kUnit, v);
+               uint64_t elements, uint64_t pad_items, ScaleGeometry g, bool word_scales) {
+  constexpr int kV = Vec<T>::kCount;          // elements per lane per access
+  constexpr int kLanes = kBlockSize / kV;     // lanes sharing a block: 4 or 8
+  constexpr int kChunk = kSteps * 32 * kV;    // elements per warp per loop step: 1024 or 512
+  const int lane = threadIdx.x & 31;
+  const uint64_t first_thread = static_cast<uint64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const uint64_t warps = static_cast<uint64_t>(gridDim.x) * (kThreads / 32);
+  const uint64_t chunks = (elements + kChunk - 1) / kChunk;
+  for (uint64_t chunk = first_thread / 32; chunk < chunks; chunk += warps) {  // warp-uniform
+    const uint64_t base = chunk * kChunk + static_cast<uint64_t>(lane) * kV;
+    float v[kSteps][kV];
 #pragma unroll
-      for (int i = 0; i < kUnit; ++i) amax_bits = max(amax_bits, __float_as_uint(v[i]) & 0x7FFFFFFFu);
-    }
-    // Max of |bits| orders finite magnitudes and puts Inf/NaN (>= 0x7F800000) on top.
-    amax_bits = max(amax_bits, __shfl_xor_sync(0xFFFFFFFFu, amax_bits, 1));
-    if (!active) continue;
-
-    uint4 packed;
-    uint8_t scale_byte;
-    if (amax_bits >= kNonFinite) {
-      const uint32_t nan4 = kValueNaN * 0x01010101u;
-      packed = make_uint4(nan4, nan4, nan4, nan4);
-      scale_byte = kScaleNaN;
-    } else {
-      const int e_b = ScaleExponent<kRule>(amax_bits);
-      const float inv = InverseScale(e_b);
-#pragma unroll
-      for (int i = 0; i < kUnit; ++i) {
-        v[i] *= inv;
-        if (kRule == kFloor) v[i] = fminf(fmaxf(v[i], -448.0f), 448.0f);
-      }
-      packed = ToE4M3(v);
-      scale_byte = static_cast<uint8_t>(e_b);
-    }
-    reinterpret_cast<uint4*>(values)[unit] = packed;
-
-    if ((unit & 1) == 0) {  // the first lane of the block writes its scale
-      const uint32_t block = static_cast<uint32_t>(unit >> 1);
-      if (!kSwizzle) {
-        scales[block] = scale_byte;
+    for (int j = 0; j < kSteps; ++j) {  // all loads in flight before any use
+      const uint64_t e = base + j * 32 * kV;
+      if (e < elements) {
+        Vec<T>::Load(x + e, v[j]);
       } else {
+#pragma unroll
+        for (int i = 0; i < kV; ++i) v[j][i] = 0.0f;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kSteps; ++j) {
+      const uint64_t e = base + j * 32 * kV;
+      const bool active = e < elements;
+      uint32_t amax_bits = 0;
+#pragma unroll
+      for (int i = 0; i < kV; ++i) amax_bits = max(amax_bits, __float_as_uint(v[j][i]) & 0x7FFFFFFFu);
+      // Max of |bits| orders finite magnitudes and puts Inf/NaN (>= 0x7F800000) on top.
+#pragma unroll
+      for (int o = 1; o < kLanes; o <<= 1) amax_bits = max(amax_bits, __shfl_xor_sync(0xFFFFFFFFu, amax_bits, o));
+      uint32_t scale_byte;
+      if (amax_bits >= kNonFinite) {
+        scale_byte = kScaleNaN;
+        if (active) StoreNaN<kV>(values + e);
+      } else {
+        const int e_b = ScaleExponent<kRule>(amax_bits);
+        const float inv = InverseScale(e_b);
+#pragma unroll
+        for (int i = 0; i < kV; ++i) {
+          v[j][i] *= inv;
+          if (kRule == kFloor) v[j][i] = fminf(fmaxf(v[j][i], -448.0f), 448.0f);
+        }
+        scale_byte = static_cast<uint32_t>(e_b);
+        if (active) StoreE4M3<kV>(values + e, v[j]);
+      }
+      const uint32_t block = static_cast<uint32_t>(e / kBlockSize);
+      if (!kSwizzle) {
+        if (active && lane % kLanes == 0) scales[block] = static_cast<uint8_t>(scale_byte);
+      } else if (word_scales) {
+        // Blocks 4c..4c+3 of a row are 4 contiguous bytes of the atom: gather them in one lane.
+        uint32_t word = scale_byte;
+#pragma unroll
+        for (int k = 1; k < 4; ++k) word |= __shfl_down_sync(0xFFFFFFFFu, scale_byte, k * kLanes) << (8 * k);
+        if (active && lane % (4 * kLanes) == 0) {
+          const uint32_t row_flat = block / g.cols;
+          const uint32_t c = block - row_flat * g.cols;
+          const uint32_t batch = row_flat / g.rows;
+          const uint32_t r = row_flat - batch * g.rows;
+          *reinterpret_cast<uint32_t*>(scales + batch * g.batch_bytes + SwizzledOffset(r, c, g.padded_cols)) = word;
+        }
+      } else if (active && lane % kLanes == 0) {
         const uint32_t row_flat = block / g.cols;
         const uint32_t c = block - row_flat * g.cols;
         const uint32_t batch = row_flat / g.rows;
         const uint32_t r = row_flat - batch * g.rows;
         uint8_t* tile = scales + batch * g.batch_bytes;
-        tile[SwizzledOffset(r, c, g.padded_cols)] = scale_byte;
+        tile[SwizzledOffset(r, c, g.padded_cols)] = static_cast<uint8_t>(scale_byte);
         if (c + 1 == g.cols) {  // the row's last block also zeroes its group's padding columns
           for (uint32_t pc = g.cols; pc < g.padded_cols; ++pc) tile[SwizzledOffset(r, pc, g.padded_cols)] = 0;
         }
@@ -241,17 +277,16 @@ QuantizeKernel(const T* __restrict__ x, uint8_t* __restrict__ values, uint8_t* _
     }
   }
   if (kSwizzle) {  // padding rows [M, Mp) of every batch index: 4 zero bytes per item
+    const uint64_t stride = static_cast<uint64_t>(gridDim.x) * kThreads;
     const uint32_t groups = g.padded_cols >> 2;
-    const uint32_t pad_rows = g.padded_rows - g.rows;
-    for (uint64_t item = first; item < pad_items; item += stride) {
+    const uint32_t per_batch = (g.padded_rows - g.rows) * groups;
+    for (uint64_t item = first_thread; item < pad_items; item += stride) {
       const uint32_t i = static_cast<uint32_t>(item);
-      const uint32_t per_batch = pad_rows * groups;
       const uint32_t batch = i / per_batch;
       const uint32_t rem = i - batch * per_batch;
       const uint32_t r = g.rows + rem / groups;
       const uint32_t c = (rem % groups) * 4;
-      uint8_t* tile = scales + batch * g.batch_bytes;
-      *reinterpret_cast<uint32_t*>(tile + SwizzledOffset(r, c, g.padded_cols)) = 0;
+      *reinterpret_cast<uint32_t*>(scales + batch * g.batch_bytes + SwizzledOffset(r, c, g.padded_cols)) = 0;
     }
   }
 }
@@ -259,64 +294,92 @@ QuantizeKernel(const T* __restrict__ x, uint8_t* __restrict__ values, uint8_t* _
 // ---- dequantize ----------------------------------------------------------------------------
 
 template <typename T>
-__device__ __forceinline__ void Store16(T* p, const float (&v)[kUnit]);
+struct OutVec;  // 16 bytes of output: kCount values of T
 
 template <>
-__device__ __forceinline__ void Store16(__nv_bfloat16* p, const float (&v)[kUnit]) {
-  uint32_t w[8];
+struct OutVec<__nv_bfloat16> {
+  static constexpr int kCount = 8;
+  static __device__ __forceinline__ void Store(__nv_bfloat16* p, const float (&v)[kCount]) {
+    uint4 q;
+    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&q);
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);  // RNE, keeps subnormals
-    w[i] = *reinterpret_cast<uint32_t*>(&h);
+    for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);  // RNE, keeps subnormals
+    *reinterpret_cast<uint4*>(p) = q;
   }
-  uint4* q = reinterpret_cast<uint4*>(p);
-  q[0] = make_uint4(w[0], w[1], w[2], w[3]);
-  q[1] = make_uint4(w[4], w[5], w[6], w[7]);
-}
+};
 
 template <>
-__device__ __forceinline__ void Store16(__half* p, const float (&v)[kUnit]) {
-  uint32_t w[8];
+struct OutVec<__half> {
+  static constexpr int kCount = 8;
+  static __device__ __forceinline__ void Store(__half* p, const float (&v)[kCount]) {
+    uint4 q;
+    __half2* h = reinterpret_cast<__half2*>(&q);
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    __half2 h = __floats2half2_rn(v[2 * i], v[2 * i + 1]);  // RNE; overflow -> Inf
-    w[i] = *reinterpret_cast<uint32_t*>(&h);
+    for (int i = 0; i < 4; ++i) h[i] = __floats2half2_rn(v[2 * i], v[2 * i + 1]);  // RNE; overflow -> Inf
+    *reinterpret_cast<uint4*>(p) = q;
   }
-  uint4* q = reinterpret_cast<uint4*>(p);
-  q[0] = make_uint4(w[0], w[1], w[2], w[3]);
-  q[1] = make_uint4(w[4], w[5], w[6], w[7]);
-}
+};
 
 template <>
-__device__ __forceinline__ void Store16(float* p, const float (&v)[kUnit]) {
-  float4* q = reinterpret_cast<float4*>(p);
+struct OutVec<float> {
+  static constexpr int kCount = 4;
+  static __device__ __forceinline__ void Store(float* p, const float (&v)[kCount]) {
+    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+  }
+};
+
+// Four e4m3 codes (one little-endian word) -> float32, exact (e4m3 -> f16 -> f32).
+__device__ __forceinline__ void DecodeE4M3x4(uint32_t w, float* out) {
 #pragma unroll
-  for (int i = 0; i < 4; ++i) q[i] = make_float4(v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3]);
+  for (int half = 0; half < 2; ++half) {
+    __half2_raw raw = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w >> (16 * half)), __NV_E4M3);
+    const float2 f = __half22float2(*reinterpret_cast<__half2*>(&raw));
+    out[2 * half] = f.x;
+    out[2 * half + 1] = f.y;
+  }
 }
 
+// Lane i of a warp reads kV codes (8 or 4 bytes) and writes the i-th 16-byte vector of each span.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 DequantizeKernel(const uint8_t* __restrict__ values, const uint8_t* __restrict__ scales,
-                 T* __restrict__ out, uint64_t units) {
-  const uint64_t stride = static_cast<uint64_t>(gridDim.x) * kThreads;
-  for (uint64_t unit = static_cast<uint64_t>(blockIdx.x) * kThreads + threadIdx.x; unit < units;
-       unit += stride) {
-    const uint4 packed = __ldg(reinterpret_cast<const uint4*>(values) + unit);
-    const float scale = Scale(__ldg(scales + (unit >> 1)));
-    const uint32_t w[4] = {packed.x, packed.y, packed.z, packed.w};
-    float v[kUnit];
+                 T* __restrict__ out, uint64_t elements) {
+  constexpr int kV = OutVec<T>::kCount;
+  constexpr int kChunk = kSteps * 32 * kV;
+  const int lane = threadIdx.x & 31;
+  const uint64_t warps = static_cast<uint64_t>(gridDim.x) * (kThreads / 32);
+  const uint64_t chunks = (elements + kChunk - 1) / kChunk;
+  for (uint64_t chunk = (static_cast<uint64_t>(blockIdx.x) * kThreads + threadIdx.x) / 32; chunk < chunks;
+       chunk += warps) {
+    const uint64_t base = chunk * kChunk + static_cast<uint64_t>(lane) * kV;
+    uint32_t codes[kSteps][kV / 4];
+    uint32_t scale_bytes[kSteps];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {  // e4m3 -> f16 is exact; f16 -> f32 is exact
-        __half2_raw raw = __nv_cvt_fp8x2_to_halfraw2(
-            static_cast<__nv_fp8x2_storage_t>(w[i] >> (16 * half)), __NV_E4M3);
-        float2 f = __half22float2(*reinterpret_cast<__half2*>(&raw));
-        v[4 * i + 2 * half] = f.x * scale;  // exact unless the result is a float32 subnormal/overflow
-        v[4 * i + 2 * half + 1] = f.y * scale;
+    for (int j = 0; j < kSteps; ++j) {  // all loads in flight before any use
+      const uint64_t e = base + j * 32 * kV;
+      if (e < elements) {
+        if constexpr (kV == 8) {
+          const uint2 q = __ldg(reinterpret_cast<const uint2*>(values + e));
+          codes[j][0] = q.x;
+          codes[j][kV / 4 - 1] = q.y;
+        } else {
+          codes[j][0] = __ldg(reinterpret_cast<const uint32_t*>(values + e));
+        }
+        scale_bytes[j] = __ldg(scales + e / kBlockSize);
       }
     }
-    Store16(out + unit * kUnit, v);
+#pragma unroll
+    for (int j = 0; j < kSteps; ++j) {
+      const uint64_t e = base + j * 32 * kV;
+      if (e >= elements) continue;
+      const float scale = Scale(scale_bytes[j]);
+      float v[kV];
+#pragma unroll
+      for (int w = 0; w < kV / 4; ++w) DecodeE4M3x4(codes[j][w], v + 4 * w);
+#pragma unroll
+      for (int i = 0; i < kV; ++i) v[i] *= scale;  // exact unless the result is a float32 subnormal/overflow
+      OutVec<T>::Store(out + e, v);
+    }
   }
 }
 
@@ -388,24 +451,32 @@ ScaleGeometry Geometry(uint32_t rows, uint32_t cols) {
   return g;
 }
 
+// Threads that cover `elements` with one warp per chunk of kSteps 16-byte vectors per lane.
+uint64_t ChunkThreads(uint64_t elements, int per_vector) {
+  const uint64_t chunk = uint64_t{kSteps} * 32 * per_vector;
+  return (elements + chunk - 1) / chunk * 32;
+}
+
 template <typename T, int kRule, bool kSwizzle>
 ffi::Error LaunchQuantize(cudaStream_t stream, const void* x, void* values, void* scales,
-                          uint64_t units, uint64_t pad_items, const ScaleGeometry& g) {
+                          uint64_t elements, uint64_t pad_items, const ScaleGeometry& g) {
   constexpr auto kernel = QuantizeKernel<T, kRule, kSwizzle>;
+  const uint64_t threads = ChunkThreads(elements, Vec<T>::kCount);
   unsigned grid = 0;
-  JAX_MXFP8_CUDA_RETURN_IF_ERROR(GridFor<kernel>(units > pad_items ? units : pad_items, &grid));
+  JAX_MXFP8_CUDA_RETURN_IF_ERROR(GridFor<kernel>(threads > pad_items ? threads : pad_items, &grid));
+  const bool word_scales = kSwizzle && g.cols % 4 == 0;
   kernel<<<grid, kThreads, 0, stream>>>(static_cast<const T*>(x), static_cast<uint8_t*>(values),
-                                        static_cast<uint8_t*>(scales), units, pad_items, g);
+                                        static_cast<uint8_t*>(scales), elements, pad_items, g, word_scales);
   return CheckLaunch("mxfp8 quantize kernel");
 }
 
 template <typename T>
 ffi::Error DispatchRule(int32_t rounding, bool swizzle, cudaStream_t stream, const void* x, void* values,
-                        void* scales, uint64_t units, uint64_t pad_items, const ScaleGeometry& g) {
-#define JAX_MXFP8_QUANTIZE_CASE(rule)                                                          \
-  case rule:                                                                                   \
-    return swizzle ? LaunchQuantize<T, rule, true>(stream, x, values, scales, units, pad_items, g) \
-                   : LaunchQuantize<T, rule, false>(stream, x, values, scales, units, pad_items, g);
+                        void* scales, uint64_t elements, uint64_t pad_items, const ScaleGeometry& g) {
+#define JAX_MXFP8_QUANTIZE_CASE(rule)                                                                 \
+  case rule:                                                                                          \
+    return swizzle ? LaunchQuantize<T, rule, true>(stream, x, values, scales, elements, pad_items, g) \
+                   : LaunchQuantize<T, rule, false>(stream, x, values, scales, elements, pad_items, g);
   switch (rounding) {
     JAX_MXFP8_QUANTIZE_CASE(kCeil)
     JAX_MXFP8_QUANTIZE_CASE(kFloor)
@@ -445,7 +516,6 @@ ffi::Error QuantizeImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::
   if (elements == 0) return ffi::Error::Success();
   if (!Aligned16(x.untyped_data()) || !Aligned16(values->untyped_data()))
     return Invalid("quantize", "x and values must be 16-byte aligned");
-  const uint64_t units = elements / kUnit;
   const uint64_t pad_items = swizzle ? batches * (g.padded_rows - g.rows) * (g.padded_cols / 4) : 0;
   if (pad_items >= (uint64_t{1} << 32) || g.batch_bytes >= (uint64_t{1} << 32))
     return Invalid("quantize", "swizzled scales too large for one call");
@@ -454,11 +524,11 @@ ffi::Error QuantizeImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::
   void* sp = scales->untyped_data();
   switch (x.element_type()) {
     case ffi::DataType::BF16:
-      return DispatchRule<__nv_bfloat16>(rounding, swizzle, stream, xp, vp, sp, units, pad_items, g);
+      return DispatchRule<__nv_bfloat16>(rounding, swizzle, stream, xp, vp, sp, elements, pad_items, g);
     case ffi::DataType::F16:
-      return DispatchRule<__half>(rounding, swizzle, stream, xp, vp, sp, units, pad_items, g);
+      return DispatchRule<__half>(rounding, swizzle, stream, xp, vp, sp, elements, pad_items, g);
     case ffi::DataType::F32:
-      return DispatchRule<float>(rounding, swizzle, stream, xp, vp, sp, units, pad_items, g);
+      return DispatchRule<float>(rounding, swizzle, stream, xp, vp, sp, elements, pad_items, g);
     default:
       return Invalid("quantize", "x must be bfloat16, float16 or float32");
   }
@@ -466,12 +536,12 @@ ffi::Error QuantizeImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::
 
 template <typename T>
 ffi::Error LaunchDequantize(cudaStream_t stream, const void* values, const void* scales, void* out,
-                            uint64_t units) {
+                            uint64_t elements) {
   constexpr auto kernel = DequantizeKernel<T>;
   unsigned grid = 0;
-  JAX_MXFP8_CUDA_RETURN_IF_ERROR(GridFor<kernel>(units, &grid));
+  JAX_MXFP8_CUDA_RETURN_IF_ERROR(GridFor<kernel>(ChunkThreads(elements, OutVec<T>::kCount), &grid));
   kernel<<<grid, kThreads, 0, stream>>>(static_cast<const uint8_t*>(values), static_cast<const uint8_t*>(scales),
-                                        static_cast<T*>(out), units);
+                                        static_cast<T*>(out), elements);
   return CheckLaunch("mxfp8 dequantize kernel");
 }
 
@@ -492,15 +562,14 @@ ffi::Error DequantizeImpl(cudaStream_t stream, ffi::AnyBuffer values, ffi::AnyBu
   if (elements == 0) return ffi::Error::Success();
   if (!Aligned16(values.untyped_data()) || !Aligned16(out->untyped_data()))
     return Invalid("dequantize", "values and the result must be 16-byte aligned");
-  const uint64_t units = elements / kUnit;
   switch (out->element_type()) {
     case ffi::DataType::BF16:
       return LaunchDequantize<__nv_bfloat16>(stream, values.untyped_data(), scales.untyped_data(),
-                                             out->untyped_data(), units);
+                                             out->untyped_data(), elements);
     case ffi::DataType::F16:
-      return LaunchDequantize<__half>(stream, values.untyped_data(), scales.untyped_data(), out->untyped_data(), units);
+      return LaunchDequantize<__half>(stream, values.untyped_data(), scales.untyped_data(), out->untyped_data(), elements);
     case ffi::DataType::F32:
-      return LaunchDequantize<float>(stream, values.untyped_data(), scales.untyped_data(), out->untyped_data(), units);
+      return LaunchDequantize<float>(stream, values.untyped_data(), scales.untyped_data(), out->untyped_data(), elements);
     default:
       return Invalid("dequantize", "the result dtype must be bfloat16, float16 or float32");
   }
