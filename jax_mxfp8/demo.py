@@ -1,59 +1,193 @@
-"""The main job: quantize a small model's weights to MXFP8 and run jitted inference.
+"""The main job: quantize a small decoder-style Flax model to MXFP8 and run jitted inference.
 
-This is the interim demo of the core issue (a two-layer MLP); the Flax decoder demo
-replaces it when the Flax wrappers land.
+Builds a random Llama-style decoder (or loads one with --checkpoint DIR), converts its
+nnx.Linear layers with jax_mxfp8.flax.quantize_model, runs both models under jit and prints
+the backend, the logits' error against the bf16 model, weight memory, and time per step.
+Exits 1 when the error is outside the tolerance.
 """
 from __future__ import annotations
 
+import statistics
 import time
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--hidden", type=int, default=1024, help="model width (multiple of 32)")
-    parser.add_argument("--tokens", type=int, default=16, help="tokens per step (M)")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps")
-    parser.add_argument("--backend", default=None, help="emulation|marlin|cutlass (default: auto)")
+    model = parser.add_argument_group("model")
+    model.add_argument("--checkpoint", metavar="DIR",
+                       help="load a Llama-style Hugging Face directory (config.json + safetensors, "
+                            "bf16 or MXFP8) instead of building a random model")
+    model.add_argument("--layers", type=int, default=4, help="decoder layers (random model)")
+    model.add_argument("--hidden", type=int, default=512, help="model width, a multiple of 32")
+    model.add_argument("--intermediate", type=int, default=1408, help="MLP width, a multiple of 32")
+    model.add_argument("--heads", type=int, default=8, help="attention heads")
+    model.add_argument("--kv-heads", type=int, default=4, help="key/value heads (grouped-query)")
+    model.add_argument("--vocab", type=int, default=4096, help="vocabulary size")
+    run = parser.add_argument_group("run")
+    run.add_argument("--batch", type=int, default=4, help="sequences per step")
+    run.add_argument("--seq", type=int, default=32, help="tokens per sequence")
+    run.add_argument("--backend", default=None, help="emulation|marlin|cutlass (default: auto)")
+    run.add_argument("--w8a8", action="store_true",
+                     help="quantize activations too (default: the backend's own math)")
+    run.add_argument("--keep-lm-head", action="store_true",
+                     help="leave lm_head in bf16 (as ModelOpt exports do)")
+    run.add_argument("--repeats", type=int, default=4,
+                     help="R distinct inputs unrolled in one jit for the device-time measurement")
+    run.add_argument("--save", metavar="DIR", help="write the quantized model as an MXFP8 checkpoint")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--max-rel-error", type=float, default=0.15,
+                     help="fail if the logits' relative error exceeds this")
+    run.add_argument("--min-cosine", type=float, default=0.99,
+                     help="fail if the logits' cosine similarity is below this")
+    # Tensor parallelism: the sharding module adds `--tp N` here and handles it at the top of main().
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB"
+
+
+def _build_models(args, backend):
+    """(bf16 reference model, MXFP8 model, description, n quantized layers, seconds)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jax_mxfp8.flax import Mxfp8Linear, quantize_model
+    from jax_mxfp8.flax.decoder import CausalLM, DecoderConfig, load_pretrained
+
+    qa = True if args.w8a8 else None
+    keep = (lambda path, module: path != "lm_head") if args.keep_lm_head else None
+    if args.checkpoint:
+        reference, config, n_mxfp8 = load_pretrained(args.checkpoint, backend=backend,
+                                                     dequantize_weights=True)
+        if n_mxfp8:  # already MXFP8: the reference is the same weights dequantized to bf16
+            start = time.perf_counter()
+            model, _, _ = load_pretrained(args.checkpoint, backend=backend, quantize_activations=qa)
+            return (reference, model, f"MXFP8 checkpoint {args.checkpoint} (reference: its weights "
+                    f"dequantized to bf16)", n_mxfp8, time.perf_counter() - start)
+        source = f"bf16 checkpoint {args.checkpoint}"
+    else:
+        config = DecoderConfig(vocab_size=args.vocab, hidden_size=args.hidden,
+                               intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+                               num_attention_heads=args.heads, num_key_value_heads=args.kv_heads)
+        reference = nnx.jit(lambda: CausalLM(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(args.seed)))()
+        source = "random Llama-style decoder"
+    start = time.perf_counter()
+    model = quantize_model(nnx.clone(reference), predicate=keep, backend=backend,
+                           quantize_activations=qa)
+    seconds = time.perf_counter() - start
+    count = sum(isinstance(node, Mxfp8Linear) for _, node in nnx.iter_graph(model))
+    return reference, model, source, count, seconds
+
+
+def _weight_bytes(model):
+    """(bytes of the MXFP8 layers' weights, what they took in bf16, whole model's param bytes)."""
+    import jax
+    from flax import nnx
+
+    from jax_mxfp8.flax import Mxfp8Linear
+
+    mx_bytes = bf16_bytes = 0
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, Mxfp8Linear):
+            weight = node.weight.get_value()
+            mx_bytes += weight.nbytes
+            bf16_bytes += weight.shape[0] * weight.shape[1] * 2
+    total = sum(leaf.nbytes for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    return mx_bytes, bf16_bytes, total
+
+
+class UnrolledForward:
+    """R distinct inputs unrolled in one jit that returns every output: the device-time method of
+    DEVELOPERS.md. time_per_step() = (t[R] - t[1]) / (R - 1), so dispatch and host overheads
+    cancel; the R = 1 program's output doubles as the accuracy check."""
+
+    def __init__(self, forward, state):
+        import jax
+        self.state = state
+        self.jitted = jax.jit(lambda state, sets: [forward(state, tokens) for tokens in sets])
+
+    def __call__(self, token_sets):
+        return self.jitted(self.state, list(token_sets))
+
+    def median_seconds(self, token_sets, repeats: int = 5) -> float:
+        import jax
+        jax.block_until_ready(self(token_sets))  # compile + warm up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(self(token_sets))
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    def time_per_step(self, token_sets) -> float:
+        many, one = self.median_seconds(token_sets), self.median_seconds(token_sets[:1])
+        return max(many - one, 0.0) / (len(token_sets) - 1)
 
 
 def main(args) -> int:
+    # `--tp N` (tensor parallel) is dispatched to the sharding module's demo here.
+    wall = time.perf_counter()
     import jax
     import jax.numpy as jnp
     import numpy as np
+    from flax import nnx
 
     import jax_mxfp8 as mx
-    from jax_mxfp8.__main__ import cmd_info
-
-    cmd_info(args)
-    d, f = args.hidden, 4 * args.hidden
-    keys = jax.random.split(jax.random.key(0), 4)
-    w_up = (jax.random.normal(keys[0], (f, d), jnp.float32) / np.sqrt(d)).astype(jnp.bfloat16)
-    w_down = (jax.random.normal(keys[1], (d, f), jnp.float32) / np.sqrt(f)).astype(jnp.bfloat16)
-    x = jax.random.normal(keys[2], (args.tokens, d), jnp.bfloat16)
+    from jax_mxfp8.backends import get_backend_impl
 
     backend = mx.Backend.parse(args.backend) if args.backend else mx.select_backend()
-    up, down = (mx.quantize_weight(w, backend=backend) for w in (w_up, w_down))
+    impl = get_backend_impl(backend)
+    math = "W8A8" if (args.w8a8 or impl.default_quantize_activations) else "W8A16"
+    device = jax.devices()[0]
+    print(f"jax_mxfp8 {mx.__version__} | jax {jax.__version__} | device {device.platform} "
+          f"({device.device_kind}) | backend {backend.value} ({math})")
 
-    @jax.jit
-    def mlp_bf16(x):
-        return jax.nn.gelu(x @ w_up.T) @ w_down.T
+    reference, model, source, n_layers, quantize_s = _build_models(args, backend)
+    c = reference.config
+    print(f"model: {source}: {c.num_hidden_layers} layers, hidden {c.hidden_size}, MLP "
+          f"{c.intermediate_size}, {c.num_attention_heads} heads ({c.num_key_value_heads} kv), "
+          f"vocab {c.vocab_size}; {n_layers} linear layers in MXFP8 ({quantize_s:.1f} s)")
 
-    @jax.jit
-    def mlp_mx(x, up, down):
-        return mx.linear(jax.nn.gelu(mx.linear(x, up)), down)
+    keys = jax.random.split(jax.random.key(args.seed + 1), max(args.repeats, 2))
+    token_sets = [jax.random.randint(k, (args.batch, args.seq), 0, c.vocab_size) for k in keys]
 
-    ref = mlp_bf16(x).astype(jnp.float32)
-    out = mlp_mx(x, up, down).astype(jnp.float32)
-    rel = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
-    cos = float(jnp.vdot(out.ravel(), ref.ravel()) / (jnp.linalg.norm(out) * jnp.linalg.norm(ref)))
-    out.block_until_ready()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        y = mlp_mx(x, up, down)
-    y.block_until_ready()
-    step_ms = (time.perf_counter() - start) / args.steps * 1e3
-    bf16_bytes = (w_up.size + w_down.size) * 2
-    print(f"\nMLP {d}->{f}->{d}, {args.tokens} tokens, backend {backend.value}")
-    print(f"output vs bf16 model: relative error {rel:.4f}, cosine similarity {cos:.6f}")
-    print(f"weight memory: bf16 {bf16_bytes / 2**20:.2f} MiB, MXFP8 {(up.nbytes + down.nbytes) / 2**20:.2f} MiB")
-    print(f"time per step (wall clock, includes dispatch): {step_ms:.3f} ms")
-    return 0 if rel < 0.05 and cos > 0.999 else 1
+    def unrolled(module):
+        graphdef, state = nnx.split(module)
+        return UnrolledForward(lambda s, t: nnx.merge(graphdef, s)(t).astype(jnp.float32), state)
+
+    ref_forward, mx_forward = unrolled(reference), unrolled(model)
+    want = np.asarray(ref_forward(token_sets[:1])[0], np.float64)
+    got = np.asarray(mx_forward(token_sets[:1])[0], np.float64)
+    rel = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+    cos = float(np.vdot(got, want) / (np.linalg.norm(got) * np.linalg.norm(want)))
+    top1 = float(np.mean(got.argmax(-1) == want.argmax(-1)))
+    print(f"input: {args.batch} x {args.seq} random tokens")
+    print(f"logits vs bf16 model: cosine similarity {cos:.5f}, relative error {rel:.4f}, "
+          f"top-1 agreement {100 * top1:.1f}%")
+
+    mx_bytes, bf16_bytes, total_mx = _weight_bytes(model)
+    _, _, total_bf16 = _weight_bytes(reference)
+    if bf16_bytes:
+        print(f"weight memory: MXFP8 layers {_mib(bf16_bytes)} in bf16 -> {_mib(mx_bytes)} "
+              f"({bf16_bytes / mx_bytes:.2f}x smaller); whole model {_mib(total_bf16)} -> "
+              f"{_mib(total_mx)}")
+
+    if args.repeats >= 2:
+        sets = token_sets[:args.repeats]
+        ref_ms = 1e3 * ref_forward.time_per_step(sets)
+        mx_ms = 1e3 * mx_forward.time_per_step(sets)
+        note = " (emulation: dequantize + XLA dot, not a fused kernel)" \
+            if backend is mx.Backend.EMULATION else ""
+        print(f"time per step (device time of one forward over {args.batch}x{args.seq} tokens: "
+              f"(t[R={len(sets)}] - t[R=1]) / {len(sets) - 1}, median of 5): bf16 {ref_ms:.2f} ms, "
+              f"MXFP8 {mx_ms:.2f} ms{note}")
+
+    if args.save:
+        from jax_mxfp8.flax.decoder import save_pretrained
+        files = save_pretrained(model, args.save)
+        print(f"saved MXFP8 checkpoint: {', '.join(str(f) for f in files)}")
+
+    ok = rel <= args.max_rel_error and cos >= args.min_cosine
+    verdict = "PASS" if ok else "FAIL"
+    print(f"{verdict}: relative error {rel:.4f} (limit {args.max_rel_error}), cosine {cos:.5f} "
+          f"(limit {args.min_cosine}); total {time.perf_counter() - wall:.1f} s")
+    return 0 if ok else 1
