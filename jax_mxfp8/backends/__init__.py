@@ -9,6 +9,8 @@ from jax_mxfp8 import _ffi
 from jax_mxfp8.backends.base import (  # noqa: F401
     Backend, BackendImpl, get_backend_impl, register_backend, registered_backends)
 from jax_mxfp8.backends import emulation  # noqa: F401  (registers EMULATION)
+from jax_mxfp8.backends import marlin  # noqa: F401  (registers MARLIN)
+from jax_mxfp8.backends import cutlass  # noqa: F401  (registers CUTLASS)
 
 ENV_VAR = "JAX_MXFP8_BACKEND"
 # Preference order for automatic selection: the fastest path a device can run first.

@@ -1,0 +1,644 @@
+// Marlin-style W8A16 MXFP8 GEMM: y[M, N] = x[M, K] . dequantize(W)[N, K]^T (+ bias), fp32
+// accumulation, with the weight dequantized in registers right before the tensor-core mma.
+//
+// Written from the technique description in shared/design/marlin.md (IST-DASLab/marlin and
+// vLLM's Marlin template are the sources it summarizes); no code is copied from them.
+//
+// Packed weight (jax_mxfp8/backends/marlin.py builds it; the formulas there are the spec):
+//   qweight uint8 [K/16, 16*N]: one 1 KiB tile per (k16 row kt, 64-column tile nt), stored
+//   [kt][nt][half 2][lane 32][word 4][byte 4]. Lane l = 4g + c, word j = 4*half + w holds
+//   column n = 64*nt + g + 8j and rows k = 16*kt + {2c, 2c+8, 2c+1, 2c+9} (bytes 0..3), i.e.
+//   exactly the two B-fragment registers of mma.m16n8k16 for the n8 tile j once every byte is
+//   moved into the high byte of a 16-bit half. Each lane reads its 32 bytes as two 16-B
+//   vectors, so global loads, cp.async and shared-memory reads are all linear.
+//   scales uint8 [K/32, N]: row = group, within each 64 columns position 8g + j holds column
+//   g + 8j, so a lane group finds its eight scales in 8 contiguous bytes.
+//   flags int32 [1]: bit 0 = "general" weight (a NaN value code, a NaN scale or a scale byte
+//   above 134 somewhere); otherwise the faster folded-scale dequantization is exact.
+//
+// Dequantization (both paths are exact: one RNE rounding of value * 2^(e-127) to bf16):
+//   fp8 s.eeee.mmm in the high byte of a 16-bit half -> bf16 (sign, eeee.mmm >> 4) is exactly
+//   value * 2^-120 (fp8 subnormals become bf16 subnormals). Fast path: one bf16x2 multiply by
+//   2^(e-7) (exponent field e + 120 <= 254). General path: multiply by 2^120 (exact, normal),
+//   then by 2^(e-127) (e = 0 -> bf16 subnormal 2^-127, e = 255 -> NaN), and NaN value codes
+//   are forced to NaN. fp16 activations are split exactly into bf16 hi + lo parts (two mma),
+//   so fp16 inputs keep their full precision without any range limit on the weight.
+//
+// Work split: block = 128 threads = WN warps across N (64 columns each) x WK = 4/WN warps
+// across the k16 sub-tiles of each 64-deep pipeline stage; block tile = 16*MB rows x 64*WN
+// columns x (K / splits). Blocks are not persistent: many small blocks stay resident together
+// and share HBM bandwidth evenly. With splits > 1 each block writes an fp32 partial tile to the
+// workspace and the last block of a tile (atomic counter, zeroed by a memset on the stream)
+// sums the partials in split order: deterministic, no spin locks.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstdint>
+#include <string>
+#include <type_traits>
+
+#include "jax_mxfp8/ffi_common.h"
+
+namespace jax_mxfp8 {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kStageK = 64;              // K per pipeline stage
+constexpr int kSubTiles = kStageK / 16;  // k16 sub-tiles per stage
+constexpr uint32_t kTwo120 = 0x7B807B80u;  // bf16x2 (2^120, 2^120)
+
+enum DTypeCode : int { kBF16 = 0, kF16 = 1, kF32 = 2, kNone = 3 };
+
+// ---- PTX helpers ---------------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte async copy global -> shared, L2 only; src_size 0 zero-fills (rows past M).
+__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, bool valid) {
+  const int src_size = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_size));
+}
+
+// Weights are read exactly once: evict them first so L2 keeps activations and partials.
+__device__ __forceinline__ void CpAsync16EvictFirst(uint32_t dst, const void* src,
+                                                    uint64_t policy) {
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(dst),
+               "l"(src), "l"(policy));
+}
+
+__device__ __forceinline__ uint64_t EvictFirstPolicy() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
+
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int N>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+__device__ __forceinline__ void MmaBf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                        uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// bf16x2 a * b with one RNE rounding; fma with -0 keeps the sign of zero products. There is
+// no .ftz form for bf16, so subnormal inputs and results are kept (the exhaustive test checks).
+__device__ __forceinline__ uint32_t MulBf16x2(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(0x80008000u));
+  return d;
+}
+
+// ---- dequantization ------------------------------------------------------------------------
+
+// bf16x2 (s, s) for scale byte `byte` (0..3) of `word`.
+template <bool kGeneral>
+__device__ __forceinline__ uint32_t ScalePair(uint32_t word, int byte) {
+  const uint32_t t = __byte_perm(word, 0u, byte | 0x40 | (byte << 8) | 0x4000);  // e per half
+  if constexpr (!kGeneral) {
+    return (t + 0x00780078u) << 7;  // 2^(e - 7): folds the 2^120 of the bit trick in
+  } else {
+    // 2^(e - 127): exponent field e, except e = 0 -> 0x0040 (2^-127) and e = 255 -> NaN.
+    const uint32_t plus1 = t + 0x00010001u;
+    const uint32_t regular = ((plus1 & 0x00FE00FEu) + 0x00FF00FFu) & 0x01000100u;
+    return (t << 7) | ((regular ^ 0x01000100u) >> 2);
+  }
+}
+
+// One packed word (column n; rows 2c, 2c+8, 2c+1, 2c+9) -> the two bf16x2 B registers.
+template <bool kGeneral>
+__device__ __forceinline__ void Dequant(uint32_t q, uint32_t scale, uint32_t& r0, uint32_t& r1) {
+  uint32_t h1 = (q & 0x80008000u) | ((q >> 4) & 0x07F007F0u);         // bytes 1, 3
+  uint32_t h0 = ((q << 8) & 0x80008000u) | ((q << 4) & 0x07F007F0u);  // bytes 0, 2
+  if constexpr (kGeneral) {
+    const uint32_t nan = ((q & 0x7F7F7F7Fu) + 0x01010101u) & 0x80808080u;  // code 0x7F/0xFF
+    h1 |= ((nan & 0x80008000u) >> 8) * 0xFFu;  // exponent field all ones, mantissa nonzero
+    h0 |= (nan & 0x00800080u) * 0xFFu;
+    h1 = MulBf16x2(h1, kTwo120);
+    h0 = MulBf16x2(h0, kTwo120);
+  }
+  r0 = MulBf16x2(h0, scale);
+  r1 = MulBf16x2(h1, scale);
+}
+
+// fp16x2 -> exact bf16x2 hi + lo (x = hi + lo: an fp16 significand has 11 bits).
+__device__ __forceinline__ void SplitF16(uint32_t v, uint32_t& hi, uint32_t& lo) {
+  const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&v));
+  const __nv_bfloat162 h = __floats2bfloat162_rn(f.x, f.y);
+  const float2 fh = __bfloat1622float2(h);
+  const __nv_bfloat162 l = __floats2bfloat162_rn(f.x - fh.x, f.y - fh.y);
+  hi = *reinterpret_cast<const uint32_t*>(&h);
+  lo = *reinterpret_cast<const uint32_t*>(&l);
+}
+
+// ---- the GEMM kernel -----------------------------------------------------------------------
+
+struct GemmArgs {
+  const void* x;          // [m, k] bf16 or fp16
+  const uint8_t* w;       // packed values
+  const uint8_t* s;       // packed scales
+  const int32_t* flags;   // [1]
+  const void* bias;       // [n] or null
+  void* y;                // [m, n]
+  float* partial;         // [splits, m_chunks * 16 * MB, n] when splits > 1
+  int32_t* counters;      // [n_tiles * m_chunks] when splits > 1
+  int m, n, k;
+  int splits, kt_per_split, m_chunks;
+  int bias_type, out_type;
+};
+
+template <int MB, int WN, int STAGES>
+struct Tile {
+  static constexpr int kWK = 4 / WN;
+  static constexpr int kSubPerWarp = kSubTiles / kWK;
+  static constexpr int kRows = 16 * MB;
+  static constexpr int kCols = 64 * WN;
+  static constexpr int kBBytes = kSubTiles * WN * 1024;
+  static constexpr int kABytes = kRows * kStageK * 2;
+  static constexpr int kSBytes = 2 * kCols;
+  static constexpr int kStageBytes = kBBytes + kABytes + kSBytes;
+  static constexpr int kRedStride = kCols + 8;  // floats; padding spreads the fragment stores
+  static constexpr int kRedBytes = kWK * kRows * kRedStride * 4;
+  static constexpr int kPipeBytes = STAGES * kStageBytes;
+  static constexpr int kSmemBytes = kPipeBytes > kRedBytes ? kPipeBytes : kRedBytes;
+  static_assert(WN * kWK == 4, "4 warps per block");
+  static_assert(kStageBytes % 128 == 0, "stage alignment");
+};
+
+template <int MB, int WN, int STAGES, typename XT>
+__device__ __forceinline__ void LoadStage(const GemmArgs& a, uint8_t* stage, int kt, int n_tile,
+                                          int m0, uint64_t policy) {
+  using T = Tile<MB, WN, STAGES>;
+  const int tid = threadIdx.x;
+  const int n_tiles64 = a.n / 64;
+#pragma unroll
+  for (int i = 0; i < 2 * WN; ++i) {  // B: 4 sub-tiles x WN tiles x 64 vectors
+    const int q = tid + kThreads * i;
+    const int sub = q / (64 * WN), rest = q % (64 * WN);
+    const size_t vec = (static_cast<size_t>(kt * kSubTiles + sub) * n_tiles64 + n_tile * WN) * 64 + rest;
+    CpAsync16EvictFirst(SmemAddr(stage + q * 16), a.w + vec * 16, policy);
+  }
+  const XT* x = static_cast<const XT*>(a.x);
+#pragma unroll
+  for (int i = 0; i < MB; ++i) {  // A: rows x 8 vectors, XOR-swizzled for ldmatrix
+    const int q = tid + kThreads * i;
+    const int row = q >> 3, ch = q & 7;
+    const int grow = m0 + row;
+    const bool valid = grow < a.m;
+    const XT* src = x + static_cast<size_t>(valid ? grow : 0) * a.k + kt * kStageK + ch * 8;
+    CpAsync16(SmemAddr(stage + T::kBBytes + (row * 8 + (ch ^ (row & 7))) * 16), src, valid);
+  }
+  if (tid < 8 * WN) {  // scales: 2 groups x 64*WN bytes
+    const int grp = tid / (4 * WN), rest = tid % (4 * WN);
+    const uint8_t* src = a.s + static_cast<size_t>(kt * 2 + grp) * a.n + n_tile * T::kCols + rest * 16;
+    CpAsync16(SmemAddr(stage + T::kBBytes + T::kABytes + tid * 16), src, true);
+  }
+}
+
+template <int MB, int WN, int STAGES, typename XT, bool kGeneral>
+__device__ __forceinline__ void ComputeStage(const uint8_t* stage, float (&acc)[MB][8][4]) {
+  using T = Tile<MB, WN, STAGES>;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int wn = warp % WN, wk = warp / WN;
+  const uint32_t a_base = SmemAddr(stage + T::kBBytes);
+  uint32_t scale[8];
+#pragma unroll
+  for (int ss = 0; ss < T::kSubPerWarp; ++ss) {
+    const int sub = wk * T::kSubPerWarp + ss;
+    if (ss % 2 == 0) {  // a new 32-group starts: its 8 column scales for this lane group
+      const int grp = sub >> 1;
+      const uint2 raw = *reinterpret_cast<const uint2*>(
+          stage + T::kBBytes + T::kABytes + (grp * WN + wn) * 64 + (lane >> 2) * 8);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        scale[j] = ScalePair<kGeneral>(raw.x, j);
+        scale[4 + j] = ScalePair<kGeneral>(raw.y, j);
+      }
+    }
+    const uint4* bsrc = reinterpret_cast<const uint4*>(stage) + (sub * WN + wn) * 64 + lane;
+    const uint4 b_lo = bsrc[0], b_hi = bsrc[32];
+    const uint32_t words[8] = {b_lo.x, b_lo.y, b_lo.z, b_lo.w, b_hi.x, b_hi.y, b_hi.z, b_hi.w};
+    uint32_t afrag[MB][4];
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb) {
+      const int row = mb * 16 + (lane & 15);
+      const int ch = 2 * sub + (lane >> 4);
+      LdMatrixX4(afrag[mb], a_base + (row * 8 + (ch ^ (row & 7))) * 16);
+    }
+    if constexpr (std::is_same<XT, __half>::value) {
+      uint32_t hi[MB][4], lo[MB][4];
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) SplitF16(afrag[mb][r], hi[mb][r], lo[mb][r]);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        uint32_t b0, b1;
+        Dequant<kGeneral>(words[j], scale[j], b0, b1);
+#pragma unroll
+        for (int mb = 0; mb < MB; ++mb) {
+          MmaBf16(acc[mb][j], hi[mb], b0, b1);
+          MmaBf16(acc[mb][j], lo[mb], b0, b1);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        uint32_t b0, b1;
+        Dequant<kGeneral>(words[j], scale[j], b0, b1);
+#pragma unroll
+        for (int mb = 0; mb < MB; ++mb) MmaBf16(acc[mb][j], afrag[mb], b0, b1);
+      }
+    }
+  }
+}
+
+template <int MB, int WN, int STAGES, typename XT, bool kGeneral>
+__device__ __forceinline__ void MainLoop(const GemmArgs& a, uint8_t* smem, float (&acc)[MB][8][4],
+                                         int kt_begin, int num_kt, int n_tile, int m0,
+                                         uint64_t policy) {
+  using T = Tile<MB, WN, STAGES>;
+  int read_slot = 0, write_slot = STAGES - 1;
+  for (int it = 0; it < num_kt; ++it) {
+    CpAsyncWait<STAGES - 2>();
+    __syncthreads();  // stage `it` landed for everyone; slot write_slot was consumed at it - 1
+    const int next = it + STAGES - 1;
+    if (next < num_kt)
+      LoadStage<MB, WN, STAGES, XT>(a, smem + write_slot * T::kStageBytes, kt_begin + next,
+                                    n_tile, m0, policy);
+    CpAsyncCommit();  // always commit (possibly empty) so the wait counts stay right
+    ComputeStage<MB, WN, STAGES, XT, kGeneral>(smem + read_slot * T::kStageBytes, acc);
+    read_slot = read_slot + 1 == STAGES ? 0 : read_slot + 1;
+    write_slot = write_slot + 1 == STAGES ? 0 : write_slot + 1;
+  }
+}
+
+__device__ __forceinline__ float4 LoadBias(const GemmArgs& a, int col) {
+  switch (a.bias_type) {
+    case kBF16: {
+      const uint2 raw = *reinterpret_cast<const uint2*>(static_cast<const __nv_bfloat16*>(a.bias) + col);
+      const float2 lo = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
+      const float2 hi = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y));
+      return make_float4(lo.x, lo.y, hi.x, hi.y);
+    }
+    case kF16: {
+      const uint2 raw = *reinterpret_cast<const uint2*>(static_cast<const __half*>(a.bias) + col);
+      const float2 lo = __half22float2(*reinterpret_cast<const __half2*>(&raw.x));
+      const float2 hi = __half22float2(*reinterpret_cast<const __half2*>(&raw.y));
+      return make_float4(lo.x, lo.y, hi.x, hi.y);
+    }
+    case kF32:
+      return *reinterpret_cast<const float4*>(static_cast<const float*>(a.bias) + col);
+    default:
+      return make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+}
+
+// y[row, col .. col+3] = v + bias, rounded once to the output dtype.
+__device__ __forceinline__ void StoreOut(const GemmArgs& a, int row, int col, float4 v) {
+  const float4 b = LoadBias(a, col);
+  v.x += b.x; v.y += b.y; v.z += b.z; v.w += b.w;
+  const size_t off = static_cast<size_t>(row) * a.n + col;
+  if (a.out_type == kBF16) {
+    const __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y), hi = __floats2bfloat162_rn(v.z, v.w);
+    uint2 raw;
+    raw.x = *reinterpret_cast<const uint32_t*>(&lo);
+    raw.y = *reinterpret_cast<const uint32_t*>(&hi);
+    *reinterpret_cast<uint2*>(static_cast<__nv_bfloat16*>(a.y) + off) = raw;
+  } else if (a.out_type == kF16) {
+    const __half2 lo = __floats2half2_rn(v.x, v.y), hi = __floats2half2_rn(v.z, v.w);
+    uint2 raw;
+    raw.x = *reinterpret_cast<const uint32_t*>(&lo);
+    raw.y = *reinterpret_cast<const uint32_t*>(&hi);
+    *reinterpret_cast<uint2*>(static_cast<__half*>(a.y) + off) = raw;
+  } else {
+    *reinterpret_cast<float4*>(static_cast<float*>(a.y) + off) = v;
+  }
+}
+
+template <int MB, int WN, int STAGES, typename XT>
+__global__ void __launch_bounds__(kThreads, MB == 1 ? 3 : 2) MarlinGemmKernel(const GemmArgs a) {
+  using T = Tile<MB, WN, STAGES>;
+  extern __shared__ __align__(128) uint8_t smem[];
+  __shared__ int is_last_block;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wn = warp % WN, wk = warp / WN;
+
+  int b = blockIdx.x;
+  const int m_chunk = b % a.m_chunks;
+  b /= a.m_chunks;
+  const int split = b % a.splits, n_tile = b / a.splits;
+  const int m0 = m_chunk * T::kRows, n0 = n_tile * T::kCols;
+  const int kt_total = a.k / kStageK;
+  const int kt_begin = split * a.kt_per_split;
+  const int num_kt = max(0, min(kt_total, kt_begin + a.kt_per_split) - kt_begin);
+  const uint64_t policy = EvictFirstPolicy();
+
+#pragma unroll
+  for (int st = 0; st < STAGES - 1; ++st) {
+    if (st < num_kt)
+      LoadStage<MB, WN, STAGES, XT>(a, smem + st * T::kStageBytes, kt_begin + st, n_tile, m0, policy);
+    CpAsyncCommit();
+  }
+
+  float acc[MB][8][4];
+#pragma unroll
+  for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[mb][j][r] = 0.f;
+
+  if (__ldg(a.flags) & 1)
+    MainLoop<MB, WN, STAGES, XT, true>(a, smem, acc, kt_begin, num_kt, n_tile, m0, policy);
+  else
+    MainLoop<MB, WN, STAGES, XT, false>(a, smem, acc, kt_begin, num_kt, n_tile, m0, policy);
+
+  // ---- epilogue: sum the WK warps of each column tile through shared memory ----
+  CpAsyncWait<0>();
+  __syncthreads();
+  float* red = reinterpret_cast<float*>(smem);
+#pragma unroll
+  for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int row = mb * 16 + (lane >> 2);
+      const int col = wn * 64 + j * 8 + (lane & 3) * 2;
+      float* dst = red + (wk * T::kRows + row) * T::kRedStride + col;
+      *reinterpret_cast<float2*>(dst) = make_float2(acc[mb][j][0], acc[mb][j][1]);
+      *reinterpret_cast<float2*>(dst + 8 * T::kRedStride) = make_float2(acc[mb][j][2], acc[mb][j][3]);
+    }
+  __syncthreads();
+
+  constexpr int kVecs = T::kCols / 4;
+  const int m_pad = a.m_chunks * T::kRows;
+  for (int idx = tid; idx < T::kRows * kVecs; idx += kThreads) {
+    const int row = idx / kVecs, c4 = idx % kVecs;
+    const int grow = m0 + row;
+    if (grow >= a.m) continue;
+    float4 v = *reinterpret_cast<const float4*>(red + row * T::kRedStride + 4 * c4);
+#pragma unroll
+    for (int w = 1; w < T::kWK; ++w) {
+      const float4 u = *reinterpret_cast<const float4*>(red + (w * T::kRows + row) * T::kRedStride + 4 * c4);
+      v.x += u.x; v.y += u.y; v.z += u.z; v.w += u.w;
+    }
+    const int gcol = n0 + 4 * c4;
+    if (a.splits == 1) {
+      StoreOut(a, grow, gcol, v);
+    } else {
+      __stcg(reinterpret_cast<float4*>(a.partial + (static_cast<size_t>(split) * m_pad + grow) * a.n + gcol), v);
+    }
+  }
+  if (a.splits == 1) return;
+
+  // ---- split-K: the last block of this tile sums the partials in split order ----
+  __threadfence();
+  __syncthreads();
+  int* counter = a.counters + n_tile * a.m_chunks + m_chunk;
+  if (tid == 0) is_last_block = atomicAdd(counter, 1) == a.splits - 1;
+  __syncthreads();
+  if (!is_last_block) return;
+  __threadfence();
+  for (int idx = tid; idx < T::kRows * kVecs; idx += kThreads) {
+    const int row = idx / kVecs, c4 = idx % kVecs;
+    const int grow = m0 + row;
+    if (grow >= a.m) continue;
+    const int gcol = n0 + 4 * c4;
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int sp = 0; sp < a.splits; ++sp) {
+      const float4 u = __ldcg(reinterpret_cast<const float4*>(
+          a.partial + (static_cast<size_t>(sp) * m_pad + grow) * a.n + gcol));
+      v.x += u.x; v.y += u.y; v.z += u.z; v.w += u.w;
+    }
+    StoreOut(a, grow, gcol, v);
+  }
+  if (tid == 0) *counter = 0;  // left zeroed (the handler also memsets before each launch)
+}
+
+// ---- packed weight -> bf16 [N, K] (the large-M path: dequantize, then a cuBLAS GEMM) --------
+
+constexpr int kDqStride = 64 + 8;  // bf16 per shared row (pad: 144 B, 16-B aligned)
+
+__global__ void __launch_bounds__(kThreads) MarlinDequantKernel(const uint8_t* w, const uint8_t* s,
+                                                               __nv_bfloat16* out, int n, int k) {
+  __shared__ __align__(16) __nv_bfloat16 tile[64 * kDqStride];
+  const int tid = threadIdx.x;
+  const int nt = blockIdx.x, kt64 = blockIdx.y;
+  const int n_tiles64 = n / 64;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int q = tid + kThreads * i;
+    const int sub = q >> 6, half = (q >> 5) & 1, lane = q & 31;
+    const int g = lane >> 2, c = lane & 3;
+    const uint4 v = __ldcs(reinterpret_cast<const uint4*>(
+        w + ((static_cast<size_t>(kt64 * kSubTiles + sub) * n_tiles64 + nt) * 64 + half * 32 + lane) * 16));
+    const uint32_t sw = __ldg(reinterpret_cast<const uint32_t*>(
+        s + static_cast<size_t>(kt64 * 2 + (sub >> 1)) * n + nt * 64 + 8 * g + 4 * half));
+    const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int wi = 0; wi < 4; ++wi) {
+      uint32_t r0, r1;
+      Dequant<true>(words[wi], ScalePair<true>(sw, wi), r0, r1);
+      const int col = g + 8 * (4 * half + wi);
+      __nv_bfloat16* row = tile + col * kDqStride + sub * 16 + 2 * c;
+      *reinterpret_cast<uint32_t*>(row) = r0;
+      *reinterpret_cast<uint32_t*>(row + 8) = r1;
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int q = tid + kThreads * i;
+    const int row = q >> 3, ch = q & 7;
+    const uint4 v = *reinterpret_cast<const uint4*>(tile + row * kDqStride + ch * 8);
+    __stcs(reinterpret_cast<uint4*>(out + static_cast<size_t>(nt * 64 + row) * k + kt64 * kStageK + ch * 8), v);
+  }
+}
+
+// ---- host side -----------------------------------------------------------------------------
+
+int DTypeOf(ffi::DataType t) {
+  switch (t) {
+    case ffi::DataType::BF16: return kBF16;
+    case ffi::DataType::F16: return kF16;
+    case ffi::DataType::F32: return kF32;
+    default: return -1;
+  }
+}
+
+// Raise the dynamic shared-memory limit once per kernel and device.
+template <typename Kernel>
+cudaError_t AllowSmem(Kernel kernel, int bytes) {
+  static std::atomic<uint64_t> done{0};
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const uint64_t bit = 1ull << (device & 63);
+  if (done.load(std::memory_order_relaxed) & bit) return cudaSuccess;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err == cudaSuccess) done.fetch_or(bit, std::memory_order_relaxed);
+  return err;
+}
+
+template <int MB, int WN, int STAGES, typename XT>
+ffi::Error LaunchGemm(cudaStream_t stream, const GemmArgs& args) {
+  using T = Tile<MB, WN, STAGES>;
+  if (args.n % T::kCols != 0)
+    return ffi::Error::InvalidArgument("marlin: N=" + std::to_string(args.n) +
+                                       " is not a multiple of the tile width " +
+                                       std::to_string(T::kCols));
+  auto kernel = MarlinGemmKernel<MB, WN, STAGES, XT>;
+  JAX_MXFP8_CUDA_RETURN_IF_ERROR(AllowSmem(kernel, T::kSmemBytes));
+  const long long blocks = static_cast<long long>(args.n / T::kCols) * args.splits * args.m_chunks;
+  if (blocks > 0x7FFFFFFF) return ffi::Error::InvalidArgument("marlin: grid too large");
+  kernel<<<static_cast<unsigned>(blocks), kThreads, T::kSmemBytes, stream>>>(args);
+  return CheckLaunch("marlin gemm kernel");
+}
+
+template <typename XT>
+ffi::Error DispatchTile(cudaStream_t stream, const GemmArgs& args, int mb, int wn) {
+  // The tile configurations jax_mxfp8/backends/marlin.py may ask for (TILE_CONFIGS there).
+  switch (mb * 10 + wn) {
+    case 11: return LaunchGemm<1, 1, 8, XT>(stream, args);
+    case 12: return LaunchGemm<1, 2, 6, XT>(stream, args);
+    case 14: return LaunchGemm<1, 4, 4, XT>(stream, args);
+    case 22: return LaunchGemm<2, 2, 6, XT>(stream, args);
+    case 24: return LaunchGemm<2, 4, 4, XT>(stream, args);
+    case 42: return LaunchGemm<4, 2, 4, XT>(stream, args);
+    case 44: return LaunchGemm<4, 4, 4, XT>(stream, args);
+    default:
+      return ffi::Error::InvalidArgument("marlin: no compiled tile for m_blocks=" +
+                                         std::to_string(mb) + ", warps_n=" + std::to_string(wn));
+  }
+}
+
+ffi::Error MarlinGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U8> qweight,
+                          ffi::Buffer<ffi::U8> scales, ffi::Buffer<ffi::S32> flags,
+                          ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> y,
+                          ffi::Result<ffi::Buffer<ffi::U8>> workspace, int32_t m_blocks,
+                          int32_t warps_n, int32_t splits) {
+  const auto xd = x.dimensions();
+  const auto wd = qweight.dimensions();
+  const auto sd = scales.dimensions();
+  const auto yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || sd.size() != 2 || yd.size() != 2)
+    return ffi::Error::InvalidArgument("marlin: x, qweight, scales and y must be 2-D");
+  const int64_t m = xd[0], k = xd[1], n = yd[1];
+  if (yd[0] != m) return ffi::Error::InvalidArgument("marlin: y rows != x rows");
+  if (k % kStageK != 0 || n % 64 != 0)
+    return ffi::Error::InvalidArgument("marlin: K must be a multiple of 64 and N of 64 (got K=" +
+                                       std::to_string(k) + ", N=" + std::to_string(n) + ")");
+  if (wd[0] != k / 16 || wd[1] != 16 * n || sd[0] != k / 32 || sd[1] != n)
+    return ffi::Error::InvalidArgument("marlin: packed weight shapes do not match x and y");
+  if (flags.element_count() < 1) return ffi::Error::InvalidArgument("marlin: flags is empty");
+  const int x_type = DTypeOf(x.element_type());
+  const int out_type = DTypeOf(y->element_type());
+  if (x_type != kBF16 && x_type != kF16)
+    return ffi::Error::InvalidArgument("marlin: x must be bfloat16 or float16");
+  if (out_type < 0) return ffi::Error::InvalidArgument("marlin: y must be bf16, fp16 or fp32");
+  const bool has_bias = bias.element_count() > 0;
+  if (has_bias && (bias.element_count() != static_cast<size_t>(n) || DTypeOf(bias.element_type()) < 0))
+    return ffi::Error::InvalidArgument("marlin: bias must be [N] bf16, fp16 or fp32");
+  if (m == 0) return ffi::Error::Success();
+  if (m_blocks < 1 || splits < 1 || m > 0x7FFFFFFF || n > 0x7FFFFFFF || k > 0x7FFFFFFF)
+    return ffi::Error::InvalidArgument("marlin: bad launch parameters");
+
+  GemmArgs args{};
+  args.x = x.untyped_data();
+  args.w = qweight.typed_data();
+  args.s = scales.typed_data();
+  args.flags = flags.typed_data();
+  args.bias = has_bias ? bias.untyped_data() : nullptr;
+  args.y = y->untyped_data();
+  args.m = static_cast<int>(m);
+  args.n = static_cast<int>(n);
+  args.k = static_cast<int>(k);
+  const int kt_total = static_cast<int>(k / kStageK);
+  args.splits = splits > kt_total ? kt_total : splits;
+  args.kt_per_split = (kt_total + args.splits - 1) / args.splits;
+  args.splits = (kt_total + args.kt_per_split - 1) / args.kt_per_split;  // no empty splits
+  const int rows = 16 * m_blocks;
+  args.m_chunks = static_cast<int>((m + rows - 1) / rows);
+  args.bias_type = has_bias ? DTypeOf(bias.element_type()) : kNone;
+  args.out_type = out_type;
+  if (args.splits > 1) {
+    const size_t n_tiles = static_cast<size_t>(n) / (64 * warps_n);
+    const size_t counter_bytes = (n_tiles * args.m_chunks * 4 + 255) / 256 * 256;
+    const size_t partial_bytes = static_cast<size_t>(args.splits) * args.m_chunks * rows * n * 4;
+    if (workspace->element_count() < counter_bytes + partial_bytes)
+      return ffi::Error::InvalidArgument("marlin: workspace too small for splits=" +
+                                         std::to_string(args.splits));
+    uint8_t* ws = workspace->typed_data();
+    args.counters = reinterpret_cast<int32_t*>(ws);
+    args.partial = reinterpret_cast<float*>(ws + counter_bytes);
+    JAX_MXFP8_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(ws, 0, counter_bytes, stream));
+  }
+  if (x_type == kBF16) return DispatchTile<__nv_bfloat16>(stream, args, m_blocks, warps_n);
+  return DispatchTile<__half>(stream, args, m_blocks, warps_n);
+}
+
+ffi::Error MarlinDequantImpl(cudaStream_t stream, ffi::Buffer<ffi::U8> qweight,
+                             ffi::Buffer<ffi::U8> scales, ffi::Result<ffi::Buffer<ffi::BF16>> out) {
+  const auto od = out->dimensions();
+  if (od.size() != 2) return ffi::Error::InvalidArgument("marlin dequantize: out must be 2-D");
+  const int64_t n = od[0], k = od[1];
+  if (n % 64 != 0 || k % kStageK != 0 || n > 0x7FFFFFFF || k > 0x7FFFFFFF)
+    return ffi::Error::InvalidArgument("marlin dequantize: N and K must be multiples of 64");
+  if (qweight.element_count() != static_cast<size_t>(n * k) ||
+      scales.element_count() != static_cast<size_t>(n * k / 32))
+    return ffi::Error::InvalidArgument("marlin dequantize: packed shapes do not match [N, K]");
+  if (n == 0 || k == 0) return ffi::Error::Success();
+  if (k / kStageK > 65535) return ffi::Error::InvalidArgument("marlin dequantize: K too large");
+  const dim3 grid(static_cast<unsigned>(n / 64), static_cast<unsigned>(k / kStageK));
+  MarlinDequantKernel<<<grid, kThreads, 0, stream>>>(
+      qweight.typed_data(), scales.typed_data(),
+      reinterpret_cast<__nv_bfloat16*>(out->typed_data()), static_cast<int>(n), static_cast<int>(k));
+  return CheckLaunch("marlin dequantize kernel");
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MarlinGemmHandler, MarlinGemmImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()         // x [M, K]
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // qweight [K/16, 16N]
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // scales [K/32, N]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // flags [1]
+                                  .Arg<ffi::AnyBuffer>()         // bias [N] or [0]
+                                  .Ret<ffi::AnyBuffer>()         // y [M, N]
+                                  .Ret<ffi::Buffer<ffi::U8>>()   // workspace (hidden)
+                                  .Attr<int32_t>("m_blocks")
+                                  .Attr<int32_t>("warps_n")
+                                  .Attr<int32_t>("splits"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MarlinDequantHandler, MarlinDequantImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // qweight
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // scales
+                                  .Ret<ffi::Buffer<ffi::BF16>>(),  // [N, K]
+                              {ffi::Traits::kCmdBufferCompatible});
+
+JAX_MXFP8_REGISTER_CUDA_TARGET("jax_mxfp8_marlin_gemm_cuda", MarlinGemmHandler);
+JAX_MXFP8_REGISTER_CUDA_TARGET("jax_mxfp8_marlin_dequantize_cuda", MarlinDequantHandler);
+
+}  // namespace jax_mxfp8

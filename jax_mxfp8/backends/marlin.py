@@ -1,0 +1,316 @@
+"""MARLIN: fused-dequant W8A16 GEMM for SM80+ (ffi/src/marlin.cu), tuned for H100.
+
+prepare repacks [N, K] e4m3 values + [N, K/32] scales on the device (one jnp transpose) into
+the kernel's tile layout; unprepare is its exact inverse. linear picks, at trace time from the
+static M, either a kernel tile configuration or, for large M where a bf16 tensor-core GEMM wins,
+"dequantize the packed weight to bf16 (one kernel) + XLA dot" (the emulation math, faster than
+the emulation path itself because the dequantize kernel runs at copy bandwidth).
+
+Layout (the kernel reads exactly this; see the header of ffi/src/marlin.cu):
+  qweight uint8 [Kp/16, 16*Np]: byte (((kt*Np/64 + nt)*2 + h)*32 + 4g + c)*16 + 4w + b holds
+      W[64nt + 32h + 8w + g, 16kt + 8*(b & 1) + 2c + (b >> 1)]
+  scales  uint8 [Kp/32, Np]: byte [grp, 64nt + 8g + j] holds S[64nt + g + 8j, grp]
+  flags   int32 [1]: 1 when the weight needs the general dequantization (NaN value codes, or a
+      scale byte > 134); the fast path is exact otherwise.
+N and K are zero-padded to multiples of 64 (meta records the padded sizes); x is padded along
+K and y sliced along N inside linear when the weight was padded.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jax_mxfp8 import _ffi, reference
+from jax_mxfp8._compat import ShapedArray, mlir
+from jax_mxfp8.backends.base import Backend, BackendImpl, register_backend
+from jax_mxfp8.primitives import base
+
+GEMM_TARGET = "jax_mxfp8_marlin_gemm_cuda"
+DEQUANT_TARGET = "jax_mxfp8_marlin_dequantize_cuda"
+TILE = 64            # N and K granularity of the packed layout and of a pipeline stage
+FAST_MAX_SCALE = 134  # largest e8m0 byte whose folded scale 2^(e-7) is a normal bf16
+META_TAG = "marlin-v1"
+
+# (m_blocks, warps_n) tile configurations compiled into ffi/src/marlin.cu (DispatchTile).
+# A block computes 16*m_blocks rows x 64*warps_n columns.
+TILE_CONFIGS = ((1, 1), (1, 2), (1, 4), (2, 2), (2, 4), (4, 2), (4, 4))
+KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def _round_up(v: int, m: int) -> int:
+    return -(-v // m) * m
+
+
+# ---- packing ---------------------------------------------------------------------------------
+
+def pack_values(vbytes: jax.Array) -> jax.Array:
+    """uint8 [N, K] (N, K multiples of 64) -> qweight uint8 [K/16, 16N]."""
+    n, k = vbytes.shape
+    v = vbytes.reshape(n // 64, 2, 4, 8, k // 16, 2, 4, 2)  # (nt, h, w, g, kt, b_lo, c, b_hi)
+    return v.transpose(4, 0, 1, 3, 6, 2, 7, 5).reshape(k // 16, 16 * n)
+
+
+def unpack_values(qweight: jax.Array) -> jax.Array:
+    kt, n16 = qweight.shape
+    n, k = n16 // 16, kt * 16
+    p = qweight.reshape(kt, n // 64, 2, 8, 4, 4, 2, 2)  # (kt, nt, h, g, c, w, b_hi, b_lo)
+    return p.transpose(1, 2, 5, 3, 0, 7, 4, 6).reshape(n, k)
+
+
+def pack_scales(scales: jax.Array) -> jax.Array:
+    """uint8 [N, K/32] -> [K/32, N] with each 64 columns ordered (g, j) for column g + 8j."""
+    n, groups = scales.shape
+    return scales.T.reshape(groups, n // 64, 8, 8).transpose(0, 1, 3, 2).reshape(groups, n)
+
+
+def unpack_scales(packed: jax.Array) -> jax.Array:
+    groups, n = packed.shape
+    return packed.reshape(groups, n // 64, 8, 8).transpose(0, 1, 3, 2).reshape(groups, n).T
+
+
+def weight_flags(vbytes: jax.Array, scales: jax.Array) -> jax.Array:
+    nan_code = jnp.any((vbytes & 0x7F) == 0x7F)
+    big_scale = jnp.any(scales > FAST_MAX_SCALE)
+    return (nan_code | big_scale).astype(jnp.int32).reshape(1)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _pack(values, scales, n_pad, k_pad):
+    n, k = values.shape
+    vbytes = lax.bitcast_convert_type(values, jnp.uint8)
+    vbytes = jnp.pad(vbytes, ((0, n_pad - n), (0, k_pad - k)))
+    scales = jnp.pad(scales, ((0, n_pad - n), (0, (k_pad - k) // 32)), constant_values=127)
+    return {"qweight": pack_values(vbytes), "scales": pack_scales(scales),
+            "flags": weight_flags(vbytes, scales)}
+
+
+def _prepare(values, scales):
+    n, k = values.shape
+    n_pad, k_pad = _round_up(n, TILE), _round_up(k, TILE)
+    return _pack(values, scales, n_pad, k_pad), (META_TAG, n_pad, k_pad)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _unpack(qweight, scales, n, k):
+    vbytes = unpack_values(qweight)[:n, :k]
+    return lax.bitcast_convert_type(vbytes, jnp.float8_e4m3fn), unpack_scales(scales)[:n, : k // 32]
+
+
+def _unprepare(arrays, meta, shape):
+    return _unpack(arrays["qweight"], arrays["scales"], *shape)
+
+
+# ---- primitives ------------------------------------------------------------------------------
+
+def _unpack_padded(qweight, scales):
+    return lax.bitcast_convert_type(unpack_values(qweight), jnp.float8_e4m3fn), unpack_scales(scales)
+
+
+def effective_splits(k: int, splits: int) -> int:
+    """The split count the kernel really uses (no empty splits); mirrors MarlinGemmImpl."""
+    kt_total = k // TILE
+    s = max(1, min(splits, kt_total))
+    per = -(-kt_total // s)
+    return -(-kt_total // per)
+
+
+def workspace_bytes(m: int, n: int, k: int, m_blocks: int, warps_n: int, splits: int) -> int:
+    s = effective_splits(k, splits)
+    if s == 1 or m == 0:
+        return 256
+    rows = 16 * m_blocks
+    m_chunks = -(-m // rows)
+    counters = _round_up((n // (64 * warps_n)) * m_chunks * 4, 256)
+    return counters + s * m_chunks * rows * n * 4
+
+
+def _gemm_abstract(x, qweight, scales, flags, bias, *, m_blocks, warps_n, splits, out_dtype,
+                   has_bias):
+    base.check_dtype("marlin gemm x", x.dtype, KERNEL_DTYPES,
+                     "The Marlin kernel takes bf16 or fp16 activations; linear() routes fp32 to "
+                     "the dequantize path.")
+    if qweight.dtype != jnp.uint8 or scales.dtype != jnp.uint8 or flags.dtype != jnp.int32:
+        raise TypeError("marlin gemm: qweight/scales must be uint8 and flags int32 (use prepare_weight)")
+    m, k = x.shape
+    n = scales.shape[1]
+    if k % TILE or n % (64 * warps_n) or qweight.shape != (k // 16, 16 * n) or scales.shape != (k // 32, n):
+        raise ValueError(f"marlin gemm: x {x.shape}, qweight {qweight.shape}, scales {scales.shape} "
+                         f"do not form a packed problem with K % 64 == 0 and N % {64 * warps_n} == 0")
+    if (m_blocks, warps_n) not in TILE_CONFIGS:
+        raise ValueError(f"marlin gemm: tile ({m_blocks}, {warps_n}) is not compiled; use one of "
+                         f"{TILE_CONFIGS}")
+    if has_bias and bias.shape != (n,):
+        raise ValueError(f"marlin gemm: bias shape {bias.shape} != ({n},)")
+    return ShapedArray((m, n), out_dtype)
+
+
+def _gemm_reference(x, qweight, scales, flags, bias, *, m_blocks, warps_n, splits, out_dtype,
+                    has_bias):
+    values, s = _unpack_padded(qweight, scales)
+    return reference.linear(x, values, s, bias if has_bias else None, out_dtype=out_dtype)
+
+
+def _gemm_cuda(ctx, x, qweight, scales, flags, bias, *, m_blocks, warps_n, splits, out_dtype,
+               has_bias):
+    if not _ffi.has_cuda_target(GEMM_TARGET):
+        return mlir.lower_fun(functools.partial(
+            _gemm_reference, m_blocks=m_blocks, warps_n=warps_n, splits=splits,
+            out_dtype=out_dtype, has_bias=has_bias), multiple_results=False)(
+                ctx, x, qweight, scales, flags, bias)
+    _ffi.register_cuda_targets()
+    m, k = ctx.avals_in[0].shape
+    n = ctx.avals_out[0].shape[1]
+    ws = ShapedArray((workspace_bytes(m, n, k, m_blocks, warps_n, splits),), jnp.uint8)
+    hidden = ctx.replace(avals_out=[ctx.avals_out[0], ws])  # workspace: a hidden extra result
+    results = jax.ffi.ffi_lowering(GEMM_TARGET)(
+        hidden, x, qweight, scales, flags, bias, m_blocks=np.int32(m_blocks),
+        warps_n=np.int32(warps_n), splits=np.int32(splits))
+    return list(results)[:1]
+
+
+def _gemm_batch(args, dims, **params):
+    x, *rest = args
+    xd, *rest_dims = dims
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    if all(d is None for d in rest_dims):  # weight shared: fold the batch into M
+        x = jnp.moveaxis(x, xd, 0)
+        b, m, k = x.shape
+        y = marlin_gemm_p.bind(x.reshape(b * m, k), *rest, **params)
+        return y.reshape(b, m, -1), 0
+    moved = [base.move_to_front(a, d, size) for a, d in zip(args, dims)]
+    ys = [marlin_gemm_p.bind(*(a[i] for a in moved), **params) for i in range(size)]
+    return jnp.stack(ys), 0
+
+
+marlin_gemm_p = base.define_primitive(
+    "mxfp8_marlin_gemm", abstract_eval=_gemm_abstract, reference=_gemm_reference,
+    batcher=_gemm_batch, multiple_results=False, lowerings={"cuda": _gemm_cuda})
+
+
+def _dequant_abstract(qweight, scales):
+    groups, n = scales.shape
+    if qweight.dtype != jnp.uint8 or scales.dtype != jnp.uint8 or qweight.shape != (groups * 2, 16 * n):
+        raise ValueError(f"marlin dequantize: qweight {qweight.shape} / scales {scales.shape} are not "
+                         f"a packed Marlin weight")
+    return ShapedArray((n, groups * 32), jnp.bfloat16)
+
+
+def _dequant_reference(qweight, scales):
+    values, s = _unpack_padded(qweight, scales)
+    return reference.dequantize(values, s, jnp.bfloat16)
+
+
+def _dequant_batch(args, dims):
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    moved = [base.move_to_front(a, d, size) for a, d in zip(args, dims)]
+    return jnp.stack([marlin_dequantize_p.bind(*(a[i] for a in moved)) for i in range(size)]), 0
+
+
+marlin_dequantize_p = base.define_primitive(
+    "mxfp8_marlin_dequantize", abstract_eval=_dequant_abstract, reference=_dequant_reference,
+    batcher=_dequant_batch, multiple_results=False,
+    lowerings={"cuda": base.cuda_ffi_lowering(DEQUANT_TARGET, _dequant_reference, False)})
+
+
+def gemm(x, qweight, scales, flags, bias=None, *, m_blocks, warps_n, splits, out_dtype):
+    """One Marlin kernel launch with an explicit tile configuration (tests and tuning)."""
+    has_bias = bias is not None
+    if bias is None:
+        bias = jnp.zeros((0,), x.dtype)
+    return marlin_gemm_p.bind(x, qweight, scales, flags, bias, m_blocks=int(m_blocks),
+                              warps_n=int(warps_n), splits=int(splits),
+                              out_dtype=jnp.dtype(out_dtype), has_bias=has_bias)
+
+
+def dequantize_packed(qweight, scales):
+    """Packed weight -> bf16 [Np, Kp] (exact dequantize of numerics.md)."""
+    return marlin_dequantize_p.bind(qweight, scales)
+
+
+# ---- per-M dispatch --------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    kind: str            # "kernel" or "dequant_dot"
+    m_blocks: int = 0
+    warps_n: int = 0
+    splits: int = 1
+
+
+# Largest M that runs the fused kernel; above it dequantize + cuBLAS bf16 wins on H100.
+MAX_KERNEL_M = 256
+
+
+def _sm_count() -> int:
+    try:
+        return int(getattr(jax.devices()[0], "core_count", 0)) or 132
+    except Exception:  # noqa: BLE001 - no devices while tracing for another platform
+        return 132
+
+
+def choose_plan(m: int, n: int, k: int, x_dtype, sms: int | None = None) -> Plan:
+    """The fastest path for a [m, k] x [n, k]^T problem (n, k already padded to 64)."""
+    if jnp.dtype(x_dtype) not in KERNEL_DTYPES or m > MAX_KERNEL_M:
+        return Plan("dequant_dot")
+    sms = sms or _sm_count()
+    if m <= 16:
+        m_blocks, wn_pref = 1, (1, 2)
+    elif m <= 32:
+        m_blocks, wn_pref = 2, (4, 2)
+    else:
+        m_blocks, wn_pref = 4, (4, 2)
+    warps_n = next((w for w in wn_pref if n % (64 * w) == 0), None)
+    if warps_n is None:
+        m_blocks, warps_n = (1, 1) if m_blocks == 1 else (m_blocks, 2) if n % 128 == 0 else (1, 1)
+    m_chunks = -(-m // (16 * m_blocks))
+    tiles = (n // (64 * warps_n)) * m_chunks
+    splits = 1
+    kt = k // TILE
+    # Too few column tiles to keep every SM streaming: split K (each split >= 4 stages).
+    while tiles * splits < 2 * sms and splits * 2 <= max(1, kt // 4):
+        splits *= 2
+    return Plan("kernel", m_blocks, warps_n, splits)
+
+
+def _dequant_dot(x, weight_arrays, bias, out_dtype):
+    w = dequantize_packed(weight_arrays["qweight"], weight_arrays["scales"])
+    op_dtype = reference.dot_dtype(x.dtype)
+    y = lax.dot_general(x.astype(op_dtype), w.astype(op_dtype), (((1,), (1,)), ((), ())),
+                        precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(out_dtype)
+
+
+def _linear(x, weight, bias, out_dtype, quantize_activations):
+    if quantize_activations:
+        raise ValueError("marlin computes W8A16 only")
+    n, k = weight.shape
+    _, n_pad, k_pad = weight.meta
+    m = x.shape[0]
+    if m == 0:
+        return jnp.zeros((0, n), out_dtype)
+    if k_pad != k:
+        x = jnp.pad(x, ((0, 0), (0, k_pad - k)))
+    if bias is not None and n_pad != n:
+        bias = jnp.pad(bias, (0, n_pad - n))
+    plan = choose_plan(m, n_pad, k_pad, x.dtype)
+    a = weight.arrays
+    if plan.kind == "kernel":
+        y = gemm(x, a["qweight"], a["scales"], a["flags"], bias, m_blocks=plan.m_blocks,
+                 warps_n=plan.warps_n, splits=plan.splits, out_dtype=out_dtype)
+    else:
+        y = _dequant_dot(x, a, bias, out_dtype)
+    return y[:, :n] if n_pad != n else y
+
+
+register_backend(BackendImpl(
+    backend=Backend.MARLIN, min_compute_capability=(8, 0),
+    required_targets=(GEMM_TARGET, DEQUANT_TARGET), default_quantize_activations=False,
+    supports_w8a16=True, supports_w8a8=False, prepare=_prepare, unprepare=_unprepare,
+    linear=_linear))

@@ -1,0 +1,293 @@
+"""MARLIN backend: packing and plans (any machine), the GEMM and dequantize kernels (GPU),
+against the independent float64 reference of numerics.md (mx_reference)."""
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import jax_mxfp8 as mx
+import mx_reference as R
+from jax_mxfp8 import _ffi
+from jax_mxfp8.backends import marlin
+
+GPU = any(d.platform == "gpu" for d in jax.devices())
+KERNELS = GPU and _ffi.has_cuda_target(marlin.GEMM_TARGET) and _ffi.has_cuda_target(marlin.DEQUANT_TARGET)
+needs_kernels = pytest.mark.skipif(not KERNELS, reason="needs an NVIDIA GPU and the Marlin CUDA kernels")
+SCALE_BYTES = (0, 1, 120, 127, 134, 254)
+
+
+def fresh_rng():
+    seed = int.from_bytes(os.urandom(4), "little")
+    return np.random.default_rng(seed), seed
+
+
+def random_weight(rng, n, k, spread=3):
+    """Finite MX codes (as quantize() makes them) with per-row magnitudes 2^[-spread, spread]."""
+    w = rng.standard_normal((n, k)) * np.exp2(rng.integers(-spread, spread + 1, (n, 1)))
+    return R.quantize(w, "ceil")
+
+
+def prepare(codes, scales):
+    values = jnp.asarray(codes.view(ml_dtypes.float8_e4m3fn))
+    arrays, meta = marlin._prepare(values, jnp.asarray(scales))
+    return arrays, meta
+
+
+def rel_fro(got, want):
+    got = np.asarray(got).astype(np.float64)
+    return np.linalg.norm(got - want) / np.linalg.norm(want)
+
+
+def poison_device_memory(nbytes):
+    """Best effort: fill and free NaN buffers so the next outputs likely land on NaN memory."""
+    if nbytes > 0:
+        jnp.full((nbytes // 4 + 1,), jnp.nan, jnp.float32).block_until_ready()
+
+
+# ---- packing, flags, plans: any machine ------------------------------------------------------
+
+@pytest.mark.parametrize("n,k", [(64, 64), (192, 256), (100, 96), (64, 32), (320, 4160)])
+def test_prepare_unprepare_identity(n, k):
+    rng, seed = fresh_rng()
+    codes = rng.integers(0, 256, (n, k), dtype=np.uint8)  # every code, NaN codes included
+    scales = rng.integers(0, 256, (n, k // 32), dtype=np.uint8)
+    arrays, meta = prepare(codes, scales)
+    assert meta[1] % 64 == 0 and meta[2] % 64 == 0
+    values, back = marlin._unprepare(arrays, meta, (n, k))
+    np.testing.assert_array_equal(np.asarray(values).view(np.uint8), codes, err_msg=f"seed {seed}")
+    np.testing.assert_array_equal(np.asarray(back), scales, err_msg=f"seed {seed}")
+
+
+def test_packed_layout_is_what_the_kernel_reads():
+    """The byte formula of ffi/src/marlin.cu's header, checked element by element."""
+    rng, seed = fresh_rng()
+    n, k = 128, 64
+    codes = rng.integers(0, 256, (n, k), dtype=np.uint8)
+    scales = rng.integers(0, 256, (n, k // 32), dtype=np.uint8)
+    arrays, _ = prepare(codes, scales)
+    flat = np.asarray(arrays["qweight"]).reshape(-1)
+    packed_scales = np.asarray(arrays["scales"])
+    kt, nt, h, g, c, w, b = np.meshgrid(*(np.arange(s) for s in (k // 16, n // 64, 2, 8, 4, 4, 4)),
+                                        indexing="ij")
+    offset = ((((kt * (n // 64) + nt) * 2 + h) * 32 + 4 * g + c) * 16 + 4 * w + b)
+    col = 64 * nt + 32 * h + 8 * w + g
+    row_k = 16 * kt + 8 * (b & 1) + 2 * c + (b >> 1)
+    np.testing.assert_array_equal(flat[offset], codes[col, row_k], err_msg=f"seed {seed}")
+    grp, nt, g, j = np.meshgrid(*(np.arange(s) for s in (k // 32, n // 64, 8, 8)), indexing="ij")
+    np.testing.assert_array_equal(packed_scales[grp, 64 * nt + 8 * g + j], scales[64 * nt + g + 8 * j, grp])
+
+
+def test_prepared_weight_bytes_per_param():
+    codes, scales = random_weight(np.random.default_rng(0), 1024, 2048)
+    arrays, _ = prepare(codes, scales)
+    nbytes = sum(a.size * a.dtype.itemsize for a in arrays.values())
+    assert nbytes / (1024 * 2048) <= 1.04
+
+
+@pytest.mark.parametrize("poke,general", [(None, 0), ("nan_code", 1), ("scale_135", 1),
+                                          ("scale_255", 1), ("scale_134", 0)])
+def test_flags_select_the_general_dequantization(poke, general):
+    codes, scales = random_weight(np.random.default_rng(1), 64, 64, spread=0)
+    if poke == "nan_code":
+        codes[3, 5] = 0xFF
+    elif poke is not None:
+        scales[7, 1] = int(poke.split("_")[1])
+    arrays, _ = prepare(codes, scales)
+    assert int(arrays["flags"][0]) == general
+
+
+@pytest.mark.parametrize("m", [1, 2, 7, 16, 17, 31, 33, 64, 100, 128, 256, 257, 1024, 4096])
+@pytest.mark.parametrize("n,k", [(64, 64), (4096, 4096), (14336, 4096), (8192, 8192),
+                                 (28672, 8192), (192, 320)])
+def test_plans_use_compiled_tiles(m, n, k):
+    plan = marlin.choose_plan(m, n, k, jnp.bfloat16, sms=132)
+    if m > marlin.MAX_KERNEL_M:
+        assert plan.kind == "dequant_dot"
+        return
+    assert plan.kind == "kernel"
+    assert (plan.m_blocks, plan.warps_n) in marlin.TILE_CONFIGS
+    assert n % (64 * plan.warps_n) == 0 and 1 <= plan.splits <= k // 64
+    assert marlin.choose_plan(m, n, k, jnp.float32, sms=132).kind == "dequant_dot"
+
+
+def test_primitive_reference_lowering_matches_float64():
+    """The jnp lowering (CPU and any non-CUDA platform) computes the same math."""
+    rng, seed = fresh_rng()
+    codes, scales = random_weight(rng, 128, 256)
+    arrays, _ = prepare(codes, scales)
+    x = rng.standard_normal((5, 256)).astype(ml_dtypes.bfloat16)
+    bias = rng.standard_normal(128).astype(np.float32)
+    cpu = jax.devices("cpu")[0]
+    arrays, x_cpu, b_cpu = jax.device_put((arrays, x, bias), cpu)
+    f = jax.jit(lambda x, b, a: marlin.gemm(x, a["qweight"], a["scales"], a["flags"], b,
+                                            m_blocks=1, warps_n=2, splits=2, out_dtype=jnp.float32))
+    y = f(x_cpu, b_cpu, arrays)
+    assert rel_fro(y, R.linear(x, codes, scales, bias)) <= 1e-5, f"seed {seed}"
+    yb = jax.jit(jax.vmap(lambda xi, a: marlin.gemm(xi, a["qweight"], a["scales"], a["flags"],
+                                                    m_blocks=1, warps_n=1, splits=1,
+                                                    out_dtype=jnp.float32), in_axes=(0, None)))(
+        jax.device_put(np.stack([x, x]), cpu), arrays)
+    np.testing.assert_allclose(np.asarray(yb[1]), R.linear(x, codes, scales), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(not _ffi.has_cuda_target(marlin.GEMM_TARGET), reason="CUDA module not built")
+def test_lowers_to_custom_calls():
+    arrays, _ = prepare(*random_weight(np.random.default_rng(2), 64, 64))
+    x = jax.ShapeDtypeStruct((3, 64), jnp.bfloat16)
+    gemm = jax.jit(lambda x: marlin.gemm(x, arrays["qweight"], arrays["scales"], arrays["flags"],
+                                         m_blocks=1, warps_n=1, splits=1, out_dtype=jnp.bfloat16))
+    assert "jax_mxfp8_marlin_gemm_cuda" in gemm.trace(x).lower(lowering_platforms=("cuda",)).as_text()
+    dq = jax.jit(lambda: marlin.dequantize_packed(arrays["qweight"], arrays["scales"]))
+    assert "jax_mxfp8_marlin_dequantize_cuda" in dq.trace().lower(lowering_platforms=("cuda",)).as_text()
+
+
+# ---- kernels on the GPU ----------------------------------------------------------------------
+
+def run_gemm(x, arrays, bias, *, m_blocks, warps_n, splits, out_dtype):
+    poison_device_memory(x.shape[0] * arrays["scales"].shape[1] * 4)
+    f = jax.jit(lambda x, b: marlin.gemm(x, arrays["qweight"], arrays["scales"], arrays["flags"], b,
+                                         m_blocks=m_blocks, warps_n=warps_n, splits=splits,
+                                         out_dtype=out_dtype))
+    return np.asarray(f(x, bias).astype(jnp.float32))
+
+
+LINEAR_CASES = ([(m, n, k) for m in (1, 2, 3, 7, 16, 31, 64, 100, 256, 1024, 4096)
+                 for n, k in ((64, 64), (192, 320), (4096, 1024))]
+                + [(m, 1024, 4096) for m in (1, 16, 64, 256)])
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", range(len(LINEAR_CASES)))
+def test_linear_marlin_vs_float64(case):
+    m, n, k = LINEAR_CASES[case]
+    with_bias = case % 2 == 1
+    rng, seed = fresh_rng()
+    codes, scales = random_weight(rng, n, k)
+    weight = mx.prepare_weight(jnp.asarray(codes.view(ml_dtypes.float8_e4m3fn)), jnp.asarray(scales),
+                               backend="marlin")
+    x = rng.standard_normal((m, k)).astype(ml_dtypes.bfloat16)
+    bias = rng.standard_normal(n).astype(ml_dtypes.bfloat16) if with_bias else None
+    poison_device_memory(m * n * 4)
+    y = jax.jit(mx.linear)(x, weight, bias)
+    assert y.shape == (m, n) and y.dtype == jnp.bfloat16
+    y = np.asarray(y.astype(jnp.float32))
+    assert np.all(np.isfinite(y)), f"seed {seed}"
+    assert rel_fro(y, R.linear(x, codes, scales, bias)) <= 1e-2, f"seed {seed}"
+
+
+@needs_kernels
+@pytest.mark.parametrize("tile", marlin.TILE_CONFIGS)
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("m", [1, 17, 100, 300])
+def test_every_tile_and_split(tile, splits, m):
+    rng, seed = fresh_rng()
+    n, k = 512, 1536
+    codes, scales = random_weight(rng, n, k)
+    arrays, _ = prepare(codes, scales)
+    x = rng.standard_normal((m, k)).astype(ml_dtypes.bfloat16)
+    bias = rng.standard_normal(n).astype(np.float32)
+    y = run_gemm(x, arrays, bias, m_blocks=tile[0], warps_n=tile[1], splits=splits,
+                 out_dtype=jnp.float32)
+    assert rel_fro(y, R.linear(x, codes, scales, bias)) <= 1e-4, f"seed {seed}"
+
+
+@needs_kernels
+@pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+@pytest.mark.parametrize("tile", [(1, 1), (2, 4), (4, 4)])
+def test_fp16_activations_are_exact_inputs(tile, out_dtype):
+    """fp16 x is split into bf16 hi + lo in the kernel: the result matches the fp32 math."""
+    rng, seed = fresh_rng()
+    n, k, m = 256, 512, 40
+    codes, scales = random_weight(rng, n, k, spread=8)
+    arrays, _ = prepare(codes, scales)
+    x = (rng.standard_normal((m, k)) * 3).astype(np.float16)
+    bias = rng.standard_normal(n).astype(np.float16)
+    y = run_gemm(x, arrays, bias, m_blocks=tile[0], warps_n=tile[1], splits=2, out_dtype=out_dtype)
+    tol = 1e-4 if out_dtype == jnp.float32 else 1e-2
+    assert rel_fro(y, R.linear(x, codes, scales, bias)) <= tol, f"seed {seed}"
+
+
+def exhaustive_weight(scale_bytes):
+    """K = 256: every row holds all 256 codes (rolled per row) with one scale byte per row."""
+    n = 64
+    codes = np.stack([np.roll(np.arange(256, dtype=np.uint8), 37 * r) for r in range(n)])
+    scales = np.array([[scale_bytes[r % len(scale_bytes)]] * 8 for r in range(n)], np.uint8)
+    return codes, scales
+
+
+@needs_kernels
+@pytest.mark.parametrize("scale_bytes,general", [(SCALE_BYTES, 1), (SCALE_BYTES[:5], 0)])
+def test_exhaustive_dequantize_kernel(scale_bytes, general):
+    codes, scales = exhaustive_weight(scale_bytes)
+    if not general:
+        codes = np.where((codes & 0x7F) == 0x7F, 0, codes).astype(np.uint8)
+    arrays, _ = prepare(codes, scales)
+    assert int(arrays["flags"][0]) == general
+    got = np.asarray(marlin.dequantize_packed(arrays["qweight"], arrays["scales"]))
+    want = R.dequantize(codes, scales, ml_dtypes.bfloat16)
+    # bit for bit, subnormal bf16 results included; NaN where the reference is NaN
+    np.testing.assert_array_equal(got.view(np.uint16)[~np.isnan(want)], want.view(np.uint16)[~np.isnan(want)])
+    assert np.array_equal(np.isnan(got), np.isnan(want))
+
+
+@needs_kernels
+@pytest.mark.parametrize("scale_bytes,general", [(SCALE_BYTES, 1), (SCALE_BYTES[:5], 0)])
+@pytest.mark.parametrize("tile", [(1, 1), (4, 4)])
+def test_exhaustive_through_the_gemm(scale_bytes, general, tile):
+    """x = identity picks every weight element alone: y[m, n] = dequantize(W)[n, m] exactly."""
+    codes, scales = exhaustive_weight(scale_bytes)
+    want_w = R.dequantize(codes, scales, np.float64)
+    # Non-finite weights would turn whole output columns into NaN (0 * Inf): checked below.
+    codes = np.where(np.isfinite(want_w) & (np.abs(want_w) < 2.0**128), codes, 0).astype(np.uint8)
+    if general:
+        codes[:, 255] = np.where(np.arange(64) == 5, 0x7F, codes[:, 255])  # one NaN column
+    arrays, _ = prepare(codes, scales)
+    assert int(arrays["flags"][0]) == general
+    x = np.eye(256, dtype=ml_dtypes.bfloat16)
+    y = run_gemm(x, arrays, None, m_blocks=tile[0], warps_n=tile[1], splits=1, out_dtype=jnp.bfloat16)
+    want = R.dequantize(codes, scales, ml_dtypes.bfloat16).astype(np.float32).T
+    nan_cols = np.isnan(want).any(axis=0)
+    assert np.all(np.isnan(y[:, nan_cols])) and nan_cols.sum() == general
+    got, want = y[:, ~nan_cols], want[:, ~nan_cols]
+    normal = np.abs(want) >= 2.0**-126
+    np.testing.assert_array_equal(got[normal], want[normal])
+    np.testing.assert_array_equal(got[~normal], want[~normal],
+                                  err_msg="bf16-subnormal weights are not exact through the mma")
+
+
+@needs_kernels
+def test_deterministic_run_to_run():
+    rng, _ = fresh_rng()
+    codes, scales = random_weight(rng, 1024, 4096)
+    arrays, _ = prepare(codes, scales)
+    x = rng.standard_normal((16, 4096)).astype(ml_dtypes.bfloat16)
+    runs = [run_gemm(x, arrays, None, m_blocks=1, warps_n=1, splits=8, out_dtype=jnp.float32)
+            for _ in range(3)]
+    assert all(np.array_equal(runs[0], r) for r in runs[1:])
+
+
+@needs_kernels
+def test_fp32_activations_take_the_dequantize_path():
+    rng, seed = fresh_rng()
+    codes, scales = random_weight(rng, 128, 256)
+    weight = mx.prepare_weight(jnp.asarray(codes.view(ml_dtypes.float8_e4m3fn)), jnp.asarray(scales),
+                               backend="marlin")
+    x = rng.standard_normal((3, 4, 256)).astype(np.float32)
+    y = jax.jit(mx.linear)(x, weight)
+    assert y.shape == (3, 4, 128) and y.dtype == jnp.float32
+    assert rel_fro(y.reshape(12, 128), R.linear(x.reshape(12, 256), codes, scales)) <= 1e-5, f"seed {seed}"
+
+
+@needs_kernels
+def test_unprepare_on_device_round_trip():
+    rng, _ = fresh_rng()
+    codes = rng.integers(0, 256, (192, 640), dtype=np.uint8)
+    scales = rng.integers(0, 256, (192, 20), dtype=np.uint8)
+    weight = mx.prepare_weight(jnp.asarray(codes.view(ml_dtypes.float8_e4m3fn)), jnp.asarray(scales),
+                               backend="marlin")
+    values, back = weight.unpack()
+    np.testing.assert_array_equal(np.asarray(values).view(np.uint8), codes)
+    np.testing.assert_array_equal(np.asarray(back), scales)

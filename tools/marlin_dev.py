@@ -1,0 +1,310 @@
+"""Marlin development script for the GPU machine (not part of the package).
+
+  python tools/marlin_dev.py smoke            # every tile config vs float64 on small shapes
+  python tools/marlin_dev.py sanitize         # tiny shapes, run under compute-sanitizer
+  python tools/marlin_dev.py sweep  [--out D] # tile x split candidates per (shape, M) + peers
+  python tools/marlin_dev.py bench  [--out D] # linear(MARLIN) vs bf16 / emulation / scaled_matmul
+  python tools/marlin_dev.py extras [--out D] # prepare time, memory analysis
+
+Timing: jax_mxfp8.bench.device_time_us (R argument sets unrolled in one jit, minus one set).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+import jax_mxfp8 as mx
+from jax_mxfp8 import bench, reference
+from jax_mxfp8.backends import marlin
+
+SHAPES = [(4096, 4096), (14336, 4096), (8192, 8192), (28672, 8192)]
+MS = [1, 16, 32, 64, 128, 256, 1024, 4096]
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+# ---- correctness smoke -----------------------------------------------------------------------
+
+def _rel(got, want):
+    got = np.asarray(got, np.float64)
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def smoke(args) -> int:
+    rng = np.random.default_rng(0)
+    bad = 0
+    for n, k in [(64, 64), (256, 512), (512, 1536)]:
+        w = rng.standard_normal((n, k)) * np.exp2(rng.integers(-3, 4, (n, 1)))
+        values, scales = reference.quantize(jnp.asarray(w, jnp.float32))
+        arrays, _ = marlin._prepare(values, scales)
+        w64 = np.asarray(reference.dequantize(values, scales, jnp.float32), np.float64)
+        for xt in (jnp.bfloat16, jnp.float16):
+            for m in (1, 5, 17, 70):
+                x = jnp.asarray(rng.standard_normal((m, k)), xt)
+                want = np.asarray(x, np.float64) @ w64.T
+                for mb, wn in marlin.TILE_CONFIGS:
+                    if n % (64 * wn):
+                        continue
+                    for splits in (1, 3):
+                        y = marlin.gemm(x, arrays["qweight"], arrays["scales"], arrays["flags"],
+                                        m_blocks=mb, warps_n=wn, splits=splits, out_dtype=jnp.float32)
+                        err = _rel(y, want)
+                        if not err < 1e-4:
+                            bad += 1
+                            log(f"FAIL n={n} k={k} m={m} x={jnp.dtype(xt).name} tile=({mb},{wn}) "
+                                f"splits={splits}: rel err {err:.3e}")
+        got = np.asarray(marlin.dequantize_packed(arrays["qweight"], arrays["scales"]), np.float32)
+        ref = np.asarray(reference.dequantize(values, scales, jnp.bfloat16), np.float32)
+        if not np.array_equal(got, ref):
+            bad += 1
+            log(f"FAIL dequantize n={n} k={k}: {np.sum(got != ref)} mismatches")
+    log("smoke:", "OK" if bad == 0 else f"{bad} failures")
+    return 1 if bad else 0
+
+
+def sanitize(args) -> int:
+    """Small shapes through every tile (splits 1 and 2) and the dequantize kernel, for
+    compute-sanitizer memcheck / racecheck."""
+    rng = np.random.default_rng(1)
+    n, k = 256, 256
+    values = jnp.asarray(rng.integers(0, 256, (n, k), dtype=np.uint8).view(ml_dtypes.float8_e4m3fn))
+    scales = jnp.asarray(rng.integers(100, 140, (n, k // 32), dtype=np.uint8))
+    arrays, _ = marlin._prepare(values, scales)
+    for xt in (jnp.bfloat16, jnp.float16):
+        for m in (3, 33):
+            x = jnp.asarray(rng.standard_normal((m, k)), xt)
+            bias = jnp.asarray(rng.standard_normal(n), jnp.bfloat16)
+            for mb, wn in marlin.TILE_CONFIGS:
+                for splits in (1, 2):
+                    marlin.gemm(x, arrays["qweight"], arrays["scales"], arrays["flags"], bias,
+                                m_blocks=mb, warps_n=wn, splits=splits,
+                                out_dtype=jnp.bfloat16).block_until_ready()
+    marlin.dequantize_packed(arrays["qweight"], arrays["scales"]).block_until_ready()
+    log("sanitize: ran", 2 * 2 * len(marlin.TILE_CONFIGS) * 2 + 1, "kernels")
+    return 0
+
+
+# ---- timing ----------------------------------------------------------------------------------
+
+def packed_sets(n, k, sets, general=False):
+    """R random packed weights made directly on the device (fast path unless general)."""
+    out = []
+    for i in range(sets):
+        key = jax.random.key(100 + i)
+        k1, k2 = jax.random.split(key)
+        q = jax.random.bits(k1, (k // 16, 16 * n), jnp.uint8) & jnp.uint8(0xF7)  # no NaN codes
+        s = jax.random.randint(k2, (k // 32, n), 118, 128, jnp.int32).astype(jnp.uint8)
+        out.append({"qweight": q, "scales": s, "flags": jnp.full((1,), int(general), jnp.int32)})
+    return out
+
+
+def time_fn(fn, sets, repeats):
+    try:
+        return bench.device_time_us(fn, sets, repeats)
+    except Exception as err:  # noqa: BLE001
+        log("   error:", type(err).__name__, str(err).splitlines()[0][:160])
+        return float("nan")
+
+
+def candidates(m, n, k):
+    if m <= 16:
+        tiles = [(1, 1), (1, 2), (1, 4)]
+    elif m <= 32:
+        tiles = [(2, 2), (2, 4)]
+    else:
+        tiles = [(4, 2), (4, 4)]
+    out = []
+    for mb, wn in tiles:
+        if n % (64 * wn):
+            continue
+        for s in (1, 2, 4):
+            if s > 1 and m > 64:
+                continue
+            out.append((mb, wn, s))
+    return out
+
+
+def sweep(args) -> int:
+    repeats, nsets = 5, 8
+    copy = bench.copy_bandwidth(bench.Config(sets=nsets, repeats=repeats))
+    log(f"copy bandwidth {copy / 1e12:.3f} TB/s")
+    rows = []
+    shapes = SHAPES if not args.shapes else [tuple(map(int, s.split("x"))) for s in args.shapes]
+    ms = args.ms or [1, 16, 32, 64, 128, 256, 1024]
+    for n, k in shapes:
+        wsets = packed_sets(n, k, nsets)
+        floor = n * k * (1 + 1 / 32) / copy * 1e6
+        for m in ms:
+            xs = [jax.random.normal(jax.random.key(7 + i), (m, k), jnp.bfloat16) for i in range(nsets)]
+            sets = [(x, w) for x, w in zip(xs, wsets)]
+            res = {}
+            for mb, wn, s in candidates(m, n, k):
+                def f(x, w, mb=mb, wn=wn, s=s):
+                    return marlin.gemm(x, w["qweight"], w["scales"], w["flags"], m_blocks=mb,
+                                       warps_n=wn, splits=s, out_dtype=jnp.bfloat16)
+                res[f"t{mb}{wn}s{s}"] = time_fn(f, sets, repeats)
+            res["dequant_dot"] = time_fn(lambda x, w: marlin._dequant_dot(x, w, None, jnp.bfloat16),
+                                         sets, repeats)
+            plan = marlin.choose_plan(m, n, k, jnp.bfloat16)
+            best = min((v, key) for key, v in res.items() if v == v)
+            log(f"{n}x{k} M={m:5d} floor {floor:7.1f}  best {best[1]:12s} {best[0]:8.1f} us  "
+                f"plan={plan}  " + " ".join(f"{key}={v:.1f}" for key, v in res.items()))
+            rows.append({"n": n, "k": k, "m": m, "floor_us": floor, **res})
+        if args.general:
+            sets = [(jax.random.normal(jax.random.key(7), (16, k), jnp.bfloat16), w)
+                    for w in packed_sets(n, k, nsets, general=True)]
+            t = time_fn(lambda x, w: marlin.gemm(x, w["qweight"], w["scales"], w["flags"], m_blocks=1,
+                                                 warps_n=1, splits=1, out_dtype=jnp.bfloat16),
+                        sets, repeats)
+            log(f"{n}x{k} M=16 general-path t11s1 {t:.1f} us")
+        del wsets
+        gc.collect()
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "marlin_sweep.json"), "w") as fh:
+            json.dump({"copy_bps": copy, "rows": rows}, fh, indent=1)
+    return 0
+
+
+def bench_cmd(args) -> int:
+    """The issue's table: linear(MARLIN) and peers, same run, floor from this run's copy BW."""
+    repeats, nsets = 5, 8
+    copy = bench.copy_bandwidth(bench.Config(sets=nsets, repeats=repeats))
+    log(f"copy bandwidth {copy / 1e12:.3f} TB/s")
+    rows = []
+    shapes = SHAPES if not args.shapes else [tuple(map(int, s.split("x"))) for s in args.shapes]
+    ms = args.ms or MS
+    for n, k in shapes:
+        base = []
+        for i in range(nsets):
+            kw = jax.random.key(200 + i)
+            w = jax.random.normal(kw, (n, k), jnp.bfloat16) * 0.05
+            values, scales = reference.quantize(w, "ceil")
+            base.append((w, values, scales, mx.prepare_weight(values, scales, backend="marlin")))
+        floor = n * k * (1 + 1 / 32) / copy * 1e6
+        for m in ms:
+            sets = []
+            for i, (w, values, scales, prepared) in enumerate(base):
+                x = jax.random.normal(jax.random.key(300 + i), (m, k), jnp.bfloat16)
+                sets.append((x, w, values, scales, prepared))
+            impls = {
+                "marlin": lambda x, w, v, s, p: mx.linear(x, p),
+                "bf16": lambda x, w, v, s, p: jnp.dot(x, w.T, preferred_element_type=jnp.bfloat16),
+                "emulation": lambda x, w, v, s, p: reference.linear(x, v, s),
+            }
+            if not args.no_scaled_matmul:
+                def scaled_matmul(x, w, v, s, p):
+                    xv, xs = reference.quantize(x, "ceil")
+                    e8 = lambda a: jax.lax.bitcast_convert_type(a, jnp.float8_e8m0fnu)[None]  # noqa: E731
+                    return jax.nn.scaled_matmul(xv[None], v[None], e8(xs), e8(s),
+                                                preferred_element_type=jnp.bfloat16)[0]
+                impls["scaled_matmul"] = scaled_matmul
+            t = {name: time_fn(fn, sets, repeats) for name, fn in impls.items()}
+            plan = marlin.choose_plan(m, n, k, jnp.bfloat16)
+            row = {"n": n, "k": k, "m": m, "floor_us": floor, "plan": str(plan), **t}
+            rows.append(row)
+            log(f"| {m} | {n}x{k} | {t['marlin']:.1f} | {floor:.1f} | {t['marlin'] / floor:.2f} | "
+                f"{t['bf16']:.1f} ({t['bf16'] / t['marlin']:.2f}x) | {t['emulation']:.1f} "
+                f"({t['emulation'] / t['marlin']:.2f}x) | "
+                + (f"{t['scaled_matmul']:.1f} ({t['scaled_matmul'] / t['marlin']:.2f}x) | "
+                   if "scaled_matmul" in t else "") + f"{plan.kind} {plan.m_blocks}{plan.warps_n}s{plan.splits} |")
+        del base
+        gc.collect()
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "marlin_bench.json"), "w") as fh:
+            json.dump({"copy_bps": copy, "rows": rows}, fh, indent=1)
+        plot(rows, os.path.join(args.out, "marlin_roofline.png"))
+    return 0
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("no matplotlib: skipping the plot")
+        return
+    shapes = sorted({(r["n"], r["k"]) for r in rows})
+    fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
+    for ax, (n, k) in zip(axes[0], shapes):
+        rs = sorted((r for r in rows if (r["n"], r["k"]) == (n, k)), key=lambda r: r["m"])
+        ms = [r["m"] for r in rs]
+        for name in ("marlin", "bf16", "emulation", "scaled_matmul"):
+            if name in rs[0]:
+                ax.plot(ms, [r[name] for r in rs], marker="o", label=name)
+        ax.plot(ms, [r["floor_us"] for r in rs], "k--", label="weight-read floor")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"N x K = {n} x {k}")
+        ax.set_xlabel("M")
+        ax.set_ylabel("us per call")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    log("plot:", path)
+
+
+def extras(args) -> int:
+    """prepare_weight time for 28672 x 8192 and compiled memory of linear vs emulation."""
+    n, k = 28672, 8192
+    w = jax.random.normal(jax.random.key(0), (n, k), jnp.bfloat16) * 0.05
+    values, scales = reference.quantize(w, "ceil")
+    jax.block_until_ready((values, scales))
+    del w
+    prepared = mx.prepare_weight(values, scales, backend="marlin")  # compiles the packer
+    jax.block_until_ready(prepared.arrays)
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        p = mx.prepare_weight(values, scales, backend="marlin")
+        jax.block_until_ready(p.arrays)
+        times.append(time.perf_counter() - t0)
+        del p
+    log(f"prepare_weight {n}x{k}: {min(times) * 1e3:.1f} ms (best of 3, compiled); "
+        f"{prepared.nbytes / (n * k):.4f} bytes/param")
+    t0 = time.perf_counter()
+    vals, sc = prepared.unpack()
+    jax.block_until_ready((vals, sc))
+    log(f"unpack: {(time.perf_counter() - t0) * 1e3:.1f} ms, identity:",
+        bool(jnp.array_equal(jax.lax.bitcast_convert_type(vals, jnp.uint8),
+                             jax.lax.bitcast_convert_type(values, jnp.uint8)) and jnp.array_equal(sc, scales)))
+    del vals, sc
+    for m in (16, 4096):
+        x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
+        for name, fn, wargs in (("marlin", lambda x, p: mx.linear(x, p), (prepared,)),
+                                ("emulation", lambda x, v, s: reference.linear(x, v, s), (values, scales))):
+            mem = jax.jit(fn).lower(x, *wargs).compile().memory_analysis()
+            log(f"memory M={m} {name:9s}: temp {mem.temp_size_in_bytes / 2**20:8.1f} MiB, "
+                f"args {mem.argument_size_in_bytes / 2**20:8.1f} MiB, out {mem.output_size_in_bytes / 2**20:6.1f} MiB")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("cmd", choices=["smoke", "sanitize", "sweep", "bench", "extras"])
+    ap.add_argument("--out")
+    ap.add_argument("--shapes", nargs="*")
+    ap.add_argument("--ms", nargs="*", type=int)
+    ap.add_argument("--general", action="store_true")
+    ap.add_argument("--no-scaled-matmul", action="store_true")
+    args = ap.parse_args(argv)
+    log("devices:", jax.devices(), "core_count:", getattr(jax.devices()[0], "core_count", None))
+    return {"smoke": smoke, "sanitize": sanitize, "sweep": sweep, "bench": bench_cmd,
+            "extras": extras}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
