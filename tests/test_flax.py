@@ -303,5 +303,16 @@ def test_mxfp8_dense_rejects_mismatched_weight():
     params, x = linen_setup()
     q = quantize_params(params, backend=BACKEND)
     q = {"params": {**q["params"], "up": {**q["params"]["up"], "weight": q["params"]["down"]["weight"]}}}
-    with pytest.raises(Exception, match="shape"):  # flax's own param shape check, or ours
+    with pytest.raises(ValueError, match=r"expects \[out, in\]"):
         LinenMLP(dense=Mxfp8Dense).apply(q, x)
+
+
+def test_mxfp8_dense_apply_does_not_rerun_init():
+    """apply uses the stored MxWeight as is (whatever backend prepared it): the layer's own
+    init backend (here one this CPU cannot run) is never consulted."""
+    import functools
+    params, x = linen_setup()
+    q = quantize_params(params, backend=BACKEND)
+    dense = functools.partial(Mxfp8Dense, backend="cutlass")
+    want = LinenMLP(dense=Mxfp8Dense).apply(q, x)
+    np.testing.assert_array_equal(np.asarray(LinenMLP(dense=dense).apply(q, x)), np.asarray(want))

@@ -56,7 +56,12 @@ class Mxfp8Dense(nn.Module):
             return kernel_to_weight(kernel, rounding=self.rounding,
                                     backend=resolve_backend(self.backend), where=self.name or "Mxfp8Dense")
 
-        weight = self.param("weight", init_weight)
+        # Read an existing weight directly: self.param would re-trace init_weight to compare leaf
+        # shapes, which breaks for weights prepared for another backend; _apply checks [out, in].
+        if self.has_variable("params", "weight"):
+            weight = self.get_variable("params", "weight")
+        else:
+            weight = self.param("weight", init_weight)
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
         return _apply(inputs, weight, bias, features=self.features, dtype=self.dtype,
                       param_dtype=self.param_dtype, quantize_activations=self.quantize_activations)
