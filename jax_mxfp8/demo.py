@@ -132,10 +132,17 @@ def main(args) -> int:
     from flax import nnx
 
     import jax_mxfp8 as mx
-    from jax_mxfp8.backends import get_backend_impl
+    from jax_mxfp8.backends import ensure_available, get_backend_impl
 
-    backend = mx.Backend.parse(args.backend) if args.backend else mx.select_backend()
+    try:
+        backend = ensure_available(mx.Backend.parse(args.backend)) if args.backend else mx.select_backend()
+    except ValueError as err:
+        print(f"error: {err}")
+        return 2
     impl = get_backend_impl(backend)
+    if args.w8a8 and not impl.supports_w8a8:
+        print(f"error: backend {backend.value} computes W8A16 only; drop --w8a8 or use --backend emulation")
+        return 2
     math = "W8A8" if (args.w8a8 or impl.default_quantize_activations) else "W8A16"
     device = jax.devices()[0]
     print(f"jax_mxfp8 {mx.__version__} | jax {jax.__version__} | device {device.platform} "

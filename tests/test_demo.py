@@ -135,6 +135,13 @@ def test_hf_config_parsing():
         DecoderConfig.from_hf({**hf, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
 
 
+@pytest.mark.skipif(any(d.platform == "gpu" for d in jax.devices()),
+                    reason="needs a device that cannot run CUTLASS (CPU)")
+def test_unavailable_backend_is_a_clear_error():
+    code, text = run_demo(*SMALL, "--backend", "cutlass")
+    assert code == 2 and "error: backend 'cutlass' cannot run here" in text
+
+
 def test_checkpoint_option_needs_a_config(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         run_demo("--checkpoint", str(tmp_path))
