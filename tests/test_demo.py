@@ -53,17 +53,19 @@ def test_demo_fails_outside_tolerance():
     assert code == 1 and "FAIL" in text
 
 
-def test_mxfp8_model_equals_bf16_model_with_dequantized_weights():
-    """All of the demo's error is weight quantization: the emulated MXFP8 model computes exactly
-    what the bf16 model computes with dequantize(quantize(W)) weights."""
+def test_mxfp8_model_matches_bf16_model_with_dequantized_weights():
+    """All of the demo's error is weight quantization: the emulated MXFP8 model computes what the
+    bf16 model computes with dequantize(quantize(W)) weights, up to an occasional 1-ulp bf16
+    rounding difference of the two dots (float32 vs XLA's bf16 dot output)."""
     reference = CausalLM(CONFIG, rngs=nnx.Rngs(int(np.random.default_rng().integers(1 << 30))))
     model = quantize_model(nnx.clone(reference), backend="emulation")
     fake_quant = load_state_dict(CausalLM(CONFIG, rngs=nnx.Rngs(0)), dequantized(state_dict(model)))
     tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, CONFIG.vocab_size)
     got, fake, want = jitted(model, tokens), jitted(fake_quant, tokens), jitted(reference, tokens)
-    np.testing.assert_array_equal(got, fake)
-    rel = np.linalg.norm(got - want) / np.linalg.norm(want)
-    assert 0 < rel < 0.15
+    quantization_error = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert 0.01 < quantization_error < 0.15
+    assert np.linalg.norm(got - fake) / np.linalg.norm(fake) < 1e-3
+    assert np.mean(got == fake) > 0.99
 
 
 def test_save_then_load_mxfp8_checkpoint(tmp_path):
