@@ -4,6 +4,9 @@
 #include <nanobind/nanobind.h>
 
 #include "jax_mxfp8/ffi_common.h"
+#ifdef JAX_MXFP8_WITH_CUTLASS
+#include "sm100/host_bindings.h"  // host-only CUTLASS GEMM shape checks / workspace size
+#endif
 
 namespace nb = nanobind;
 
@@ -33,4 +36,7 @@ NB_MODULE(_jax_mxfp8_cuda, m) {
 #endif
     return info;
   });
+#ifdef JAX_MXFP8_WITH_CUTLASS
+  jax_mxfp8::sm100::AddCutlassGemmBindings(m);
+#endif
 }
