@@ -27,7 +27,7 @@ from jax_mxfp8 import _ffi, reference
 from jax_mxfp8._compat import ShapedArray, mlir
 from jax_mxfp8.backends.base import Backend, BackendImpl, register_backend
 from jax_mxfp8.primitives import base
-from jax_mxfp8.primitives.quantize import quantize
+from jax_mxfp8.primitives.quantize import quantize_p
 from jax_mxfp8.primitives.swizzle import swizzle_scales, unswizzle_scales
 
 GEMM_TARGET = "jax_mxfp8_cutlass_gemm_cuda"
@@ -237,7 +237,9 @@ def _linear(x, weight, bias, out_dtype, quantize_activations):
     m = x.shape[0]
     if m == 0:
         return jnp.zeros((0, n), out_dtype)
-    x_values, x_scales = quantize(x, rounding="ceil", swizzle=True)
+    # linear() calls this per device (sharding.linear_body), so x is a local shard: bind the
+    # per-device quantize, not the partitioned one (a K-sharded x is whole here).
+    x_values, x_scales = quantize_p.bind(x, rounding="ceil", swizzle=True)
     return gemm(x_values, x_scales, weight.arrays["values"], weight.arrays["scales"].reshape(-1),
                 bias, out_dtype=out_dtype)
 
