@@ -4,6 +4,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jax_mxfp8 import sharding
 from jax_mxfp8.backends import Backend, ensure_available, get_backend_impl, select_backend
 from jax_mxfp8.primitives import base
 from jax_mxfp8.primitives.dequantize import check_scales_match, scales_to_uint8
@@ -47,7 +48,7 @@ def linear(x, weight: MxWeight, bias=None, *, out_dtype=None, quantize_activatio
     x = jnp.asarray(x)
     base.check_dtype("linear input x", x.dtype, base.FLOAT_INPUT_DTYPES,
                      "Cast activations to bfloat16 (recommended), float16 or float32.")
-    n, k = weight.shape
+    n, k = sharding.local_weight_shape(weight)  # a shard's (N, K) inside shard_map
     if x.ndim < 1 or x.shape[-1] != k:
         raise ValueError(f"linear: x has shape {x.shape} but the weight expects in_features K={k} "
                          f"on the last axis (weight shape [N, K] = {weight.shape})")
@@ -66,6 +67,4 @@ def linear(x, weight: MxWeight, bias=None, *, out_dtype=None, quantize_activatio
     if not qa and not impl.supports_w8a16:
         raise ValueError(f"backend {weight.backend.value} computes W8A8 only (activations are "
                          f"quantized); pass quantize_activations=True/None or use 'emulation'")
-    lead = x.shape[:-1]
-    y = impl.linear(x.reshape(-1, k), weight, bias, out_dtype, qa)
-    return y.reshape(*lead, n)
+    return sharding.linear(x, weight, bias, out_dtype, qa)  # impl.linear per shard, partitioned

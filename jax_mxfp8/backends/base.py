@@ -30,6 +30,14 @@ class BackendImpl:
         repacks a weight once; `meta` is static (goes into the MxWeight treedef).
     unprepare(arrays, meta, shape) -> (values [N,K], scales [N,K/32]): the exact inverse.
     linear(x2d [M,K], weight: MxWeight, bias [N] | None, out_dtype, quantize_activations: bool) -> [M,N]
+        out_dtype may be float32 (row-parallel partial products, sharding.py) whatever x's dtype.
+
+    Sharding (sharding.py). array_axes(meta, shape) -> {array name: one entry per dim}: "n" for a
+    dim laid out N-tile-major (split into p equal contiguous chunks, chunk i is that array of the
+    prepared weight rows [i*N/p, (i+1)*N/p)), "k" likewise over K, None for a dim every shard
+    needs whole. Shards are whole n_tile / k_tile element tiles (k_tile a multiple of 32), and
+    prepare() of a shard must give the same `meta` as of the whole weight. array_axes=None:
+    the backend's weights cannot be sharded (a sharded one raises).
     """
     backend: Backend
     min_compute_capability: Optional[tuple[int, int]]  # None: runs on any device
@@ -40,6 +48,9 @@ class BackendImpl:
     prepare: Callable[..., Any]
     unprepare: Callable[..., Any]
     linear: Callable[..., Any]
+    array_axes: Optional[Callable[..., Any]] = None
+    n_tile: int = 1
+    k_tile: int = 32
 
 
 _REGISTRY: dict[Backend, BackendImpl] = {}

@@ -33,4 +33,5 @@ def _linear(x, weight, bias, out_dtype, quantize_activations):
 register_backend(BackendImpl(
     backend=Backend.EMULATION, min_compute_capability=None, required_targets=(),
     default_quantize_activations=False, supports_w8a16=True, supports_w8a8=True,
-    prepare=_prepare, unprepare=_unprepare, linear=_linear))
+    prepare=_prepare, unprepare=_unprepare, linear=_linear,
+    array_axes=lambda meta, shape: {"values": ("n", "k"), "scales": ("n", "k")}))

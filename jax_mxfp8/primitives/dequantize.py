@@ -4,7 +4,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from jax_mxfp8 import reference
+from jax_mxfp8 import reference, sharding
 from jax_mxfp8._compat import ShapedArray
 from jax_mxfp8.primitives import base
 
@@ -48,6 +48,10 @@ LOWERINGS = {
 dequantize_p = base.define_primitive(
     "mxfp8_dequantize", abstract_eval=_abstract, reference=_reference, batcher=_batch,
     multiple_results=False, lowerings=LOWERINGS)
+# What the public function binds: partitions under jit (sharding.py), lowers to dequantize_p per shard.
+dequantize_partitioned_p = sharding.define_partitioned(
+    dequantize_p, abstract_eval=_abstract, rule=sharding.dequantize_rule,
+    partition=sharding.dequantize_partition)
 
 
 def scales_to_uint8(scales):
@@ -62,4 +66,4 @@ def dequantize(values, scales, *, dtype=jnp.bfloat16):
     float8_e8m0fnu) -> values * 2^(scale - 127) in dtype (bf16, fp16 or fp32)."""
     dtype = jnp.dtype(dtype)
     base.check_dtype("dequantize output dtype", dtype, base.FLOAT_INPUT_DTYPES, "")
-    return dequantize_p.bind(jnp.asarray(values), scales_to_uint8(scales), dtype=dtype)
+    return dequantize_partitioned_p.bind(jnp.asarray(values), scales_to_uint8(scales), dtype=dtype)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from jax_mxfp8 import reference
+from jax_mxfp8 import reference, sharding
 from jax_mxfp8._compat import ShapedArray
 from jax_mxfp8.primitives import base
 
@@ -62,6 +62,10 @@ LOWERINGS = {
 quantize_p = base.define_primitive(
     "mxfp8_quantize", abstract_eval=_abstract, reference=_reference, batcher=_batch,
     multiple_results=True, lowerings=LOWERINGS)
+# What the public function binds: partitions under jit (sharding.py), lowers to quantize_p per shard.
+quantize_partitioned_p = sharding.define_partitioned(
+    quantize_p, abstract_eval=_abstract, rule=sharding.quantize_rule,
+    partition=sharding.quantize_partition)
 
 
 def quantize(x, *, rounding: str = "ceil", swizzle: bool = False):
@@ -72,4 +76,5 @@ def quantize(x, *, rounding: str = "ceil", swizzle: bool = False):
     [..., Mp*Kbp]. rounding: "ceil" (default), "floor" (OCP MX v1.0) or "naive".
     """
     x = jnp.asarray(x)
-    return tuple(quantize_p.bind(x, rounding=check_rounding(rounding), swizzle=bool(swizzle)))
+    return tuple(quantize_partitioned_p.bind(x, rounding=check_rounding(rounding),
+                                             swizzle=bool(swizzle)))

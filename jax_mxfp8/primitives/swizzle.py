@@ -4,7 +4,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from jax_mxfp8 import reference
+from jax_mxfp8 import reference, sharding
 from jax_mxfp8._compat import ShapedArray
 from jax_mxfp8.primitives import base
 from jax_mxfp8.primitives.dequantize import scales_to_uint8
@@ -58,13 +58,20 @@ unswizzle_p = base.define_primitive(
     "mxfp8_unswizzle_scales", abstract_eval=_unswizzle_abstract,
     reference=reference.unswizzle_scales, batcher=_unswizzle_batch, multiple_results=False,
     lowerings=UNSWIZZLE_LOWERINGS)
+# What the public functions bind: partitions under jit (sharding.py), lowers to the above per shard.
+swizzle_partitioned_p = sharding.define_partitioned(
+    swizzle_p, abstract_eval=_swizzle_abstract, rule=sharding.swizzle_rule,
+    partition=sharding.swizzle_partition)
+unswizzle_partitioned_p = sharding.define_partitioned(
+    unswizzle_p, abstract_eval=_unswizzle_abstract, rule=sharding.unswizzle_rule,
+    partition=sharding.unswizzle_partition)
 
 
 def swizzle_scales(scales):
     """Row-major scales [..., rows, K/32] -> F8_128x4 layout [..., Mp*Kbp], zero padded per batch index."""
-    return swizzle_p.bind(scales_to_uint8(scales))
+    return swizzle_partitioned_p.bind(scales_to_uint8(scales))
 
 
 def unswizzle_scales(swizzled, rows: int, cols: int):
     """Inverse of swizzle_scales: [..., Mp*Kbp] -> [..., rows, cols]."""
-    return unswizzle_p.bind(scales_to_uint8(swizzled), rows=int(rows), cols=int(cols))
+    return unswizzle_partitioned_p.bind(scales_to_uint8(swizzled), rows=int(rows), cols=int(cols))
