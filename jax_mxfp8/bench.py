@@ -68,6 +68,7 @@ class Config:
     quick: bool = False    # fewer / smaller shapes
     max_mib: float = float("inf")   # skip cases that move more than this per call
     copy_mib: int = 512    # array size of the copy-bandwidth measurement
+    profile: bool = True   # also measure kernel time with the profiler (cross-check)
 
 
 # ---- timing -------------------------------------------------------------------------------
@@ -90,6 +91,35 @@ def device_time_us(fn: Callable, arg_sets: list[tuple], repeats: int) -> float:
     return (t_many - t_one) / (len(arg_sets) - 1) * 1e6
 
 
+def profiled_us(fn: Callable, arg_sets: list[tuple], runs: int = 3) -> float | None:
+    """Cross-check: GPU busy time per call from a profiler trace (sum of kernel durations on
+    the device's stream lines while the unrolled jit runs), free of host overheads. None when
+    no device activity was recorded (CPU, or no profiler support)."""
+    import glob
+    import tempfile
+    unrolled = jax.jit(lambda sets: [fn(*args) for args in sets])
+    jax.block_until_ready(unrolled(arg_sets))
+    with tempfile.TemporaryDirectory() as tmp:
+        jax.profiler.start_trace(tmp)
+        try:
+            for _ in range(runs):
+                jax.block_until_ready(unrolled(arg_sets))
+        finally:
+            jax.profiler.stop_trace()
+        paths = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
+        if not paths:
+            return None
+        data = jax.profiler.ProfileData.from_file(paths[0])
+    total_ns = 0.0
+    for plane in data.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            if line.name.startswith("Stream"):  # per-stream kernel/memcpy activity (not derived lines)
+                total_ns += sum(event.duration_ns for event in line.events)
+    return total_ns / (runs * len(arg_sets)) / 1e3 if total_ns else None
+
+
 _TRIVIAL = re.compile(r"=\s*\S+\s+(parameter|tuple|get-tuple-element|bitcast|constant)\(")
 
 
@@ -103,15 +133,17 @@ def kernels_per_call(fn: Callable, args: tuple) -> int:
     return sum(1 for ln in lines if not _TRIVIAL.search(ln))
 
 
-def copy_bandwidth(config: Config) -> float:
-    """Bytes/s of x * 2 on copy_mib MiB of bf16 (read + write), the ceiling for memory-bound ops."""
+def copy_bandwidth(config: Config) -> tuple[float, float | None]:
+    """Bytes/s of x * 2 on copy_mib MiB of bf16 (read + write), the ceiling for memory-bound ops:
+    by the timing method, and by the profiler cross-check (None if unavailable)."""
     nbytes = config.copy_mib * MiB
     n = nbytes // 2
     sets = [(jax.random.normal(jax.random.key(i), (n,), jnp.bfloat16),) for i in range(config.sets)]
     us = device_time_us(lambda x: x * 2, sets, config.repeats)
+    prof = profiled_us(lambda x: x * 2, sets) if config.profile else None
     del sets
     gc.collect()
-    return 2 * nbytes / (us * 1e-6)
+    return 2 * nbytes / (us * 1e-6), (2 * nbytes / (prof * 1e-6) if prof else None)
 
 
 # ---- ops ----------------------------------------------------------------------------------
@@ -251,6 +283,8 @@ def run_case(case: Case, config: Config) -> list[dict]:
         try:
             row["time_us"] = device_time_us(fn, arg_sets, repeats)
             row["kernels"] = kernels_per_call(fn, arg_sets[0])
+            if config.profile:
+                row["prof_us"] = profiled_us(fn, arg_sets)
         except Exception as err:  # a peer that cannot run here (e.g. unsupported on this GPU)
             row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
         rows.append(row)
@@ -267,12 +301,15 @@ def _format_row(row: dict) -> str:
             f"  {row.get('gbps', 0):7.1f} GB/s  kernels={row.get('kernels')}")
 
 
-def annotate(rows: list[dict], cases: list[Case], copy_bps: float) -> None:
-    """Adds bandwidth, fraction of copy bandwidth, roofline floor and speedup vs the baseline."""
+def annotate(rows: list[dict], cases: list[Case], copy_bps: float, copy_prof_bps: float | None = None) -> None:
+    """Adds bandwidth, fraction of copy bandwidth, roofline floor and speedup vs the baseline;
+    frac_copy_prof compares profiler kernel times with the profiler's copy bandwidth."""
     baseline_of = {(c.op, c.label): c.baseline for c in cases}
     times = {(r["op"], r["case"], r["impl"]): r.get("time_us") for r in rows}
     for r in rows:
         r["floor_us"] = r["bytes"] / copy_bps * 1e6
+        if copy_prof_bps and r.get("prof_us"):
+            r["frac_copy_prof"] = r["bytes"] / copy_prof_bps * 1e6 / r["prof_us"]
         if r.get("time_us") and r["time_us"] > 0:
             r["gbps"] = r["bytes"] / (r["time_us"] * 1e-6) / 1e9
             r["frac_copy"] = r["floor_us"] / r["time_us"]
@@ -288,16 +325,21 @@ def markdown(rows: list[dict], meta: dict) -> str:
            f"device: {meta['device']}; jax {meta['jax']}; R = {meta['sets']} argument sets (up to 64 for "
            f"small cases), median of {meta['repeats']}; copy bandwidth (x*2, {meta['copy_mib']} MiB bf16) **{meta['copy_tbps']:.3f} TB/s**.", "",
            "time = device us per call; % copy = floor / time (floor = minimum bytes / copy bandwidth); "
-           "speedup vs the op's baseline peer; kernels = launching instructions in the compiled HLO.", "",
-           "| op | case | impl | time us | GB/s | % copy | floor us | speedup | kernels |",
-           "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+           "speedup vs the op's baseline peer; kernels = launching instructions in the compiled HLO; "
+           f"prof us = GPU busy time per call from a profiler trace (cross-check, no host overhead), "
+           f"% copy (prof) = the same ratio against the profiler's copy bandwidth "
+           f"({(meta.get('copy_tbps_profiler') or 0):.3f} TB/s).", "",
+           "| op | case | impl | time us | GB/s | % copy | floor us | speedup | kernels | prof us | % copy (prof) |",
+           "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['op']} | {r['case']} | {r['impl']} | error: {r['error']} | | | | | |")
+            out.append(f"| {r['op']} | {r['case']} | {r['impl']} | error: {r['error']} | | | | | | | |")
             continue
         speed = f"{r['speedup']:.2f}x" if "speedup" in r else ""
+        prof = (f"{r['prof_us']:.2f} | {100 * r.get('frac_copy_prof', 0):.1f}" if r.get("prof_us") else " | ")
         out.append(f"| {r['op']} | {r['case']} | {r['impl']} | {r['time_us']:.2f} | {r.get('gbps', 0):.0f} | "
-                   f"{100 * r.get('frac_copy', 0):.1f} | {r['floor_us']:.2f} | {speed} | {r.get('kernels', '')} |")
+                   f"{100 * r.get('frac_copy', 0):.1f} | {r['floor_us']:.2f} | {speed} | {r.get('kernels', '')} | "
+                   f"{prof} |")
     return "\n".join(out) + "\n"
 
 
@@ -314,14 +356,14 @@ def plot(rows: list[dict], meta: dict, path: str) -> str | None:
     for ax, op in zip(axes[0], ops):
         op_rows = [r for r in rows if r["op"] == op and "time_us" in r]
         for impl in dict.fromkeys(r["impl"] for r in op_rows):
-            pts = sorted((r["size"], r) for r in op_rows if r["impl"] == impl)
+            pts = sorted((r for r in op_rows if r["impl"] == impl), key=lambda r: r["size"])
             if op == "linear":
-                ax.plot([p[1]["size"] for p in pts], [p[1]["time_us"] for p in pts], "o", label=impl)
+                ax.plot([r["size"] for r in pts], [r["time_us"] for r in pts], "o", label=impl)
             else:
-                ax.plot([p[0] / MiB for p in pts], [p[1]["gbps"] for p in pts], "o", label=impl)
+                ax.plot([r["bytes"] / MiB for r in pts], [r.get("gbps", 0) for r in pts], "o", label=impl)
         if op == "linear":
-            pts = sorted((r["size"], r["floor_us"]) for r in op_rows)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "k_", markersize=12, label="floor (bytes/copy bw)")
+            ax.plot([r["size"] for r in op_rows], [r["floor_us"] for r in op_rows], "k_", markersize=12,
+                    label="floor (bytes/copy bw)")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("M (rows of x), all weight shapes")
@@ -349,12 +391,15 @@ def run(ops: list[str], config: Config, out_dir: str | None) -> dict:
             "device": device.device_kind, "platform": device.platform, "jax": jax.__version__,
             "sets": config.sets, "repeats": config.repeats, "copy_mib": config.copy_mib}
     copy_bandwidth(config)  # warm-up: clocks, allocator, first-run effects
-    copy_bps = copy_bandwidth(config)
+    copy_bps, copy_prof_bps = copy_bandwidth(config)
     meta["copy_tbps"] = copy_bps / 1e12
-    print(f"copy bandwidth: {copy_bps / 1e12:.3f} TB/s on {meta['device']}", flush=True)
+    meta["copy_tbps_profiler"] = copy_prof_bps / 1e12 if copy_prof_bps else None
+    meta["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+    print(f"copy bandwidth: {copy_bps / 1e12:.3f} TB/s (profiler: {meta['copy_tbps_profiler']}) on "
+          f"{meta['device']}", flush=True)
     cases = [case for op in ops for case in _OPS[op](config) if case.bytes_moved <= config.max_mib * MiB]
     rows = [row for case in cases for row in run_case(case, config)]
-    annotate(rows, cases, copy_bps)
+    annotate(rows, cases, copy_bps, copy_prof_bps)
     report = {"meta": meta, "results": rows}
     text = markdown(rows, meta)
     print(text)
@@ -383,10 +428,16 @@ def main(argv=None) -> int:
     parser.add_argument("--max-mib", type=float, default=float("inf"),
                         help="skip cases moving more than this many MiB per call")
     parser.add_argument("--copy-mib", type=int, default=512, help="size of the copy-bandwidth arrays")
+    parser.add_argument("--no-profile", action="store_true", help="skip the profiler cross-check")
+    parser.add_argument("--command-buffers", action="store_true",
+                        help="keep XLA's CUDA-graph command buffers (off by default: re-recording them "
+                             "when buffer addresses change adds host time that grows with R)")
     args = parser.parse_args(argv)
     if args.sets < 2:
         parser.error("--sets must be >= 2 (the method subtracts one set)")
-    config = Config(args.sets, args.repeats, args.quick, args.max_mib, args.copy_mib)
+    if not args.command_buffers and "xla_gpu_enable_command_buffer" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
+    config = Config(args.sets, args.repeats, args.quick, args.max_mib, args.copy_mib, not args.no_profile)
     run(args.op or ["quantize", "dequantize"], config, args.out)
     return 0
 
