@@ -17,4 +17,4 @@ python3 -m pip install -q --no-build-isolation --no-deps --no-index \
   -Ccmake.define.JAX_MXFP8_CUTLASS="$cutlass" \
   -Ccmake.define.JAX_MXFP8_CUDA=ON .
 echo "gpu_build: installed jax_mxfp8 (archs=$archs, cutlass=$cutlass) in $(( $(date +%s) - start )) s"
-python3 -c "import jax, jax_mxfp8._ffi as f; print('jax', jax.__version__, jax.devices()); print('cuda module:', f.cuda_module() is not None)"
+python3 -P -c "import jax, jax_mxfp8._ffi as f; print('jax', jax.__version__, jax.devices()); print('cuda module:', f.cuda_module() is not None)"
