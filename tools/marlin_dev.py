@@ -73,6 +73,23 @@ def smoke(args) -> int:
     return 1 if bad else 0
 
 
+def probe(args) -> int:
+    """One kernel call (own process: a device fault is sticky) vs float64."""
+    rng = np.random.default_rng(3)
+    n, k, m = args.n, args.k, args.m
+    w = rng.standard_normal((n, k))
+    values, scales = reference.quantize(jnp.asarray(w, jnp.float32))
+    arrays, _ = marlin._prepare(values, scales)
+    w64 = np.asarray(reference.dequantize(values, scales, jnp.float32), np.float64)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    y = marlin.gemm(x, arrays["qweight"], arrays["scales"], arrays["flags"], m_blocks=args.tile[0],
+                    warps_n=args.tile[1], splits=args.splits, out_dtype=jnp.float32)
+    err = _rel(y, np.asarray(x, np.float64) @ w64.T)
+    log(f"probe n={n} k={k} m={m} tile={tuple(args.tile)} splits={args.splits} "
+        f"evict_first={os.environ.get('JAX_MXFP8_MARLIN_EVICT_FIRST', '0')}: rel err {err:.2e}")
+    return 0 if err < 1e-4 else 1
+
+
 def sanitize(args) -> int:
     """Small shapes through every tile (splits 1 and 2) and the dequantize kernel, for
     compute-sanitizer memcheck / racecheck."""
@@ -81,8 +98,9 @@ def sanitize(args) -> int:
     values = jnp.asarray(rng.integers(0, 256, (n, k), dtype=np.uint8).view(ml_dtypes.float8_e4m3fn))
     scales = jnp.asarray(rng.integers(100, 140, (n, k // 32), dtype=np.uint8))
     arrays, _ = marlin._prepare(values, scales)
-    for xt in (jnp.bfloat16, jnp.float16):
-        for m in (3, 33):
+    count = 0
+    for xt in (jnp.bfloat16,) if args.bf16_only else (jnp.bfloat16, jnp.float16):
+        for m in args.ms or (3, 33):
             x = jnp.asarray(rng.standard_normal((m, k)), xt)
             bias = jnp.asarray(rng.standard_normal(n), jnp.bfloat16)
             for mb, wn in marlin.TILE_CONFIGS:
@@ -90,8 +108,9 @@ def sanitize(args) -> int:
                     marlin.gemm(x, arrays["qweight"], arrays["scales"], arrays["flags"], bias,
                                 m_blocks=mb, warps_n=wn, splits=splits,
                                 out_dtype=jnp.bfloat16).block_until_ready()
+                    count += 1
     marlin.dequantize_packed(arrays["qweight"], arrays["scales"]).block_until_ready()
-    log("sanitize: ran", 2 * 2 * len(marlin.TILE_CONFIGS) * 2 + 1, "kernels")
+    log("sanitize: ran", count + 1, "kernels")
     return 0
 
 
@@ -109,6 +128,11 @@ def packed_sets(n, k, sets, general=False):
     return out
 
 
+def copy_bandwidth(nsets, repeats) -> float:
+    bps = bench.copy_bandwidth(bench.Config(sets=nsets, repeats=repeats, profile=False))
+    return bps[0] if isinstance(bps, tuple) else bps
+
+
 def time_fn(fn, sets, repeats):
     try:
         return bench.device_time_us(fn, sets, repeats)
@@ -119,25 +143,19 @@ def time_fn(fn, sets, repeats):
 
 def candidates(m, n, k):
     if m <= 16:
-        tiles = [(1, 1), (1, 2), (1, 4)]
+        opts = [(1, 1, (1, 2, 4)), (1, 2, (1, 2)), (1, 4, (1,))]
     elif m <= 32:
-        tiles = [(2, 2), (2, 4)]
+        opts = [(2, 2, (1, 2, 4)), (2, 4, (1, 2))]
+    elif m <= 64:
+        opts = [(4, 2, (1, 2)), (4, 4, (1, 2)), (2, 4, (1,))]
     else:
-        tiles = [(4, 2), (4, 4)]
-    out = []
-    for mb, wn in tiles:
-        if n % (64 * wn):
-            continue
-        for s in (1, 2, 4):
-            if s > 1 and m > 64:
-                continue
-            out.append((mb, wn, s))
-    return out
+        opts = [(4, 4, (1,)), (4, 2, (1,)), (2, 4, (1,))]
+    return [(mb, wn, s) for mb, wn, ss in opts if n % (64 * wn) == 0 for s in ss]
 
 
 def sweep(args) -> int:
     repeats, nsets = 5, 8
-    copy = bench.copy_bandwidth(bench.Config(sets=nsets, repeats=repeats))
+    copy = copy_bandwidth(nsets, repeats)
     log(f"copy bandwidth {copy / 1e12:.3f} TB/s")
     rows = []
     shapes = SHAPES if not args.shapes else [tuple(map(int, s.split("x"))) for s in args.shapes]
@@ -180,7 +198,7 @@ def sweep(args) -> int:
 def bench_cmd(args) -> int:
     """The issue's table: linear(MARLIN) and peers, same run, floor from this run's copy BW."""
     repeats, nsets = 5, 8
-    copy = bench.copy_bandwidth(bench.Config(sets=nsets, repeats=repeats))
+    copy = copy_bandwidth(nsets, repeats)
     log(f"copy bandwidth {copy / 1e12:.3f} TB/s")
     rows = []
     shapes = SHAPES if not args.shapes else [tuple(map(int, s.split("x"))) for s in args.shapes]
@@ -294,15 +312,24 @@ def extras(args) -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("cmd", choices=["smoke", "sanitize", "sweep", "bench", "extras"])
+    ap.add_argument("cmd", choices=["smoke", "probe", "sanitize", "sweep", "bench", "extras"])
+    ap.add_argument("--n", type=int, default=512)
+    ap.add_argument("--k", type=int, default=1536)
+    ap.add_argument("--m", type=int, default=1)
+    ap.add_argument("--tile", type=int, nargs=2, default=[1, 1])
+    ap.add_argument("--splits", type=int, default=1)
     ap.add_argument("--out")
     ap.add_argument("--shapes", nargs="*")
     ap.add_argument("--ms", nargs="*", type=int)
     ap.add_argument("--general", action="store_true")
+    ap.add_argument("--bf16-only", action="store_true")
     ap.add_argument("--no-scaled-matmul", action="store_true")
     args = ap.parse_args(argv)
+    # as the harness does: no command buffers (their host re-record cost grows with R)
+    if "xla_gpu_enable_command_buffer" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
     log("devices:", jax.devices(), "core_count:", getattr(jax.devices()[0], "core_count", None))
-    return {"smoke": smoke, "sanitize": sanitize, "sweep": sweep, "bench": bench_cmd,
+    return {"smoke": smoke, "probe": probe, "sanitize": sanitize, "sweep": sweep, "bench": bench_cmd,
             "extras": extras}[args.cmd](args)
 
 

@@ -58,23 +58,12 @@ __device__ __forceinline__ uint32_t SmemAddr(const void* p) {
 }
 
 // 16-byte async copy global -> shared, L2 only; src_size 0 zero-fills (rows past M).
+// (No L2 evict_first cache-policy operand on the weight loads: on H100 with nvcc 13.0 the
+// cp.async ... L2::cache_hint form issued from the main loop raised ILLEGAL_INSTRUCTION.)
 __device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, bool valid) {
   const int src_size = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
                "r"(src_size));
-}
-
-// Weights are read exactly once: evict them first so L2 keeps activations and partials.
-__device__ __forceinline__ void CpAsync16EvictFirst(uint32_t dst, const void* src,
-                                                    uint64_t policy) {
-  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(dst),
-               "l"(src), "l"(policy));
-}
-
-__device__ __forceinline__ uint64_t EvictFirstPolicy() {
-  uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
-  return policy;
 }
 
 __device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
@@ -184,7 +173,7 @@ struct Tile {
 
 template <int MB, int WN, int STAGES, typename XT>
 __device__ __forceinline__ void LoadStage(const GemmArgs& a, uint8_t* stage, int kt, int n_tile,
-                                          int m0, uint64_t policy) {
+                                          int m0) {
   using T = Tile<MB, WN, STAGES>;
   const int tid = threadIdx.x;
   const int n_tiles64 = a.n / 64;
@@ -193,7 +182,7 @@ __device__ __forceinline__ void LoadStage(const GemmArgs& a, uint8_t* stage, int
     const int q = tid + kThreads * i;
     const int sub = q / (64 * WN), rest = q % (64 * WN);
     const size_t vec = (static_cast<size_t>(kt * kSubTiles + sub) * n_tiles64 + n_tile * WN) * 64 + rest;
-    CpAsync16EvictFirst(SmemAddr(stage + q * 16), a.w + vec * 16, policy);
+    CpAsync16(SmemAddr(stage + q * 16), a.w + vec * 16, true);
   }
   const XT* x = static_cast<const XT*>(a.x);
 #pragma unroll
@@ -272,8 +261,7 @@ __device__ __forceinline__ void ComputeStage(const uint8_t* stage, float (&acc)[
 
 template <int MB, int WN, int STAGES, typename XT, bool kGeneral>
 __device__ __forceinline__ void MainLoop(const GemmArgs& a, uint8_t* smem, float (&acc)[MB][8][4],
-                                         int kt_begin, int num_kt, int n_tile, int m0,
-                                         uint64_t policy) {
+                                         int kt_begin, int num_kt, int n_tile, int m0) {
   using T = Tile<MB, WN, STAGES>;
   int read_slot = 0, write_slot = STAGES - 1;
   for (int it = 0; it < num_kt; ++it) {
@@ -282,7 +270,7 @@ __device__ __forceinline__ void MainLoop(const GemmArgs& a, uint8_t* smem, float
     const int next = it + STAGES - 1;
     if (next < num_kt)
       LoadStage<MB, WN, STAGES, XT>(a, smem + write_slot * T::kStageBytes, kt_begin + next,
-                                    n_tile, m0, policy);
+                                    n_tile, m0);
     CpAsyncCommit();  // always commit (possibly empty) so the wait counts stay right
     ComputeStage<MB, WN, STAGES, XT, kGeneral>(smem + read_slot * T::kStageBytes, acc);
     read_slot = read_slot + 1 == STAGES ? 0 : read_slot + 1;
@@ -349,12 +337,11 @@ __global__ void __launch_bounds__(kThreads, MB == 1 ? 3 : 2) MarlinGemmKernel(co
   const int kt_total = a.k / kStageK;
   const int kt_begin = split * a.kt_per_split;
   const int num_kt = max(0, min(kt_total, kt_begin + a.kt_per_split) - kt_begin);
-  const uint64_t policy = EvictFirstPolicy();
 
 #pragma unroll
   for (int st = 0; st < STAGES - 1; ++st) {
     if (st < num_kt)
-      LoadStage<MB, WN, STAGES, XT>(a, smem + st * T::kStageBytes, kt_begin + st, n_tile, m0, policy);
+      LoadStage<MB, WN, STAGES, XT>(a, smem + st * T::kStageBytes, kt_begin + st, n_tile, m0);
     CpAsyncCommit();
   }
 
@@ -367,9 +354,9 @@ __global__ void __launch_bounds__(kThreads, MB == 1 ? 3 : 2) MarlinGemmKernel(co
       for (int r = 0; r < 4; ++r) acc[mb][j][r] = 0.f;
 
   if (__ldg(a.flags) & 1)
-    MainLoop<MB, WN, STAGES, XT, true>(a, smem, acc, kt_begin, num_kt, n_tile, m0, policy);
+    MainLoop<MB, WN, STAGES, XT, true>(a, smem, acc, kt_begin, num_kt, n_tile, m0);
   else
-    MainLoop<MB, WN, STAGES, XT, false>(a, smem, acc, kt_begin, num_kt, n_tile, m0, policy);
+    MainLoop<MB, WN, STAGES, XT, false>(a, smem, acc, kt_begin, num_kt, n_tile, m0);
 
   // ---- epilogue: sum the WK warps of each column tile through shared memory ----
   CpAsyncWait<0>();
@@ -483,10 +470,10 @@ int DTypeOf(ffi::DataType t) {
   }
 }
 
-// Raise the dynamic shared-memory limit once per kernel and device.
+// Raise the dynamic shared-memory limit of `kernel` once per device; `done` must be a static
+// owned by that one kernel (a per-instantiation static in LaunchGemm).
 template <typename Kernel>
-cudaError_t AllowSmem(Kernel kernel, int bytes) {
-  static std::atomic<uint64_t> done{0};
+cudaError_t AllowSmem(Kernel kernel, int bytes, std::atomic<uint64_t>& done) {
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
@@ -505,7 +492,8 @@ ffi::Error LaunchGemm(cudaStream_t stream, const GemmArgs& args) {
                                        " is not a multiple of the tile width " +
                                        std::to_string(T::kCols));
   auto kernel = MarlinGemmKernel<MB, WN, STAGES, XT>;
-  JAX_MXFP8_CUDA_RETURN_IF_ERROR(AllowSmem(kernel, T::kSmemBytes));
+  static std::atomic<uint64_t> smem_raised{0};  // one per instantiation
+  JAX_MXFP8_CUDA_RETURN_IF_ERROR(AllowSmem(kernel, T::kSmemBytes, smem_raised));
   const long long blocks = static_cast<long long>(args.n / T::kCols) * args.splits * args.m_chunks;
   if (blocks > 0x7FFFFFFF) return ffi::Error::InvalidArgument("marlin: grid too large");
   kernel<<<static_cast<unsigned>(blocks), kThreads, T::kSmemBytes, stream>>>(args);
