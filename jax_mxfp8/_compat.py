@@ -22,3 +22,18 @@ def primitive_impl(prim: Primitive):
 def require_devices_during_lowering(prim: Primitive) -> None:
     """Needed for primitives whose lowering wraps custom_partitioning."""
     _dispatch.prim_requires_devices_during_lowering.add(prim)
+
+
+def without_explicit_shardings(ctx):
+    """`ctx` with operand/result avals typed replicated: custom_partitioning traces its body
+    from these, and the body is per-device code that must not see explicit-mode shardings."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    def strip(aval):
+        sharding = getattr(aval, "sharding", None)
+        if not isinstance(sharding, NamedSharding) or all(e is None for e in sharding.spec):
+            return aval
+        return aval.update(sharding=NamedSharding(sharding.mesh, PartitionSpec()))
+
+    avals_out = ctx.avals_out if ctx.avals_out is None else [strip(a) for a in ctx.avals_out]
+    return ctx.replace(avals_in=[strip(a) for a in ctx.avals_in], avals_out=avals_out)

@@ -34,7 +34,8 @@ from jax.experimental.custom_partitioning import (
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jax_mxfp8._compat import (
-    Primitive, ShapedArray, batching, mlir, primitive_impl, require_devices_during_lowering)
+    Primitive, ShapedArray, batching, mlir, primitive_impl, require_devices_during_lowering,
+    without_explicit_shardings)
 
 BLOCK = 32
 ROW_TILE = 128  # rows of one F8_128x4 swizzle atom
@@ -52,12 +53,14 @@ def sdy_rule(operands, results, *, reduction=(), replicate=()) -> SdyShardingRul
     Factors of size 1 are dropped from compounds; sizes are given for the factors that never
     span a whole dim (SdyShardingRule infers the rest).
     """
-    whole, part = set(), {}
+    whole, part, order = set(), {}, {}
 
     def mapping(batched, dims):
         out = [BATCHING] if batched else []
         for dim in dims:
             factors = [f for f in dim if f[1] != 1] or list(dim[:1])
+            for name, _ in factors:
+                order.setdefault(name, len(order))
             if len(factors) == 1:
                 whole.add(factors[0][0])
                 out.append(factors[0][0])
@@ -70,8 +73,9 @@ def sdy_rule(operands, results, *, reduction=(), replicate=()) -> SdyShardingRul
     res = tuple(mapping(*v) for v in results)
     used = whole | set(part)
     sizes = {name: size for name, size in part.items() if name not in whole}
-    replicate = tuple(dict.fromkeys(f for f in replicate if f in used))
-    reduction = tuple(f for f in reduction if f in used and f not in replicate)
+    # Shardy wants each special-factor list in factor-index order (order of first appearance).
+    replicate = tuple(sorted(set(f for f in replicate if f in used), key=order.get))
+    reduction = tuple(sorted(set(f for f in reduction if f in used and f not in replicate), key=order.get))
     return SdyShardingRule(ops, res, reduction_factors=reduction,
                            need_replication_factors=replicate, **sizes)
 
@@ -193,13 +197,25 @@ def typed_abstract_eval(abstract_eval: Callable, out_shardings: Callable) -> Cal
     return rule
 
 
+def all_replicated(mesh, fn, arg_shapes, result_shape):
+    """The partition result when every operand is replicated without a named mesh (eager calls
+    under jax.set_mesh): run `fn` on whole arrays everywhere. None otherwise."""
+    shardings = [a.sharding for a in jax.tree.leaves(arg_shapes)]
+    if all(isinstance(s, NamedSharding) for s in shardings) or not all(
+            getattr(s, "is_fully_replicated", False) for s in shardings):
+        return None
+    results = jax.tree.map(lambda _: shardings[0], result_shape)
+    return mesh, fn, results, tuple(shardings)
+
+
 def define_partitioned(inner: Primitive, *, abstract_eval: Callable,
                        rule: Callable[[Static], SdyShardingRule],
                        partition: Callable) -> Primitive:
     """The outer primitive of `inner` (same operands, params and results).
 
     rule(static) -> SdyShardingRule; partition(static, mesh, arg_shapes, result_shape, body)
-    -> (result_shardings, arg_shardings, per-shard function); `body(*args)` binds `inner`.
+    -> (result_shardings, arg_shardings, per-shard function); `body(*args, **param_overrides)`
+    binds `inner` (overrides: params that differ per shard, e.g. unswizzle's rows).
     Operands are batched along leading dims, which is true of every op here.
     """
     outer = Primitive(inner.name + "_partitioned")
@@ -211,13 +227,16 @@ def define_partitioned(inner: Primitive, *, abstract_eval: Callable,
 
     outer.def_abstract_eval(typed_abstract_eval(abstract_eval, out_shardings))
 
-    def body(static: Static, *args):
-        out = inner.bind(*args, **static.kwargs)
+    def body(static: Static, *args, **overrides):
+        out = inner.bind(*args, **{**static.kwargs, **overrides})
         return tuple(out) if inner.multiple_results else out
 
     def partition_cb(static, mesh, arg_shapes, result_shape):
-        results, args, fn = partition(static, mesh, arg_shapes, result_shape,
-                                      functools.partial(body, static))
+        fn = functools.partial(body, static)
+        replicated = all_replicated(mesh, fn, arg_shapes, result_shape)
+        if replicated:
+            return replicated
+        results, args, fn = partition(static, mesh, arg_shapes, result_shape, fn)
         return mesh, fn, results, args
 
     partitioned = custom_partitioning(body, static_argnums=(0,))
@@ -226,8 +245,8 @@ def define_partitioned(inner: Primitive, *, abstract_eval: Callable,
 
     def lowering(ctx, *args, **params):
         static = Static(tuple(sorted(params.items())), tuple(tuple(a.shape) for a in ctx.avals_in))
-        return mlir.lower_fun(lambda *a: partitioned(static, *a),
-                              multiple_results=outer.multiple_results)(ctx, *args)
+        return mlir.lower_fun(lambda *a: partitioned(static, *a), multiple_results=outer.multiple_results)(
+            without_explicit_shardings(ctx), *args)
 
     def batcher(args, dims, **params):
         size = next(a.shape[d] for a, d in zip(args, dims) if _mapped(d))
@@ -251,7 +270,7 @@ def quantize_rule(static: Static) -> SdyShardingRule:
                         replicate=("b",))
     rows_dim, flat = _swizzled_rows(shape[-2], k // BLOCK)
     return sdy_rule([(True, [rows_dim, [("k", k)]])], [(True, [rows_dim, [("k", k)]]), (True, [flat])],
-                    replicate=("r", "sw", "k", "rows"))
+                    replicate=("sw", "k"))
 
 
 def _swizzled_rows(rows: int, cols: int):
@@ -260,7 +279,9 @@ def _swizzled_rows(rows: int, cols: int):
     mp, kbp = padded_scale_shape(rows, cols)
     if rows % ROW_TILE:
         return [("rows", rows)], [("sw", mp * kbp)]
-    return [("rt", rows // ROW_TILE), ("r", ROW_TILE)], [("rt", rows // ROW_TILE), ("sw", ROW_TILE * kbp)]
+    # Whole rows as one factor (a 128-row compound would let Shardy split a mesh axis into
+    # sub-axes, which the partition callback cannot even see); partition checks tile alignment.
+    return [("rows", rows)], [("rows", rows), ("sw", kbp)]
 
 
 def quantize_partition(static, mesh, arg_shapes, result_shape, body):
@@ -304,7 +325,7 @@ def swizzle_rule(static: Static) -> SdyShardingRule:
     (shape,) = static.in_shapes
     rows_dim, flat = _swizzled_rows(shape[-2], shape[-1])
     return sdy_rule([(True, [rows_dim, [("c", shape[-1])]])], [(True, [flat])],
-                    replicate=("r", "sw", "c", "rows"))
+                    replicate=("sw", "c"))
 
 
 def swizzle_partition(static, mesh, arg_shapes, result_shape, body):
@@ -321,14 +342,17 @@ def unswizzle_rule(static: Static) -> SdyShardingRule:
     kw = static.kwargs
     rows_dim, flat = _swizzled_rows(kw["rows"], kw["cols"])
     return sdy_rule([(True, [flat])], [(True, [rows_dim, [("c", kw["cols"])]])],
-                    replicate=("r", "sw", "c", "rows"))
+                    replicate=("sw", "c"))
 
 
 def unswizzle_partition(static, mesh, arg_shapes, result_shape, body):
     (s,) = arg_shapes
     axes = dim_axes(s.sharding, len(s.shape), "unswizzle_scales input")
-    check_row_tiles("unswizzle_scales", static.kwargs["rows"], axes[-1], mesh)
-    return named(mesh, axes[:-1] + [axes[-1], ()]), (named(mesh, axes),), body
+    rows = static.kwargs["rows"]
+    check_row_tiles("unswizzle_scales", rows, axes[-1], mesh)
+    local_rows = rows // axes_size(mesh, axes[-1])
+    return (named(mesh, axes[:-1] + [axes[-1], ()]), (named(mesh, axes),),
+            body and functools.partial(body, rows=local_rows))
 
 
 # ---- linear ----------------------------------------------------------------------------------
@@ -462,6 +486,9 @@ def _merge_axes(what, found, kind, axes, name):
 
 def linear_partition(call: LinearCall, mesh, arg_shapes, result_shape):
     cfg = call.cfg
+    replicated = all_replicated(mesh, functools.partial(linear_body, cfg, ()), arg_shapes, result_shape)
+    if replicated:
+        return replicated
     impl, axes = backend_layout(cfg.backend, cfg.meta, cfg.shape)
     n, k = cfg.shape
     x, leaves = arg_shapes[0], arg_shapes[1:1 + len(cfg.keys)]
@@ -545,7 +572,8 @@ _linear_cp.def_partition(partition=linear_partition, sharding_rule=linear_rule)
 
 def _linear_lowering(ctx, *args, cfg):
     call = LinearCall(cfg, tuple(tuple(a.shape) for a in ctx.avals_in))
-    return mlir.lower_fun(lambda *a: _linear_cp(call, *a), multiple_results=False)(ctx, *args)
+    return mlir.lower_fun(lambda *a: _linear_cp(call, *a), multiple_results=False)(
+        without_explicit_shardings(ctx), *args)
 
 
 def _linear_batcher(args, dims, *, cfg):
@@ -632,8 +660,8 @@ def prepare_weight_sharded(values, scales, mesh, *, n_axis=None, k_axis=None, ba
     in_sharding = NamedSharding(mesh, spec)
     run = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(spec, spec),
                                 out_specs={k: s.spec for k, s in out_shardings.arrays.items()}),
-                  in_shardings=(in_sharding, in_sharding), out_shardings=out_shardings.arrays)
-    arrays = run(values, scales)
+                  out_shardings=out_shardings.arrays)
+    arrays = run(jax.device_put(values, in_sharding), jax.device_put(scales, in_sharding))
     if metas and metas[-1] != template.meta:
         raise ValueError(f"backend {backend.value}: prepare() of a shard gave meta {metas[-1]!r}, the "
                          f"whole weight {template.meta!r}; sharding needs shape-independent meta")

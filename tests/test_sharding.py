@@ -1,0 +1,434 @@
+"""Sharded quantize/dequantize/swizzle/linear on 8 fake CPU devices (conftest.py asks for them).
+
+Sharded results must equal single-device ones (bitwise for the elementwise ops, within
+accumulation order for GEMMs), compiled HLO must hold no all-gather (of weights, scales or
+anything), and the tensor-parallel MLP exactly one all-reduce. The last test runs the same
+code in two processes under jax.distributed (gloo CPU collectives); this file is its worker.
+"""
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import jax_mxfp8 as mx
+from jax_mxfp8 import sharding, tp
+
+if __name__ != "__main__":
+    CPUS = jax.devices("cpu")
+    pytestmark = pytest.mark.skipif(len(CPUS) < 8, reason="needs 8 CPU devices (tests/conftest.py)")
+    ONE = CPUS[0]
+
+
+def mesh_2x4():
+    return Mesh(np.array(CPUS[:8]).reshape(2, 4), ("data", "model"))
+
+
+def mesh_8():
+    return Mesh(np.array(CPUS[:8]), ("model",))
+
+
+def put(x, mesh, spec):
+    return jax.device_put(x, NamedSharding(mesh, spec))
+
+
+def local(x):
+    return jax.device_put(x, ONE)
+
+
+def bits(a):
+    a = np.asarray(a)
+    return a.view(np.uint8) if a.dtype.itemsize == 1 else a.view(f"u{a.dtype.itemsize}")
+
+
+def hlo(fn, *args):
+    return jax.jit(fn).lower(*args).compile().as_text()
+
+
+def assert_no_all_gather(text):
+    counts = tp.collectives(text)
+    assert counts["all-gather"] == 0, counts
+
+
+def random_x(shape, dtype=jnp.float32, seed=None):
+    rng = np.random.default_rng(seed)
+    blocks = rng.standard_normal((*shape[:-1], shape[-1] // 32, 32))
+    spread = np.exp2(rng.integers(-20, 20, (*shape[:-1], shape[-1] // 32, 1)))
+    return jnp.asarray((blocks * spread).reshape(shape), dtype)
+
+
+# ---- quantize / dequantize / swizzle: bitwise --------------------------------------------
+
+QUANT_CASES = [  # (shape, mesh, spec): leading axes, K, both, and K over all 8 devices
+    ((16, 512), mesh_2x4, P("data", "model")),
+    ((4, 8, 256), mesh_2x4, P("data", "model", None)),
+    ((4, 8, 256), mesh_2x4, P(None, "data", "model")),
+    ((6, 2048), mesh_8, P(None, "model")),
+    ((8, 6, 64), mesh_8, P("model", None, None)),
+    ((2, 4, 1024), mesh_2x4, P(None, None, ("data", "model"))),
+]
+
+
+@pytest.mark.parametrize("shape,make_mesh,spec", QUANT_CASES)
+@pytest.mark.parametrize("rounding", ["ceil", "floor", "naive"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_quantize_sharded_is_bitwise_single_device(shape, make_mesh, spec, rounding, dtype):
+    mesh = make_mesh()
+    x = random_x(shape, dtype)
+    want_v, want_s = jax.jit(lambda a: mx.quantize(a, rounding=rounding))(local(x))
+    f = lambda a: mx.quantize(a, rounding=rounding)  # noqa: E731
+    xs = put(x, mesh, spec)
+    values, scales = jax.jit(f)(xs)
+    np.testing.assert_array_equal(bits(values), bits(want_v))
+    np.testing.assert_array_equal(np.asarray(scales), np.asarray(want_s))
+    assert values.sharding.is_equivalent_to(xs.sharding, len(shape))
+    assert scales.sharding.is_equivalent_to(NamedSharding(mesh, spec), len(shape))
+    assert set(tp.collectives(hlo(f, xs)).values()) == {0}  # row/block-local: no communication
+
+
+@pytest.mark.parametrize("shape,make_mesh,spec", QUANT_CASES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_dequantize_sharded_is_bitwise_single_device(shape, make_mesh, spec, dtype):
+    mesh = make_mesh()
+    values, scales = mx.quantize(random_x(shape))
+    f = lambda v, s: mx.dequantize(v, s, dtype=dtype)  # noqa: E731
+    want = jax.jit(f)(local(values), local(scales))
+    vs, ss = put(values, mesh, spec), put(scales, mesh, spec)
+    got = jax.jit(f)(vs, ss)
+    np.testing.assert_array_equal(bits(got), bits(want))
+    assert got.sharding.is_equivalent_to(vs.sharding, len(shape))
+    assert set(tp.collectives(hlo(f, vs, ss)).values()) == {0}
+
+
+def test_eager_call_on_sharded_array_stays_sharded():
+    mesh = mesh_2x4()
+    x = random_x((8, 256))
+    xs = put(x, mesh, P("data", "model"))
+    values, scales = mx.quantize(xs)  # no jit: the primitive's own compiled call
+    want_v, want_s = mx.quantize(local(x))
+    np.testing.assert_array_equal(bits(values), bits(want_v))
+    np.testing.assert_array_equal(np.asarray(scales), np.asarray(want_s))
+    assert scales.sharding.spec == P("data", "model")
+
+
+@pytest.mark.parametrize("spec", [P("data", None, None), P("data", "model", None), P(None, "model", None)])
+def test_swizzled_quantize_and_swizzle_shard_whole_row_tiles(spec):
+    mesh = mesh_2x4()
+    x = random_x((2, 512, 96))  # 512 rows = 4 x 128-row tiles
+    want_v, want_s = jax.jit(lambda a: mx.quantize(a, swizzle=True))(local(x))
+    xs = put(x, mesh, spec)
+    f = lambda a: mx.quantize(a, swizzle=True)  # noqa: E731
+    values, scales = jax.jit(f)(xs)
+    np.testing.assert_array_equal(bits(values), bits(want_v))
+    np.testing.assert_array_equal(np.asarray(scales), np.asarray(want_s))
+    assert set(tp.collectives(hlo(f, xs)).values()) == {0}
+    # standalone swizzle / unswizzle of row-major scales, sharded the same way
+    _, rm = mx.quantize(x)
+    rms = put(rm, mesh, spec)
+    sw = jax.jit(mx.swizzle_scales)(rms)
+    np.testing.assert_array_equal(np.asarray(sw), np.asarray(want_s))
+    back = jax.jit(lambda s: mx.unswizzle_scales(s, 512, 3))(sw)
+    np.testing.assert_array_equal(np.asarray(back), np.asarray(rm))
+    assert_no_all_gather(hlo(mx.swizzle_scales, rms))
+
+
+def test_single_device_lowering_has_no_partitioning_call():
+    x = local(random_x((4, 64)))
+    text = jax.jit(mx.quantize).lower(x).as_text()
+    assert "CustomSPMDPartitioning" not in text
+    w = mx.quantize_weight(random_x((32, 64)), backend="emulation")
+    assert "CustomSPMDPartitioning" not in jax.jit(mx.linear).lower(x, w).as_text()
+
+
+# ---- impossible shardings raise -------------------------------------------------------------
+
+def test_quantize_k_shard_of_partial_blocks_raises():
+    mesh = Mesh(np.array(CPUS[:2]), ("model",))
+    xs = put(random_x((8, 96)), mesh, P(None, "model"))  # 48 per device: 1.5 blocks
+    with pytest.raises(Exception, match=r"whole number of 32-element units.*K/32=3 is not divisible by 2"):
+        jax.jit(mx.quantize)(xs)
+    with pytest.raises(Exception, match="whole number of 32-element units"):
+        jax.jit(mx.dequantize)(put(jnp.zeros((8, 96), jnp.float8_e4m3fn), mesh, P(None, "model")),
+                               jnp.zeros((8, 3), jnp.uint8))
+
+
+def test_swizzled_quantize_rejects_k_and_partial_row_tile_shards():
+    mesh = mesh_2x4()
+    with pytest.raises(Exception, match="swizzle=False"):
+        jax.jit(lambda a: mx.quantize(a, swizzle=True))(put(random_x((256, 256)), mesh, P(None, "model")))
+    with pytest.raises(Exception, match="128-row tiles"):  # 256 rows over 4: 64-row shards
+        jax.jit(lambda a: mx.quantize(a, swizzle=True))(put(random_x((256, 64)), mesh, P("model", None)))
+
+
+def test_weight_sharding_must_split_whole_k_blocks():
+    mesh = mesh_2x4()
+    w = mx.quantize_weight(random_x((64, 96)), backend="emulation")
+    with pytest.raises(ValueError, match=r"K \(in_features\)=96 .* not divisible by 4"):
+        sharding.weight_shardings(w, mesh, k_axis="model")
+
+
+def test_inconsistently_sharded_weight_arrays_raise():
+    mesh = mesh_2x4()
+    w = mx.quantize_weight(random_x((64, 256)), backend="emulation")
+    w = mx.MxWeight({"values": put(w.arrays["values"], mesh, P("model", None)),
+                     "scales": put(w.arrays["scales"], mesh, P("data", None))},
+                    w.shape, w.backend, w.meta)
+    with pytest.raises(Exception, match="sharded inconsistently along N"):
+        jax.jit(mx.linear)(put(random_x((4, 256)), mesh, P()), w)
+
+
+# ---- linear -------------------------------------------------------------------------------
+
+LINEAR_CASES = [  # (x shape, x spec, n_axis, k_axis, collectives expected)
+    ((8, 256), P(None, None), "model", None, 0),                 # column-parallel
+    ((4, 6, 256), P("data", None, None), "model", None, 0),      # + batch-sharded activations
+    ((8, 256), P(None, "model"), None, "model", 1),             # row-parallel
+    ((4, 6, 256), P("data", None, "model"), None, "model", 1),  # row-parallel, batch-sharded
+    ((8, 256), P(None, None), "model", "data", 1),              # 2-D: N and K both split
+    ((8, 256), P(None, None), None, ("data", "model"), 1),      # K over all 8 devices
+]
+
+
+@pytest.mark.parametrize("x_shape,x_spec,n_axis,k_axis,n_reduce", LINEAR_CASES)
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("w8a8", [False, True])
+def test_linear_sharded_matches_single_device(x_shape, x_spec, n_axis, k_axis, n_reduce, with_bias, w8a8):
+    mesh = mesh_2x4()
+    n, k = 128, x_shape[-1]
+    weight = mx.quantize_weight(random_x((n, k)), backend="emulation")
+    bias = jnp.asarray(np.random.default_rng().standard_normal(n), jnp.float32) if with_bias else None
+    x = random_x(x_shape)
+    f = lambda a, w, b: mx.linear(a, w, b, out_dtype=jnp.float32, quantize_activations=w8a8)  # noqa: E731
+    want = jax.jit(f)(local(x), jax.device_put(weight, ONE), None if bias is None else local(bias))
+
+    w_sharded = sharding.shard_weight(weight, mesh, n_axis=n_axis, k_axis=k_axis)
+    b_sharded = None if bias is None else put(bias, mesh, P(n_axis))
+    xs = put(x, mesh, x_spec)
+    got = jax.jit(f)(xs, w_sharded, b_sharded)
+    scale = float(np.max(np.abs(np.asarray(want))))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5 * scale)
+
+    counts = tp.collectives(hlo(f, xs, w_sharded, b_sharded))
+    assert counts["all-gather"] == 0, counts
+    assert counts["all-reduce"] == n_reduce, counts
+    # the output keeps the activations' batch sharding and the weight's N sharding
+    lead = tuple(x_spec)[:-1]
+    expected = NamedSharding(mesh, P(*lead, n_axis))
+    assert got.sharding.is_equivalent_to(expected, len(x_shape)), (got.sharding.spec, expected.spec)
+
+
+def test_linear_bf16_row_parallel_within_one_output_rounding():
+    mesh = mesh_8()
+    weight = mx.quantize_weight(random_x((64, 1024)), backend="emulation")
+    x = random_x((16, 1024), jnp.bfloat16)
+    want = np.asarray(jax.jit(mx.linear)(local(x), jax.device_put(weight, ONE)), np.float32)
+    got = np.asarray(jax.jit(mx.linear)(put(x, mesh, P(None, "model")),
+                                        sharding.shard_weight(weight, mesh, k_axis="model")), np.float32)
+    # float32 partials + psum vs one float32 dot: differences only from the final bf16 rounding
+    np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=2 ** -7 * np.abs(want).max())
+
+
+def test_prepare_weight_sharded_equals_sharded_prepare():
+    mesh = mesh_2x4()
+    values, scales = mx.quantize(random_x((128, 512)))
+    for n_axis, k_axis in (("model", None), (None, "model"), ("data", "model")):
+        per_shard = sharding.prepare_weight_sharded(values, scales, mesh, n_axis=n_axis, k_axis=k_axis,
+                                                    backend="emulation")
+        whole = sharding.shard_weight(mx.prepare_weight(values, scales, backend="emulation"), mesh,
+                                      n_axis=n_axis, k_axis=k_axis)
+        assert per_shard.shape == whole.shape and per_shard.meta == whole.meta
+        for name in whole.arrays:
+            np.testing.assert_array_equal(bits(per_shard.arrays[name]), bits(whole.arrays[name]))
+            assert per_shard.arrays[name].sharding.is_equivalent_to(whole.arrays[name].sharding, 2)
+
+
+# ---- the tensor-parallel MLP ------------------------------------------------------------------
+
+@pytest.mark.parametrize("dp,tpn", [(1, 8), (2, 4), (1, 2)])
+def test_tp_mlp_one_all_reduce_and_matches_single_device(dp, tpn):
+    mesh = tp.make_mesh(tpn, dp, CPUS)
+    hidden, inter = 128, tp.tp_width(320, tpn, "emulation")
+    params = tp.init_params(jax.random.key(0), hidden, inter, jnp.float32)
+    x = random_x((2 * dp, 5, hidden))
+    single = jax.device_put(tp.quantize_params(params, "emulation"), ONE)
+    sharded = tp.quantize_params(params, "emulation", mesh)
+    xs = put(x, mesh, P("data", None, None))
+    want = jax.jit(tp.mlp)(single, local(x))
+    got = jax.jit(tp.mlp)(sharded, xs)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
+                               atol=1e-5 * float(np.abs(np.asarray(want)).max()))
+    counts = tp.collectives(hlo(tp.mlp, sharded, xs))
+    assert counts["all-reduce"] == 1 and counts["all-gather"] == 0, counts
+    assert got.sharding.is_equivalent_to(NamedSharding(mesh, P("data", None, None)), 3)
+
+
+def test_tp_mlp_under_explicit_sharding_mode():
+    mesh = jax.make_mesh((2, 4), ("data", "model"), devices=CPUS[:8],
+                         axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    params = tp.init_params(jax.random.key(1), 128, 256, jnp.float32)
+    x = random_x((4, 128))
+    want = jax.jit(tp.mlp)(jax.device_put(tp.quantize_params(params, "emulation"), ONE), local(x))
+    with jax.set_mesh(mesh):
+        sharded = tp.quantize_params(params, "emulation", mesh)
+        xs = put(x, mesh, P("data", None))
+
+        def step(p, a):
+            h = mx.linear(a, p["up"])
+            assert jax.typeof(h).sharding.spec == P("data", "model")  # typed, not replicated
+            return mx.linear(jax.nn.gelu(h), p["down"])
+        got = jax.jit(step)(sharded, xs)
+        counts = tp.collectives(hlo(step, sharded, xs))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
+                               atol=1e-5 * float(np.abs(np.asarray(want)).max()))
+    assert counts["all-reduce"] == 1 and counts["all-gather"] == 0, counts
+
+
+# ---- transforms: vmap in shard_map, shard_map in jit, pmap ------------------------------------
+
+def test_vmap_inside_shard_map():
+    mesh = mesh_2x4()
+    x = random_x((4, 8, 256))
+    weight = mx.quantize_weight(random_x((64, 256)), backend="emulation")
+    w_specs = jax.tree.map(lambda s: s.spec, sharding.weight_shardings(weight, mesh, n_axis="model"))
+
+    def body(xl, wl):
+        v, s = jax.vmap(mx.quantize)(xl)
+        y = jax.vmap(lambda r: mx.linear(r, wl, out_dtype=jnp.float32))(xl)
+        return v, s, y
+
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("data"), w_specs),
+                              out_specs=(P("data"), P("data"), P("data", None, "model"))))
+    v, s, y = f(put(x, mesh, P("data")), sharding.shard_weight(weight, mesh, n_axis="model"))
+    want_v, want_s = mx.quantize(local(x))
+    np.testing.assert_array_equal(bits(v), bits(want_v))
+    np.testing.assert_array_equal(np.asarray(s), np.asarray(want_s))
+    want_y = mx.linear(local(x), jax.device_put(weight, ONE), out_dtype=jnp.float32)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(want_y), rtol=1e-5,
+                               atol=1e-5 * float(np.abs(np.asarray(want_y)).max()))
+
+
+def test_shard_map_inside_jit_row_parallel_by_hand():
+    mesh = mesh_8()
+    x = random_x((8, 512))
+    weight = mx.quantize_weight(random_x((96, 512)), backend="emulation")
+    w_specs = jax.tree.map(lambda s: s.spec, sharding.weight_shardings(weight, mesh, k_axis="model"))
+
+    @jax.jit
+    def f(a, w):
+        def shard(al, wl):  # each device holds K/8 of x and of the weight: a shard-local linear
+            assert sharding.local_weight_shape(wl) == (96, 64)
+            return jax.lax.psum(mx.linear(al, wl, out_dtype=jnp.float32), "model")
+        y = jax.shard_map(shard, mesh=mesh, in_specs=(P(None, "model"), w_specs), out_specs=P())(a, w)
+        return jnp.tanh(y)
+
+    ws = sharding.shard_weight(weight, mesh, k_axis="model")
+    got = f(put(x, mesh, P(None, "model")), ws)
+    want = jnp.tanh(mx.linear(local(x), jax.device_put(weight, ONE), out_dtype=jnp.float32))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_pmap_over_eight_devices():
+    x = random_x((8, 4, 128))
+    weight = mx.quantize_weight(random_x((32, 128)), backend="emulation")
+    v, s = jax.pmap(mx.quantize, devices=CPUS[:8])(x)
+    want_v, want_s = mx.quantize(local(x))
+    np.testing.assert_array_equal(bits(v), bits(want_v))
+    np.testing.assert_array_equal(np.asarray(s), np.asarray(want_s))
+    d = jax.pmap(lambda a, b: mx.dequantize(a, b, dtype=jnp.float32), devices=CPUS[:8])(v, s)
+    np.testing.assert_array_equal(bits(d), bits(mx.dequantize(want_v, want_s, dtype=jnp.float32)))
+    y = jax.pmap(lambda a, w: mx.linear(a, w, out_dtype=jnp.float32), in_axes=(0, None),
+                 devices=CPUS[:8])(x, weight)
+    want_y = mx.linear(local(x), jax.device_put(weight, ONE), out_dtype=jnp.float32)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(want_y), rtol=1e-5, atol=1e-5)
+
+
+# ---- two processes under jax.distributed --------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_jax_distributed(tmp_path):
+    """Quantize, a sharded linear and the TP MLP on a 2x4 mesh spanning two processes (4 CPU
+    devices each, gloo collectives), checked in each process against a local single device."""
+    port = _free_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(i), str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                              cwd=str(tmp_path))
+             for i in range(2)]
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=300)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("jax.distributed workers timed out")
+    for i, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0 and f"worker {i} OK" in out, out[-3000:]
+
+
+def _worker(pid: int, port: int) -> None:
+    jax.config.update("jax_num_cpu_devices", 4)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2, process_id=pid)
+    from jax.experimental import multihost_utils
+    assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))  # data axis = process
+    one = jax.local_devices()[0]
+    rng = np.random.default_rng(1234)  # same data in both processes
+    x_host = rng.standard_normal((8, 6, 256)).astype(np.float32)
+
+    def global_array(a, spec):
+        return jax.make_array_from_callback(a.shape, NamedSharding(mesh, spec), lambda idx: a[idx])
+
+    def gather(a):
+        return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+
+    # quantize: bitwise
+    xs = global_array(x_host, P("data", None, "model"))
+    values, scales = jax.jit(mx.quantize)(xs)
+    want_v, want_s = jax.jit(mx.quantize)(jax.device_put(x_host, one))
+    np.testing.assert_array_equal(gather(values).view(np.uint8), np.asarray(want_v).view(np.uint8))
+    np.testing.assert_array_equal(gather(scales), np.asarray(want_s))
+
+    # row-parallel linear and the TP MLP, weights prepared per shard from global arrays
+    w_host = (rng.standard_normal((128, 256)) / 16).astype(np.float32)
+    wv, wsc = (np.asarray(a) for a in jax.jit(mx.quantize)(jax.device_put(w_host, one)))
+    weight = sharding.prepare_weight_sharded(global_array(wv, P()), global_array(wsc, P()), mesh,
+                                             k_axis="model", backend="emulation")
+    f = lambda a, w: mx.linear(a, w, out_dtype=jnp.float32)  # noqa: E731
+    y = jax.jit(f)(xs, weight)
+    want_y = f(jax.device_put(x_host, one), mx.prepare_weight(wv, wsc, backend="emulation"))
+    np.testing.assert_allclose(gather(y), np.asarray(want_y), rtol=1e-5, atol=1e-5)
+    counts = tp.collectives(jax.jit(f).lower(xs, weight).compile().as_text())
+    assert counts["all-gather"] == 0 and counts["all-reduce"] == 1, counts
+
+    params = {k: np.asarray(v) for k, v in tp.init_params(jax.random.key(0), 256, 512, jnp.float32).items()}
+    sharded = {}
+    for name, n_axis, k_axis in (("up", "model", None), ("down", None, "model")):
+        v, s = (np.asarray(a) for a in jax.jit(mx.quantize)(jax.device_put(params[name], one)))
+        sharded[name] = sharding.prepare_weight_sharded(global_array(v, P()), global_array(s, P()), mesh,
+                                                        n_axis=n_axis, k_axis=k_axis, backend="emulation")
+    xd = global_array(x_host, P("data", None, None))
+    got = jax.jit(tp.mlp)(sharded, xd)
+    want = jax.jit(tp.mlp)(jax.device_put(tp.quantize_params(params, "emulation"), one),
+                           jax.device_put(x_host, one))
+    np.testing.assert_allclose(gather(got), np.asarray(want), rtol=1e-5,
+                               atol=1e-5 * float(np.abs(np.asarray(want)).max()))
+    counts = tp.collectives(jax.jit(tp.mlp).lower(sharded, xd).compile().as_text())
+    assert counts["all-gather"] == 0 and counts["all-reduce"] == 1, counts
+    print(f"worker {pid} OK", flush=True)
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--worker":
+    _worker(int(sys.argv[2]), int(sys.argv[3]))
