@@ -378,6 +378,15 @@ def backend_layout(backend, meta, shape):
     return impl, {k: tuple(v) for k, v in impl.array_axes(meta, tuple(shape)).items()}
 
 
+def shard_meta(backend, meta, global_shape, local_shape):
+    """The meta of a (local_shape) shard of a prepared (global_shape) weight."""
+    from jax_mxfp8.backends import get_backend_impl
+    impl = get_backend_impl(backend)
+    if tuple(local_shape) == tuple(global_shape) or impl.shard_meta is None:
+        return meta
+    return impl.shard_meta(meta, tuple(local_shape))
+
+
 @functools.lru_cache(maxsize=256)
 def prepared_shapes(backend, n: int, k: int) -> dict[str, tuple[int, ...]]:
     """Shapes of the arrays prepare() makes for a global [N, K] weight."""
@@ -518,6 +527,7 @@ def linear_partition(call: LinearCall, mesh, arg_shapes, result_shape):
     _check_tiles("K (in_features)", k, impl.k_tile, k_axes, mesh, cfg)
     lead = [tuple(a for a in dims if a not in n_axes and a not in k_axes) for dims in without_reused(x_axes[:-1])]
     local = (n // axes_size(mesh, n_axes), k // axes_size(mesh, k_axes))
+    local_cfg = dataclasses.replace(cfg, shape=local, meta=shard_meta(cfg.backend, cfg.meta, cfg.shape, local))
 
     arg_shardings = [named(mesh, [*lead, k_axes])]
     for name, leaf in zip(cfg.keys, leaves):
@@ -527,7 +537,7 @@ def linear_partition(call: LinearCall, mesh, arg_shapes, result_shape):
     if cfg.has_bias:
         arg_shardings.append(named(mesh, [n_axes]))
     result = named(mesh, [*lead, n_axes])
-    fn = functools.partial(linear_body, dataclasses.replace(cfg, shape=local), k_axes)
+    fn = functools.partial(linear_body, local_cfg, k_axes)
     return mesh, fn, result, tuple(arg_shardings)
 
 
@@ -602,7 +612,8 @@ require_devices_during_lowering(linear_p)
 def linear(x, weight, bias, out_dtype, quantize_activations: bool):
     """Binds the partitioned linear (called by jax_mxfp8.linear after validation)."""
     keys = tuple(sorted(weight.arrays))
-    cfg = LinearConfig(keys, local_weight_shape(weight), weight.backend, weight.meta,
+    shape = local_weight_shape(weight)  # inside shard_map: the shard's
+    cfg = LinearConfig(keys, shape, weight.backend, shard_meta(weight.backend, weight.meta, weight.shape, shape),
                        jnp.dtype(out_dtype), bool(quantize_activations), bias is not None)
     args = [x, *(weight.arrays[k] for k in keys)] + ([bias] if bias is not None else [])
     return linear_p.bind(*args, cfg=cfg)
@@ -651,10 +662,15 @@ def prepare_weight_sharded(values, scales, mesh, *, n_axis=None, k_axis=None, ba
     spec = PartitionSpec(_entry(n_axes), _entry(k_axes))
     impl = get_backend_impl(backend)
     metas = []
+    _, axes = backend_layout(backend, template.meta, shape)
+    split = tuple(dict.fromkeys(n_axes + k_axes))
 
     def local(v, s):
         arrays, meta = impl.prepare(v, s)
-        metas.append(meta)
+        metas.append((meta, tuple(v.shape)))
+        for name, kinds in (axes or {}).items():  # arrays every shard gets whole: max over shards
+            if split and not any(t in (N_AXIS, K_AXIS) for t in kinds):
+                arrays[name] = lax.pmax(arrays[name], split)
         return arrays
 
     in_sharding = NamedSharding(mesh, spec)
@@ -662,9 +678,13 @@ def prepare_weight_sharded(values, scales, mesh, *, n_axis=None, k_axis=None, ba
                                 out_specs={k: s.spec for k, s in out_shardings.arrays.items()}),
                   out_shardings=out_shardings.arrays)
     arrays = run(jax.device_put(values, in_sharding), jax.device_put(scales, in_sharding))
-    if metas and metas[-1] != template.meta:
-        raise ValueError(f"backend {backend.value}: prepare() of a shard gave meta {metas[-1]!r}, the "
-                         f"whole weight {template.meta!r}; sharding needs shape-independent meta")
+    if metas:
+        meta, local_shape = metas[-1]
+        expected = shard_meta(backend, template.meta, shape, local_shape)
+        if meta != expected:
+            raise ValueError(f"backend {backend.value}: prepare() of a {local_shape} shard gave meta "
+                             f"{meta!r}, but BackendImpl.shard_meta of the whole weight's meta says "
+                             f"{expected!r}; fix shard_meta")
     return MxWeight(arrays, shape, backend, template.meta)
 
 

@@ -247,6 +247,84 @@ def test_prepare_weight_sharded_equals_sharded_prepare():
             assert per_shard.arrays[name].sharding.is_equivalent_to(whole.arrays[name].sharding, 2)
 
 
+# ---- every backend's declared layout splits into the layouts of its shards ----------------------
+
+def _sharded_backends():
+    from jax_mxfp8.backends import get_backend_impl, registered_backends
+    return [b for b in registered_backends() if get_backend_impl(b).array_axes is not None]
+
+
+@pytest.mark.parametrize("backend", _sharded_backends(), ids=lambda b: b.value)
+@pytest.mark.parametrize("kind", ["n", "k"])
+def test_backend_array_axes_split_into_shard_layouts(backend, kind):
+    """Chunk i (along the dims array_axes marks `kind`) of prepare(W) == prepare(shard i of W),
+    meta of the shard == shard_meta; whole-to-every-shard arrays == max over shard preparations."""
+    import math
+    from jax_mxfp8.backends import get_backend_impl
+    impl, p = get_backend_impl(backend), 2
+    n, k = 2 * math.lcm(impl.n_tile, 64), 2 * math.lcm(impl.k_tile, 128)
+    values, scales = mx.quantize(random_x((n, k)))
+    arrays, meta = impl.prepare(local(values), local(scales))  # jnp repacks: run on CPU
+    axes = impl.array_axes(meta, (n, k))
+    assert set(axes) == set(arrays) and all(len(axes[a]) == arrays[a].ndim for a in arrays)
+    whole = {name: [] for name, kinds in axes.items() if "n" not in kinds and "k" not in kinds}
+    for i in range(p):
+        if kind == "n":
+            sub_v, sub_s = values[i * n // p:(i + 1) * n // p], scales[i * n // p:(i + 1) * n // p]
+        else:
+            sub_v, sub_s = values[:, i * k // p:(i + 1) * k // p], scales[:, i * k // (32 * p):(i + 1) * k // (32 * p)]
+        sub_arrays, sub_meta = impl.prepare(local(sub_v), local(sub_s))
+        assert sub_meta == sharding.shard_meta(backend, meta, (n, k), sub_v.shape)
+        for name, kinds in axes.items():
+            chunk = np.asarray(arrays[name])
+            for d, t in enumerate(kinds):
+                if t == kind:
+                    size = chunk.shape[d] // p
+                    chunk = np.take(chunk, np.arange(i * size, (i + 1) * size), axis=d)
+            if name in whole:
+                whole[name].append(np.asarray(sub_arrays[name]))
+            else:
+                np.testing.assert_array_equal(bits(sub_arrays[name]), bits(chunk), err_msg=name)
+    for name, parts in whole.items():
+        np.testing.assert_array_equal(np.maximum.reduce(parts), np.asarray(arrays[name]), err_msg=name)
+
+
+@pytest.mark.parametrize("backend", _sharded_backends(), ids=lambda b: b.value)
+def test_every_backend_shards_on_cpu_through_its_reference_lowerings(backend, monkeypatch):
+    """Per-shard prepare == sharded global prepare, and sharded linear == single-device linear,
+    for each backend's layout (GPU kernels fall back to their jnp lowerings on CPU)."""
+    import math
+    import jax_mxfp8.backends as backends
+    linear_module = sys.modules["jax_mxfp8.linear"]  # the attribute jax_mxfp8.linear is the function
+    from jax_mxfp8.backends import get_backend_impl
+    monkeypatch.setattr(backends, "ensure_available", lambda b, device=None: b)
+    monkeypatch.setattr(linear_module, "ensure_available", lambda b, device=None: b)
+    impl = get_backend_impl(backend)
+    mesh = mesh_2x4()
+    n, k = 4 * math.lcm(impl.n_tile, 64), 4 * math.lcm(impl.k_tile, 128)
+    values, scales = mx.quantize(random_x((n, k)))
+    x = random_x((8, k), jnp.bfloat16)
+    w_one = jax.device_put(mx.prepare_weight(values, scales, backend=backend), ONE)
+    try:
+        want = np.asarray(jax.jit(mx.linear)(local(x), w_one), np.float32)
+    except NotImplementedError:  # a GEMM with no CPU lowering (CUTLASS): check the layouts only
+        want = None
+    for n_axis, k_axis, x_spec in (("model", None, P("data", None)), (None, "model", P(None, "model")),
+                                   ("data", "model", P(None, None))):
+        per_shard = sharding.prepare_weight_sharded(values, scales, mesh, n_axis=n_axis, k_axis=k_axis,
+                                                    backend=backend)
+        whole = sharding.shard_weight(w_one, mesh, n_axis=n_axis, k_axis=k_axis)
+        for name in whole.arrays:
+            np.testing.assert_array_equal(bits(per_shard.arrays[name]), bits(whole.arrays[name]))
+        if want is None:
+            continue
+        xs = put(x, mesh, x_spec)
+        got = np.asarray(jax.jit(mx.linear)(xs, per_shard), np.float32)
+        np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=2 ** -7 * np.abs(want).max())
+        counts = tp.collectives(hlo(mx.linear, xs, per_shard))
+        assert counts["all-gather"] == 0 and counts["all-reduce"] == (1 if k_axis else 0), counts
+
+
 # ---- the tensor-parallel MLP ------------------------------------------------------------------
 
 @pytest.mark.parametrize("dp,tpn", [(1, 8), (2, 4), (1, 2)])

@@ -35,8 +35,10 @@ class BackendImpl:
     Sharding (sharding.py). array_axes(meta, shape) -> {array name: one entry per dim}: "n" for a
     dim laid out N-tile-major (split into p equal contiguous chunks, chunk i is that array of the
     prepared weight rows [i*N/p, (i+1)*N/p)), "k" likewise over K, None for a dim every shard
-    needs whole. Shards are whole n_tile / k_tile element tiles (k_tile a multiple of 32), and
-    prepare() of a shard must give the same `meta` as of the whole weight. array_axes=None:
+    needs whole (an array with no "n"/"k" dim is given whole to every shard; prepared per shard,
+    it is combined by elementwise max over shards, e.g. a "needs the slow path" flag). Shards
+    are whole n_tile / k_tile element tiles (k_tile a multiple of 32). shard_meta(meta, (n, k))
+    -> the meta of an (n, k) shard (None: meta does not depend on the shape). array_axes=None:
     the backend's weights cannot be sharded (a sharded one raises).
     """
     backend: Backend
@@ -51,6 +53,7 @@ class BackendImpl:
     array_axes: Optional[Callable[..., Any]] = None
     n_tile: int = 1
     k_tile: int = 32
+    shard_meta: Optional[Callable[..., Any]] = None
 
 
 _REGISTRY: dict[Backend, BackendImpl] = {}

@@ -309,8 +309,21 @@ def _linear(x, weight, bias, out_dtype, quantize_activations):
     return y[:, :n] if n_pad != n else y
 
 
+def _array_axes(meta, shape):
+    """Sharding (sharding.py): qweight and scales are 64-tile-major along K (rows) and N
+    (columns), so whole-tile chunks are the packed shards; flags go whole to every shard."""
+    n, k = shape
+    if n % TILE or k % TILE:  # padded tiles: only whole weights
+        return {"qweight": (None, None), "scales": (None, None), "flags": (None,)}
+    return {"qweight": ("k", "n"), "scales": ("k", "n"), "flags": (None,)}
+
+
+def _shard_meta(meta, shape):
+    return (META_TAG, _round_up(shape[0], TILE), _round_up(shape[1], TILE))
+
+
 register_backend(BackendImpl(
     backend=Backend.MARLIN, min_compute_capability=(8, 0),
     required_targets=(GEMM_TARGET, DEQUANT_TARGET), default_quantize_activations=False,
     supports_w8a16=True, supports_w8a8=False, prepare=_prepare, unprepare=_unprepare,
-    linear=_linear))
+    linear=_linear, array_axes=_array_axes, n_tile=TILE, k_tile=TILE, shard_meta=_shard_meta))
