@@ -38,7 +38,9 @@ def add_arguments(parser) -> None:
                      help="fail if the logits' relative error exceeds this")
     run.add_argument("--min-cosine", type=float, default=0.99,
                      help="fail if the logits' cosine similarity is below this")
-    # Tensor parallelism: the sharding module adds `--tp N` here and handles it at the top of main().
+    run.add_argument("--tp", type=int, default=0, metavar="N",
+                     help="run the tensor-parallel MXFP8 MLP on a mesh of N devices instead "
+                          "(jax_mxfp8/tp.py; on CPU, N fake devices)")
 
 
 def _mib(nbytes: int) -> str:
@@ -124,7 +126,9 @@ class UnrolledForward:
 
 
 def main(args) -> int:
-    # `--tp N` (tensor parallel) is dispatched to the sharding module's demo here.
+    if getattr(args, "tp", 0):  # tensor parallel: the sharding module's demo
+        from jax_mxfp8 import tp
+        return tp.main(args)
     wall = time.perf_counter()
     import jax
     import jax.numpy as jnp

@@ -345,6 +345,16 @@ def test_tp_mlp_one_all_reduce_and_matches_single_device(dp, tpn):
     assert got.sharding.is_equivalent_to(NamedSharding(mesh, P("data", None, None)), 3)
 
 
+def test_cli_demo_tp_runs_in_a_fresh_process(tmp_path):
+    """`python -m jax_mxfp8 demo --tp 4` asks for fake CPU devices itself and exits 0."""
+    out = subprocess.run([sys.executable, "-m", "jax_mxfp8", "demo", "--tp", "4", "--hidden", "64",
+                          "--intermediate", "256", "--batch", "1", "--seq", "4", "--backend", "emulation"],
+                         capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "'all-reduce': 1, 'all-gather': 0" in out.stdout and "OK" in out.stdout
+
+
 def test_tp_mlp_under_explicit_sharding_mode():
     mesh = jax.make_mesh((2, 4), ("data", "model"), devices=CPUS[:8],
                          axis_types=(jax.sharding.AxisType.Explicit,) * 2)
