@@ -18,6 +18,23 @@ which dims are tile-major over N or K (`BackendImpl.array_axes`, granularity `n_
 `k_tile`), so a contiguous 1/p chunk of such a dim is the prepared array of the sub-weight.
 N sharded (column-parallel): no communication. K sharded (row-parallel): float32 partial
 products and one psum over the K mesh axes, bias added after it.
+
+Constraints (each raises a ValueError naming the fix; none is met by gathering weights/scales):
+- quantize/dequantize: any leading axis shards freely (uneven shards too: rows are
+  independent); K shards only in whole blocks, K/32 divisible by the number of K shards.
+- quantize(swizzle=True), swizzle_scales, unswizzle_scales: leading batch axes freely; the
+  rows axis only in whole 128-row tiles (rows a multiple of 128 * shards); K never.
+- linear: N shards are whole `n_tile`, K shards whole `k_tile` (EMULATION 1 / 32, MARLIN 64 /
+  64, CUTLASS 128 / 128); a weight whose N or K is not a multiple of its backend's tile (padded
+  tiles) cannot be sharded; all arrays of an MxWeight must split N and K over the same mesh
+  axes (weight_shardings / shard_weight / prepare_weight_sharded make such placements and check
+  divisibility up front). Activations keep any leading-axis sharding; an activation K sharding
+  that disagrees with the weight's is resharded (activations only).
+- Under Auto axes, a K sharding of partial blocks can fail inside JAX's decoding of the
+  Shardy result (an IndivisibleError naming internal shapes, before our check runs: Shardy
+  splits the mesh axis between `kb` and the 32-element factor). Explicit-axes meshes
+  (jax.set_mesh) check at trace time, with our message.
+- vmap over a batched weight runs the per-device body under vmap, without custom partitioning.
 """
 from __future__ import annotations
 

@@ -187,6 +187,7 @@ def test_inconsistently_sharded_weight_arrays_raise():
 LINEAR_CASES = [  # (x shape, x spec, n_axis, k_axis, collectives expected)
     ((8, 256), P(None, None), "model", None, 0),                 # column-parallel
     ((4, 6, 256), P("data", None, None), "model", None, 0),      # + batch-sharded activations
+    ((4, 6, 256), P(None, "data", None), "model", None, 0),      # + sequence-sharded activations
     ((8, 256), P(None, "model"), None, "model", 1),             # row-parallel
     ((4, 6, 256), P("data", None, "model"), None, "model", 1),  # row-parallel, batch-sharded
     ((8, 256), P(None, None), "model", "data", 1),              # 2-D: N and K both split
@@ -435,6 +436,21 @@ def test_pmap_over_eight_devices():
     np.testing.assert_allclose(np.asarray(y), np.asarray(want_y), rtol=1e-5, atol=1e-5)
 
 
+def test_tools_tp_gpu_runs_on_fake_cpu_devices(tmp_path):
+    """tools/tp_gpu.py (issue 8's program) end to end on CPU: checks pass, results file written."""
+    import json
+    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "tp_gpu.py")
+    out_file = tmp_path / "tp.json"
+    out = subprocess.run([sys.executable, tool, "--cpu-devices", "8", "--tp", "1", "4", "--quick",
+                          "--out", str(out_file)], capture_output=True, text=True, timeout=600,
+                         cwd=str(tmp_path), env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    result = json.loads(out_file.read_text())
+    assert result["failures"] == 0 and len(result["rows"]) == 6
+    row = next(r for r in result["rows"] if r["case"] == "mlp" and r["tp"] == 4)
+    assert row["collectives_mxfp8"]["all-reduce"] == 1 and row["collectives_mxfp8"]["all-gather"] == 0
+
+
 # ---- two processes under jax.distributed --------------------------------------------------------
 
 def _free_port() -> int:
@@ -499,6 +515,12 @@ def _worker(pid: int, port: int) -> None:
     np.testing.assert_allclose(gather(y), np.asarray(want_y), rtol=1e-5, atol=1e-5)
     counts = tp.collectives(jax.jit(f).lower(xs, weight).compile().as_text())
     assert counts["all-gather"] == 0 and counts["all-reduce"] == 1, counts
+    # column-parallel, the weight placed from a process-local prepared copy
+    col = sharding.shard_weight(mx.prepare_weight(wv, wsc, backend="emulation"), mesh, n_axis="model")
+    xr = global_array(x_host, P("data", None, None))
+    y = jax.jit(f)(xr, col)
+    np.testing.assert_allclose(gather(y), np.asarray(want_y), rtol=1e-5, atol=1e-5)
+    assert set(tp.collectives(jax.jit(f).lower(xr, col).compile().as_text()).values()) == {0}
 
     params = {k: np.asarray(v) for k, v in tp.init_params(jax.random.key(0), 256, 512, jnp.float32).items()}
     sharded = {}
