@@ -157,6 +157,14 @@ def test_quantize_k_shard_of_partial_blocks_raises():
                                jnp.zeros((8, 3), jnp.uint8))
 
 
+def test_explicit_mode_rejects_partial_blocks_at_trace_time():
+    mesh = jax.make_mesh((4,), ("model",), devices=CPUS[:4], axis_types=(jax.sharding.AxisType.Explicit,))
+    with jax.set_mesh(mesh):
+        xs = put(random_x((8, 64)), mesh, P(None, "model"))  # 16 elements per device
+        with pytest.raises(ValueError, match=r"K/32=2 is not divisible by 4"):
+            jax.jit(mx.quantize).trace(xs)
+
+
 def test_swizzled_quantize_rejects_k_and_partial_row_tile_shards():
     mesh = mesh_2x4()
     with pytest.raises(Exception, match="swizzle=False"):
