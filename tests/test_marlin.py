@@ -103,14 +103,15 @@ def test_flags_select_the_general_dequantization(poke, general):
 @pytest.mark.parametrize("n,k", [(64, 64), (4096, 4096), (14336, 4096), (8192, 8192),
                                  (28672, 8192), (192, 320)])
 def test_plans_use_compiled_tiles(m, n, k):
-    plan = marlin.choose_plan(m, n, k, jnp.bfloat16, sms=132)
-    if m > marlin.MAX_KERNEL_M:
-        assert plan.kind == "dequant_dot"
-        return
-    assert plan.kind == "kernel"
-    assert (plan.m_blocks, plan.warps_n) in marlin.TILE_CONFIGS
-    assert n % (64 * plan.warps_n) == 0 and 1 <= plan.splits <= k // 64
     assert marlin.choose_plan(m, n, k, jnp.float32, sms=132).kind == "dequant_dot"
+    for x_dtype in (jnp.bfloat16, jnp.float16):
+        plan = marlin.choose_plan(m, n, k, x_dtype, sms=132)
+        if x_dtype == jnp.bfloat16 and m > marlin.MAX_KERNEL_M:
+            assert plan.kind == "dequant_dot"
+            continue
+        assert plan.kind == "kernel"
+        assert (plan.m_blocks, plan.warps_n) in marlin.TILE_CONFIGS
+        assert n % (64 * plan.warps_n) == 0 and 1 <= plan.splits <= k // 64
 
 
 def test_primitive_reference_lowering_matches_float64():

@@ -242,7 +242,10 @@ class Plan:
     splits: int = 1
 
 
-# Largest M that runs the fused kernel; above it dequantize + cuBLAS bf16 wins on H100.
+# Largest bf16 M that runs the fused kernel; above it "dequantize + cuBLAS bf16 (wgmma)" is
+# expected to win (mma.sync at ~50-70 % of its 645 TFLOP/s ceiling vs ~700 TFLOP/s for cuBLAS,
+# shared/design/perf_baseline.md). NOT yet tuned on the H100: tools/marlin_dev.py sweep measures
+# every candidate; set this and the choices below from its table.
 MAX_KERNEL_M = 256
 
 
@@ -254,25 +257,32 @@ def _sm_count() -> int:
 
 
 def choose_plan(m: int, n: int, k: int, x_dtype, sms: int | None = None) -> Plan:
-    """The fastest path for a [m, k] x [n, k]^T problem (n, k already padded to 64)."""
-    if jnp.dtype(x_dtype) not in KERNEL_DTYPES or m > MAX_KERNEL_M:
+    """The path for a [m, k] x [n, k]^T problem (n, k already padded to 64), chosen at trace
+    time from static shapes.
+
+    fp32 x: dequantize + fp32 dot (the reference math). fp16 x: always the kernel (the
+    reference runs an fp32 GEMM for fp16, far slower than the kernel's two bf16 mma). bf16 x:
+    the kernel up to MAX_KERNEL_M rows, dequantize + bf16 cuBLAS above.
+    """
+    x_dtype = jnp.dtype(x_dtype)
+    if x_dtype not in KERNEL_DTYPES or (x_dtype == jnp.bfloat16 and m > MAX_KERNEL_M):
         return Plan("dequant_dot")
     sms = sms or _sm_count()
     if m <= 16:
-        m_blocks, wn_pref = 1, (1, 2)
+        m_blocks, wn_pref = 1, (1, 2)      # 16 x 64 tiles: the most blocks, memory-bound
     elif m <= 32:
-        m_blocks, wn_pref = 2, (4, 2)
+        m_blocks, wn_pref = 2, (2, 4)
     else:
-        m_blocks, wn_pref = 4, (4, 2)
+        m_blocks, wn_pref = 4, (4, 2)      # 64 x 256 (Marlin's large-batch tile)
     warps_n = next((w for w in wn_pref if n % (64 * w) == 0), None)
-    if warps_n is None:
-        m_blocks, warps_n = (1, 1) if m_blocks == 1 else (m_blocks, 2) if n % 128 == 0 else (1, 1)
+    if warps_n is None:  # N is only a multiple of 64: the 16 x 64 tile fits every N
+        m_blocks, warps_n = 1, 1
     m_chunks = -(-m // (16 * m_blocks))
     tiles = (n // (64 * warps_n)) * m_chunks
+    # Fewer tiles than ~1.5 waves of SMs: split K so every SM streams weights (each split keeps
+    # >= 4 pipeline stages). Splits cost a memset of the tile counters and an fp32 partial pass.
     splits = 1
-    kt = k // TILE
-    # Too few column tiles to keep every SM streaming: split K (each split >= 4 stages).
-    while tiles * splits < 2 * sms and splits * 2 <= max(1, kt // 4):
+    while tiles * splits < 1.5 * sms and splits * 2 <= (k // TILE) // 4:
         splits *= 2
     return Plan("kernel", m_blocks, warps_n, splits)
 
