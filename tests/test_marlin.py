@@ -134,6 +134,24 @@ def test_primitive_reference_lowering_matches_float64():
     np.testing.assert_allclose(np.asarray(yb[1]), R.linear(x, codes, scales), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("x_dtype,m", [(np.float32, 5), (ml_dtypes.bfloat16, 3), (ml_dtypes.bfloat16, 300)])
+def test_padded_shapes_through_backend_linear(x_dtype, m):
+    """N and K not multiples of 64: prepare pads, linear pads x along K and slices y (both
+    plans; jnp lowerings on CPU)."""
+    rng, seed = fresh_rng()
+    n, k = 100, 96
+    codes, scales = random_weight(rng, n, k)
+    cpu = jax.devices("cpu")[0]
+    with jax.default_device(cpu):
+        arrays, meta = prepare(codes, scales)
+        weight = mx.MxWeight(arrays, (n, k), "marlin", meta)
+        x = rng.standard_normal((m, k)).astype(x_dtype)
+        bias = rng.standard_normal(n).astype(np.float32)
+        y = jax.jit(lambda x, w, b: marlin._linear(x, w, b, jnp.float32, False))(x, weight, bias)
+    assert y.shape == (m, n)
+    assert rel_fro(y, R.linear(x, codes, scales, bias)) <= 1e-5, f"seed {seed}"
+
+
 @pytest.mark.skipif(not _ffi.has_cuda_target(marlin.GEMM_TARGET), reason="CUDA module not built")
 def test_lowers_to_custom_calls():
     arrays, _ = prepare(*random_weight(np.random.default_rng(2), 64, 64))
