@@ -35,6 +35,8 @@ Constraints (each raises a ValueError naming the fix; none is met by gathering w
   splits the mesh axis between `kb` and the 32-element factor). Explicit-axes meshes
   (jax.set_mesh) check at trace time, with our message.
 - vmap over a batched weight runs the per-device body under vmap, without custom partitioning.
+- shard_map must be manual over every mesh axis (the default): with `axis_names` a strict
+  subset, custom_partitioning (jax 0.10) cannot decode the remaining auto shardings and fails.
 """
 from __future__ import annotations
 
