@@ -7,7 +7,6 @@ Exits 1 when the error is outside the tolerance.
 """
 from __future__ import annotations
 
-import statistics
 import time
 
 
@@ -98,31 +97,21 @@ def _weight_bytes(model):
 
 
 class UnrolledForward:
-    """R distinct inputs unrolled in one jit that returns every output: the device-time method of
-    DEVELOPERS.md. time_per_step() = (t[R] - t[1]) / (R - 1), so dispatch and host overheads
-    cancel; the R = 1 program's output doubles as the accuracy check."""
+    """A jitted forward over several token sets (its R = 1 output is the accuracy check) and its
+    device time per step by the method of DEVELOPERS.md (jax_mxfp8.bench.device_time_us)."""
 
     def __init__(self, forward, state):
         import jax
-        self.state = state
+        self.forward, self.state = forward, state
         self.jitted = jax.jit(lambda state, sets: [forward(state, tokens) for tokens in sets])
 
     def __call__(self, token_sets):
         return self.jitted(self.state, list(token_sets))
 
-    def median_seconds(self, token_sets, repeats: int = 5) -> float:
-        import jax
-        jax.block_until_ready(self(token_sets))  # compile + warm up
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            jax.block_until_ready(self(token_sets))
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
-    def time_per_step(self, token_sets) -> float:
-        many, one = self.median_seconds(token_sets), self.median_seconds(token_sets[:1])
-        return max(many - one, 0.0) / (len(token_sets) - 1)
+    def time_per_step(self, token_sets, repeats: int = 5) -> float:
+        from jax_mxfp8 import bench
+        sets = [(self.state, tokens) for tokens in token_sets]
+        return max(bench.device_time_us(self.forward, sets, repeats), 0.0) / 1e6
 
 
 def main(args) -> int:

@@ -1,7 +1,6 @@
 """prepare_weight and linear: the public GEMM API, dispatched through the backend table."""
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from jax_mxfp8 import sharding

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import math
 import re
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -87,23 +85,10 @@ def collectives(compiled_text: str) -> dict[str, int]:
 
 
 def device_time_ms(fn, arg_sets, reps: int = 5) -> float:
-    """Device time per call of fn(*args) (DEVELOPERS.md): R distinct argument sets unrolled in
-    one jit returning every output, minus the same jit with one set, divided by R-1 (removes
-    dispatch and launch overhead). Arrays keep their shardings, so this times sharded steps."""
-    many = jax.jit(lambda sets: [fn(*a) for a in sets])
-    one = jax.jit(lambda args: fn(*args))
-
-    def median_s(f, arg):
-        jax.block_until_ready(f(arg))
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            jax.block_until_ready(f(arg))
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
-    r = len(arg_sets)
-    return max(median_s(many, list(arg_sets)) - median_s(one, arg_sets[0]), 0.0) / (r - 1) * 1e3
+    """Device time per call of fn(*args) by the method of DEVELOPERS.md
+    (jax_mxfp8.bench.device_time_us); arrays keep their shardings, so this times sharded steps."""
+    from jax_mxfp8 import bench
+    return max(bench.device_time_us(fn, list(arg_sets), reps), 0.0) / 1e3
 
 
 def rel_error(a, b) -> float:

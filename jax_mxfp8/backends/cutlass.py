@@ -24,7 +24,7 @@ import numpy as np
 from jax import lax
 
 from jax_mxfp8 import _ffi, reference
-from jax_mxfp8._compat import ShapedArray, mlir
+from jax_mxfp8._compat import ShapedArray
 from jax_mxfp8.backends.base import Backend, BackendImpl, register_backend
 from jax_mxfp8.primitives import base
 from jax_mxfp8.primitives.quantize import quantize_p
