@@ -90,7 +90,8 @@ def _path_name(path) -> str:
 
 def _children(node):
     if isinstance(node, nnx.Module):
-        return [(k, v) for k, v in vars(node).items() if not k.startswith("_pytree__")]
+        # str(k): nnx.List of flax 0.12.0 keeps its elements under int keys
+        return [(k, v) for k, v in vars(node).items() if not str(k).startswith("_pytree__")]
     if isinstance(node, (list, tuple)):
         return list(enumerate(node))
     if isinstance(node, dict):
@@ -122,7 +123,7 @@ def _references(root, wanted: set[int]) -> dict[int, list]:
 
 def _replace(references, new) -> None:
     for container, key in references:
-        if isinstance(container, nnx.Module):
+        if isinstance(container, nnx.Module) and isinstance(key, str):
             setattr(container, key, new)
         else:
             container[key] = new
