@@ -155,6 +155,16 @@ def dot_dtype(x_dtype) -> jnp.dtype:
     return jnp.dtype(jnp.bfloat16) if jnp.dtype(x_dtype) == jnp.bfloat16 else jnp.dtype(jnp.float32)
 
 
+def dot_with_bias(x, w, bias, out_dtype):
+    """x [..., K] @ w [N, K].T with float32 accumulation, + bias in float32, one cast to out_dtype.
+    The operands are used as given (callers pick their dtype with dot_dtype)."""
+    y = lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())),
+                        precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(out_dtype)
+
+
 def linear(x, values, scales, bias=None, *, out_dtype=None, quantize_activations=False):
     """y = x @ dequantize(w).T + bias with float32 accumulation (W8A16, or W8A8 with x
     quantized by the "ceil" rule first)."""
@@ -163,10 +173,4 @@ def linear(x, values, scales, bias=None, *, out_dtype=None, quantize_activations
     if quantize_activations:
         xv, xs = quantize(x, "ceil")
         x = dequantize(xv, xs, op_dtype)
-    w = dequantize(values, scales, op_dtype)
-    y = lax.dot_general(
-        x.astype(op_dtype), w, (((x.ndim - 1,), (1,)), ((), ())),
-        precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-    if bias is not None:
-        y = y + bias.astype(jnp.float32)
-    return y.astype(out_dtype)
+    return dot_with_bias(x.astype(op_dtype), dequantize(values, scales, op_dtype), bias, out_dtype)

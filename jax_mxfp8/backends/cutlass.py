@@ -139,12 +139,10 @@ def reference_gemm(x, x_scales, w, w_scales, bias, *, out_dtype, has_bias=True, 
     (m, k), n = x.shape, w.shape[0]
     xs = unswizzle_scales(x_scales, m, k // 32)
     ws = unswizzle_scales(w_scales, n, k // 32)
-    y = lax.dot_general(reference.dequantize(x, xs, jnp.float32),
-                        reference.dequantize(w, ws, jnp.float32), (((1,), (1,)), ((), ())),
-                        precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-    if has_bias and bias is not None and bias.size:
-        y = y + bias.astype(jnp.float32)
-    return y.astype(out_dtype)
+    use_bias = has_bias and bias is not None and bias.size
+    return reference.dot_with_bias(reference.dequantize(x, xs, jnp.float32),
+                                   reference.dequantize(w, ws, jnp.float32),
+                                   bias if use_bias else None, out_dtype)
 
 
 def _gemm_unsupported(*args, **params):

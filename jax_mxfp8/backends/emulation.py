@@ -1,9 +1,6 @@
 """EMULATION: the jnp math of numerics.md on any device; weights stay [N, K] + [N, K/32]."""
 from __future__ import annotations
 
-import jax.numpy as jnp
-from jax import lax
-
 from jax_mxfp8 import reference
 from jax_mxfp8.backends.base import Backend, BackendImpl, register_backend
 from jax_mxfp8.primitives import dequantize, quantize
@@ -23,11 +20,7 @@ def _linear(x, weight, bias, out_dtype, quantize_activations):
         xv, xs = quantize(x, rounding="ceil")
         x = dequantize(xv, xs, dtype=op_dtype)
     w = dequantize(weight.arrays["values"], weight.arrays["scales"], dtype=op_dtype)
-    y = lax.dot_general(x.astype(op_dtype), w, (((x.ndim - 1,), (1,)), ((), ())),
-                        precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-    if bias is not None:
-        y = y + bias.astype(jnp.float32)
-    return y.astype(out_dtype)
+    return reference.dot_with_bias(x.astype(op_dtype), w, bias, out_dtype)
 
 
 register_backend(BackendImpl(

@@ -290,11 +290,7 @@ def choose_plan(m: int, n: int, k: int, x_dtype, sms: int | None = None) -> Plan
 def _dequant_dot(x, weight_arrays, bias, out_dtype):
     w = dequantize_packed(weight_arrays["qweight"], weight_arrays["scales"])
     op_dtype = reference.dot_dtype(x.dtype)
-    y = lax.dot_general(x.astype(op_dtype), w.astype(op_dtype), (((1,), (1,)), ((), ())),
-                        precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-    if bias is not None:
-        y = y + bias.astype(jnp.float32)
-    return y.astype(out_dtype)
+    return reference.dot_with_bias(x.astype(op_dtype), w.astype(op_dtype), bias, out_dtype)
 
 
 def _linear(x, weight, bias, out_dtype, quantize_activations):
