@@ -43,7 +43,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any, Callable, Hashable
 
 import jax
 import jax.numpy as jnp
@@ -62,9 +62,6 @@ N_AXIS, K_AXIS = "n", "k"  # the values BackendImpl.array_axes uses for tile-maj
 
 
 # ---- Shardy rules --------------------------------------------------------------------------
-
-Dim = Sequence[tuple[str, int]]  # one array dim as its factors (name, size), major first
-
 
 def sdy_rule(operands, results, *, reduction=(), replicate=()) -> SdyShardingRule:
     """operands/results: (batched, dims) per value; `batched` puts the leading `...` factors first.

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax.core import FrozenDict
 
 from jax_mxfp8.flax._common import (
-    Progress, kernel_to_weight, output_dtype, resolve_backend, show_progress)
+    Progress, default_predicate, kernel_to_weight, output_dtype, resolve_backend, show_progress)
 from jax_mxfp8.linear import linear
 from jax_mxfp8.primitives.quantize import check_rounding
 from jax_mxfp8.weight import MxWeight
@@ -92,7 +92,7 @@ def quantize_params(params, *, predicate: Callable[[str, Any], bool] | None = No
     for path, layer in _dense_leaves(params):
         name = ".".join(str(p) for p in path)
         kernel = layer["kernel"]
-        if predicate(name, kernel) if predicate is not None else kernel.shape[0] % 32 == 0:
+        if predicate(name, kernel) if predicate is not None else default_predicate(name, kernel.shape[0]):
             chosen.append((path, name))
     converted = {}
     bar = Progress(len(chosen), "jax_mxfp8: quantizing", show_progress(progress, len(chosen)))

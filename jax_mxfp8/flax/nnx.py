@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jax_mxfp8.flax._common import (
-    Progress, kernel_to_weight, output_dtype, resolve_backend, show_progress)
+    Progress, default_predicate, kernel_to_weight, output_dtype, resolve_backend, show_progress)
 from jax_mxfp8.linear import linear
 from jax_mxfp8.primitives.quantize import check_rounding
 from jax_mxfp8.weight import MxWeight
@@ -145,7 +145,7 @@ def quantize_model(model, *, predicate: Predicate | None = None, rounding: str =
     for path, node in nnx.iter_graph(model):
         if isinstance(node, nnx.Linear):
             name = _path_name(path) or type(node).__name__
-            if predicate(name, node) if predicate is not None else node.in_features % 32 == 0:
+            if predicate(name, node) if predicate is not None else default_predicate(name, node.in_features):
                 targets.append((name, node))
     references = _references(model, {id(node) for _, node in targets})
     bar = Progress(len(targets), "jax_mxfp8: quantizing", show_progress(progress, len(targets)))
