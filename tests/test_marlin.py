@@ -110,7 +110,7 @@ def test_plans_use_compiled_tiles(m, n, k):
             assert plan.kind == "dequant_dot"
             continue
         assert plan.kind == "kernel"
-        assert (plan.m_blocks, plan.warps_n) in marlin.TILE_CONFIGS
+        assert marlin.Tile(plan.m_blocks, plan.warps_n, plan.stream) in marlin.TILE_CONFIGS
         assert n % (64 * plan.warps_n) == 0 and 1 <= plan.splits <= k // 64
 
 
@@ -165,11 +165,12 @@ def test_lowers_to_custom_calls():
 
 # ---- kernels on the GPU ----------------------------------------------------------------------
 
-def run_gemm(x, arrays, bias, *, m_blocks, warps_n, splits, out_dtype):
+def run_gemm(x, arrays, bias, *, tile, splits, out_dtype):
     poison_device_memory(x.shape[0] * arrays["scales"].shape[1] * 4)
+    tile = marlin.Tile(*tile)
     f = jax.jit(lambda x, b: marlin.gemm(x, arrays["qweight"], arrays["scales"], arrays["flags"], b,
-                                         m_blocks=m_blocks, warps_n=warps_n, splits=splits,
-                                         out_dtype=out_dtype))
+                                         m_blocks=tile.m_blocks, warps_n=tile.warps_n, splits=splits,
+                                         out_dtype=out_dtype, stream=tile.stream))
     return np.asarray(f(x, bias).astype(jnp.float32))
 
 
@@ -208,14 +209,14 @@ def test_every_tile_and_split(tile, splits, m):
     arrays, _ = prepare(codes, scales)
     x = rng.standard_normal((m, k)).astype(ml_dtypes.bfloat16)
     bias = rng.standard_normal(n).astype(np.float32)
-    y = run_gemm(x, arrays, bias, m_blocks=tile[0], warps_n=tile[1], splits=splits,
+    y = run_gemm(x, arrays, bias, tile=tile, splits=splits,
                  out_dtype=jnp.float32)
     assert rel_fro(y, R.linear(x, codes, scales, bias)) <= 1e-4, f"seed {seed}"
 
 
 @needs_kernels
 @pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
-@pytest.mark.parametrize("tile", [(1, 1), (2, 4), (4, 4)])
+@pytest.mark.parametrize("tile", [(1, 1), (2, 4), (4, 4), (1, 1, True), (2, 1, True)])
 def test_fp16_activations_are_exact_inputs(tile, out_dtype):
     """fp16 x is split into bf16 hi + lo in the kernel: the result matches the fp32 math."""
     rng, seed = fresh_rng()
@@ -225,7 +226,7 @@ def test_fp16_activations_are_exact_inputs(tile, out_dtype):
     arrays, _ = prepare(codes, scales)
     x = (rng.standard_normal((m, k)) * 3).astype(np.float16)
     bias = rng.standard_normal(n).astype(np.float16)
-    y = run_gemm(x, arrays, bias, m_blocks=tile[0], warps_n=tile[1], splits=2, out_dtype=out_dtype)
+    y = run_gemm(x, arrays, bias, tile=tile, splits=2, out_dtype=out_dtype)
     tol = 1e-4 if out_dtype == jnp.float32 else 1e-2
     assert rel_fro(y, R.linear(x, codes, scales, bias)) <= tol, f"seed {seed}"
 
@@ -255,7 +256,7 @@ def test_exhaustive_dequantize_kernel(scale_bytes, general):
 
 @needs_kernels
 @pytest.mark.parametrize("scale_bytes,general", [(SCALE_BYTES, 1), (SCALE_BYTES[:5], 0)])
-@pytest.mark.parametrize("tile", [(1, 1), (4, 4)])
+@pytest.mark.parametrize("tile", [(1, 1), (4, 4), (1, 1, True)])
 def test_exhaustive_through_the_gemm(scale_bytes, general, tile):
     """x = identity picks every weight element alone: y[m, n] = dequantize(W)[n, m] exactly."""
     codes, scales = exhaustive_weight(scale_bytes)
@@ -267,7 +268,7 @@ def test_exhaustive_through_the_gemm(scale_bytes, general, tile):
     arrays, _ = prepare(codes, scales)
     assert int(arrays["flags"][0]) == general
     x = np.eye(256, dtype=ml_dtypes.bfloat16)
-    y = run_gemm(x, arrays, None, m_blocks=tile[0], warps_n=tile[1], splits=1, out_dtype=jnp.bfloat16)
+    y = run_gemm(x, arrays, None, tile=tile, splits=1, out_dtype=jnp.bfloat16)
     want = R.dequantize(codes, scales, ml_dtypes.bfloat16).astype(np.float32).T
     nan_cols = np.isnan(want).any(axis=0)
     assert np.all(np.isnan(y[:, nan_cols])) and nan_cols.sum() == general
@@ -279,12 +280,13 @@ def test_exhaustive_through_the_gemm(scale_bytes, general, tile):
 
 
 @needs_kernels
-def test_deterministic_run_to_run():
+@pytest.mark.parametrize("tile", [(1, 1), (1, 1, True)])
+def test_deterministic_run_to_run(tile):
     rng, _ = fresh_rng()
     codes, scales = random_weight(rng, 1024, 4096)
     arrays, _ = prepare(codes, scales)
     x = rng.standard_normal((16, 4096)).astype(ml_dtypes.bfloat16)
-    runs = [run_gemm(x, arrays, None, m_blocks=1, warps_n=1, splits=8, out_dtype=jnp.float32)
+    runs = [run_gemm(x, arrays, None, tile=tile, splits=8, out_dtype=jnp.float32)
             for _ in range(3)]
     assert all(np.array_equal(runs[0], r) for r in runs[1:])
 

@@ -5,6 +5,7 @@
   python tools/marlin_dev.py sweep  [--out D] # tile x split candidates per (shape, M) + peers
   python tools/marlin_dev.py bench  [--out D] # linear(MARLIN) vs bf16 / emulation / scaled_matmul
   python tools/marlin_dev.py extras [--out D] # prepare time, memory analysis
+  python tools/marlin_dev.py timeline --n N --k K --ms M..  # GPU activity of one unrolled jit
 
 Timing: jax_mxfp8.bench.device_time_us (R argument sets unrolled in one jit, minus one set).
 """
@@ -53,16 +54,17 @@ def smoke(args) -> int:
             for m in (1, 5, 17, 70):
                 x = jnp.asarray(rng.standard_normal((m, k)), xt)
                 want = np.asarray(x, np.float64) @ w64.T
-                for mb, wn in marlin.TILE_CONFIGS:
-                    if n % (64 * wn):
+                for tile in marlin.TILE_CONFIGS:
+                    if n % (64 * tile.warps_n):
                         continue
                     for splits in (1, 3):
                         y = marlin.gemm(x, arrays["qweight"], arrays["scales"], arrays["flags"],
-                                        m_blocks=mb, warps_n=wn, splits=splits, out_dtype=jnp.float32)
+                                        m_blocks=tile.m_blocks, warps_n=tile.warps_n, splits=splits,
+                                        stream=tile.stream, out_dtype=jnp.float32)
                         err = _rel(y, want)
                         if not err < 1e-4:
                             bad += 1
-                            log(f"FAIL n={n} k={k} m={m} x={jnp.dtype(xt).name} tile=({mb},{wn}) "
+                            log(f"FAIL n={n} k={k} m={m} x={jnp.dtype(xt).name} {tile} "
                                 f"splits={splits}: rel err {err:.3e}")
         got = np.asarray(marlin.dequantize_packed(arrays["qweight"], arrays["scales"]), np.float32)
         ref = np.asarray(reference.dequantize(values, scales, jnp.bfloat16), np.float32)
@@ -83,7 +85,8 @@ def probe(args) -> int:
     w64 = np.asarray(reference.dequantize(values, scales, jnp.float32), np.float64)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     y = marlin.gemm(x, arrays["qweight"], arrays["scales"], arrays["flags"], m_blocks=args.tile[0],
-                    warps_n=args.tile[1], splits=args.splits, out_dtype=jnp.float32)
+                    warps_n=args.tile[1], splits=args.splits, stream=args.stream,
+                    out_dtype=jnp.float32)
     err = _rel(y, np.asarray(x, np.float64) @ w64.T)
     log(f"probe n={n} k={k} m={m} tile={tuple(args.tile)} splits={args.splits} "
         f"evict_first={os.environ.get('JAX_MXFP8_MARLIN_EVICT_FIRST', '0')}: rel err {err:.2e}")
@@ -103,11 +106,11 @@ def sanitize(args) -> int:
         for m in args.ms or (3, 33):
             x = jnp.asarray(rng.standard_normal((m, k)), xt)
             bias = jnp.asarray(rng.standard_normal(n), jnp.bfloat16)
-            for mb, wn in marlin.TILE_CONFIGS:
+            for tile in marlin.TILE_CONFIGS:
                 for splits in (1, 2):
                     marlin.gemm(x, arrays["qweight"], arrays["scales"], arrays["flags"], bias,
-                                m_blocks=mb, warps_n=wn, splits=splits,
-                                out_dtype=jnp.bfloat16).block_until_ready()
+                                m_blocks=tile.m_blocks, warps_n=tile.warps_n, splits=splits,
+                                stream=tile.stream, out_dtype=jnp.bfloat16).block_until_ready()
                     count += 1
     marlin.dequantize_packed(arrays["qweight"], arrays["scales"]).block_until_ready()
     log("sanitize: ran", count + 1, "kernels")
@@ -142,15 +145,24 @@ def time_fn(fn, sets, repeats):
 
 
 def candidates(m, n, k):
+    """(Tile, splits) pairs worth timing at this M."""
+    T = marlin.Tile
     if m <= 16:
-        opts = [(1, 1, (1, 2, 4)), (1, 2, (1, 2)), (1, 4, (1,))]
+        opts = [(T(1, 1, True), (1, 2, 3, 4, 6, 8)), (T(1, 1), (1, 2, 4)), (T(1, 2), (1, 2)),
+                (T(1, 4), (1, 2))]
     elif m <= 32:
-        opts = [(2, 2, (1, 2, 4)), (2, 4, (1, 2))]
+        opts = [(T(2, 1, True), (1, 2, 4, 8)), (T(1, 1, True), (1, 2, 4)), (T(2, 2), (1, 2, 4)),
+                (T(2, 4), (1, 2))]
     elif m <= 64:
-        opts = [(4, 2, (1, 2)), (4, 4, (1, 2)), (2, 4, (1,))]
+        opts = [(T(2, 1, True), (1, 2, 4)), (T(4, 2), (1, 2, 4)), (T(4, 4), (1, 2, 4)),
+                (T(2, 4), (1, 2))]
     else:
-        opts = [(4, 4, (1,)), (4, 2, (1,)), (2, 4, (1,))]
-    return [(mb, wn, s) for mb, wn, ss in opts if n % (64 * wn) == 0 for s in ss]
+        opts = [(T(4, 4), (1, 2)), (T(4, 2), (1, 2)), (T(2, 4), (1,))]
+    return [(t, s) for t, ss in opts if n % (64 * t.warps_n) == 0 for s in ss]
+
+
+def _name(tile, splits):
+    return f"{'s' if tile.stream else 't'}{tile.m_blocks}{tile.warps_n}x{splits}"
 
 
 def sweep(args) -> int:
@@ -167,11 +179,12 @@ def sweep(args) -> int:
             xs = [jax.random.normal(jax.random.key(7 + i), (m, k), jnp.bfloat16) for i in range(nsets)]
             sets = [(x, w) for x, w in zip(xs, wsets)]
             res = {}
-            for mb, wn, s in candidates(m, n, k):
-                def f(x, w, mb=mb, wn=wn, s=s):
-                    return marlin.gemm(x, w["qweight"], w["scales"], w["flags"], m_blocks=mb,
-                                       warps_n=wn, splits=s, out_dtype=jnp.bfloat16)
-                res[f"t{mb}{wn}s{s}"] = time_fn(f, sets, repeats)
+            for tile, s in candidates(m, n, k):
+                def f(x, w, tile=tile, s=s):
+                    return marlin.gemm(x, w["qweight"], w["scales"], w["flags"], m_blocks=tile.m_blocks,
+                                       warps_n=tile.warps_n, splits=s, stream=tile.stream,
+                                       out_dtype=jnp.bfloat16)
+                res[_name(tile, s)] = time_fn(f, sets, repeats)
             res["dequant_dot"] = time_fn(lambda x, w: marlin._dequant_dot(x, w, None, jnp.bfloat16),
                                          sets, repeats)
             plan = marlin.choose_plan(m, n, k, jnp.bfloat16)
@@ -182,10 +195,12 @@ def sweep(args) -> int:
         if args.general:
             sets = [(jax.random.normal(jax.random.key(7), (16, k), jnp.bfloat16), w)
                     for w in packed_sets(n, k, nsets, general=True)]
-            t = time_fn(lambda x, w: marlin.gemm(x, w["qweight"], w["scales"], w["flags"], m_blocks=1,
-                                                 warps_n=1, splits=1, out_dtype=jnp.bfloat16),
-                        sets, repeats)
-            log(f"{n}x{k} M=16 general-path t11s1 {t:.1f} us")
+            plan = marlin.choose_plan(16, n, k, jnp.bfloat16)
+            t = time_fn(lambda x, w: marlin.gemm(x, w["qweight"], w["scales"], w["flags"],
+                                                 m_blocks=plan.m_blocks, warps_n=plan.warps_n,
+                                                 splits=plan.splits, stream=plan.stream,
+                                                 out_dtype=jnp.bfloat16), sets, repeats)
+            log(f"{n}x{k} M=16 general-path {plan} {t:.1f} us")
         del wsets
         gc.collect()
     if args.out:
@@ -236,7 +251,7 @@ def bench_cmd(args) -> int:
                 f"{t['bf16']:.1f} ({t['bf16'] / t['marlin']:.2f}x) | {t['emulation']:.1f} "
                 f"({t['emulation'] / t['marlin']:.2f}x) | "
                 + (f"{t['scaled_matmul']:.1f} ({t['scaled_matmul'] / t['marlin']:.2f}x) | "
-                   if "scaled_matmul" in t else "") + f"{plan.kind} {plan.m_blocks}{plan.warps_n}s{plan.splits} |")
+                   if "scaled_matmul" in t else "") + f"{plan.kind} {_name(marlin.Tile(plan.m_blocks, plan.warps_n, plan.stream), plan.splits)} |")
         del base
         gc.collect()
     if args.out:
@@ -310,9 +325,55 @@ def extras(args) -> int:
     return 0
 
 
+def timeline(args) -> int:
+    """Where the time of one unrolled jit goes: every GPU activity (start offset, duration) of
+    R = 8 sets, for bf16 jnp.dot and linear(MARLIN), so the R-difference can be read against
+    the kernels' own durations (gaps between kernels = host or runtime cost)."""
+    import glob
+    import tempfile
+    n, k = args.n, args.k
+    nsets = 8
+    for m in args.ms or [1, 16]:
+        sets = []
+        for i in range(nsets):
+            w = jax.random.normal(jax.random.key(400 + i), (n, k), jnp.bfloat16) * 0.05
+            v, s = reference.quantize(w, "ceil")
+            x = jax.random.normal(jax.random.key(500 + i), (m, k), jnp.bfloat16)
+            sets.append((x, w, mx.prepare_weight(v, s, backend="marlin")))
+        for name, fn in (("bf16", lambda x, w, p: jnp.dot(x, w.T, preferred_element_type=jnp.bfloat16)),
+                         ("marlin", lambda x, w, p: mx.linear(x, p))):
+            rdiff = bench.device_time_us(fn, sets, 5)
+            unrolled = jax.jit(lambda sets, fn=fn: [fn(*a) for a in sets])
+            jax.block_until_ready(unrolled(sets))
+            with tempfile.TemporaryDirectory() as tmp:
+                jax.profiler.start_trace(tmp)
+                jax.block_until_ready(unrolled(sets))
+                jax.profiler.stop_trace()
+                path = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)[0]
+                data = jax.profiler.ProfileData.from_file(path)
+            events = []
+            for plane in data.planes:
+                if plane.name.startswith("/device:GPU"):
+                    for line in plane.lines:
+                        if line.name.startswith("Stream"):
+                            events += [(e.start_ns, e.duration_ns, e.name) for e in line.events]
+            events.sort()
+            if not events:
+                log(f"{name} M={m}: no GPU events")
+                continue
+            t0 = events[0][0]
+            busy = sum(e[1] for e in events) / 1e3
+            span = (events[-1][0] + events[-1][1] - t0) / 1e3
+            log(f"== {name} M={m} {n}x{k}: R-diff {rdiff:.1f} us/call; profiler busy {busy / nsets:.1f} "
+                f"us/call, span {span / nsets:.1f} us/call, {len(events)} events")
+            for st, dur, nm in events[:24]:
+                log(f"   +{(st - t0) / 1e3:9.1f} us  {dur / 1e3:8.1f} us  {nm[:90]}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("cmd", choices=["smoke", "probe", "sanitize", "sweep", "bench", "extras"])
+    ap.add_argument("cmd", choices=["smoke", "probe", "sanitize", "sweep", "bench", "extras", "timeline"])
     ap.add_argument("--n", type=int, default=512)
     ap.add_argument("--k", type=int, default=1536)
     ap.add_argument("--m", type=int, default=1)
@@ -322,15 +383,17 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", nargs="*")
     ap.add_argument("--ms", nargs="*", type=int)
     ap.add_argument("--general", action="store_true")
+    ap.add_argument("--stream", action="store_true")
     ap.add_argument("--bf16-only", action="store_true")
     ap.add_argument("--no-scaled-matmul", action="store_true")
     args = ap.parse_args(argv)
     # as the harness does: no command buffers (their host re-record cost grows with R)
-    if "xla_gpu_enable_command_buffer" not in os.environ.get("XLA_FLAGS", ""):
+    if ("xla_gpu_enable_command_buffer" not in os.environ.get("XLA_FLAGS", "")
+            and not os.environ.get("MXFP8_KEEP_CMDBUF")):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
     log("devices:", jax.devices(), "core_count:", getattr(jax.devices()[0], "core_count", None))
     return {"smoke": smoke, "probe": probe, "sanitize": sanitize, "sweep": sweep, "bench": bench_cmd,
-            "extras": extras}[args.cmd](args)
+            "extras": extras, "timeline": timeline}[args.cmd](args)
 
 
 if __name__ == "__main__":

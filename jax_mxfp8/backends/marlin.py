@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,9 +37,19 @@ TILE = 64            # N and K granularity of the packed layout and of a pipelin
 FAST_MAX_SCALE = 134  # largest e8m0 byte whose folded scale 2^(e-7) is a normal bf16
 META_TAG = "marlin-v1"
 
-# (m_blocks, warps_n) tile configurations compiled into ffi/src/marlin.cu (DispatchTile).
-# A block computes 16*m_blocks rows x 64*warps_n columns.
-TILE_CONFIGS = ((1, 1), (1, 2), (1, 4), (2, 2), (2, 4), (4, 2), (4, 4))
+
+
+class Tile(NamedTuple):
+    """A kernel configuration compiled into ffi/src/marlin.cu (DispatchTile): a block computes
+    16*m_blocks rows x 64*warps_n columns. stream: the register-streaming small-M kernel (one
+    64-column tile, 4 warps over K, no shared-memory pipeline); else the tiled cp.async kernel."""
+    m_blocks: int
+    warps_n: int
+    stream: bool = False
+
+
+TILE_CONFIGS = (Tile(1, 1), Tile(1, 2), Tile(1, 4), Tile(2, 2), Tile(2, 4), Tile(4, 2), Tile(4, 4),
+                Tile(1, 1, True), Tile(2, 1, True))
 KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -129,8 +140,8 @@ def workspace_bytes(m: int, n: int, k: int, m_blocks: int, warps_n: int, splits:
     return counters + s * m_chunks * rows * n * 4
 
 
-def _gemm_abstract(x, qweight, scales, flags, bias, *, m_blocks, warps_n, splits, out_dtype,
-                   has_bias):
+def _gemm_abstract(x, qweight, scales, flags, bias, *, m_blocks, warps_n, splits, stream,
+                   out_dtype, has_bias):
     base.check_dtype("marlin gemm x", x.dtype, KERNEL_DTYPES,
                      "The Marlin kernel takes bf16 or fp16 activations; linear() routes fp32 to "
                      "the dequantize path.")
@@ -141,25 +152,25 @@ def _gemm_abstract(x, qweight, scales, flags, bias, *, m_blocks, warps_n, splits
     if k % TILE or n % (64 * warps_n) or qweight.shape != (k // 16, 16 * n) or scales.shape != (k // 32, n):
         raise ValueError(f"marlin gemm: x {x.shape}, qweight {qweight.shape}, scales {scales.shape} "
                          f"do not form a packed problem with K % 64 == 0 and N % {64 * warps_n} == 0")
-    if (m_blocks, warps_n) not in TILE_CONFIGS:
-        raise ValueError(f"marlin gemm: tile ({m_blocks}, {warps_n}) is not compiled; use one of "
-                         f"{TILE_CONFIGS}")
+    if Tile(m_blocks, warps_n, stream) not in TILE_CONFIGS:
+        raise ValueError(f"marlin gemm: {Tile(m_blocks, warps_n, stream)} is not compiled; use one "
+                         f"of {TILE_CONFIGS}")
     if has_bias and bias.shape != (n,):
         raise ValueError(f"marlin gemm: bias shape {bias.shape} != ({n},)")
     return ShapedArray((m, n), out_dtype)
 
 
-def _gemm_reference(x, qweight, scales, flags, bias, *, m_blocks, warps_n, splits, out_dtype,
-                    has_bias):
+def _gemm_reference(x, qweight, scales, flags, bias, *, m_blocks, warps_n, splits, stream,
+                    out_dtype, has_bias):
     values, s = _unpack_padded(qweight, scales)
     return reference.linear(x, values, s, bias if has_bias else None, out_dtype=out_dtype)
 
 
-def _gemm_cuda(ctx, x, qweight, scales, flags, bias, *, m_blocks, warps_n, splits, out_dtype,
-               has_bias):
+def _gemm_cuda(ctx, x, qweight, scales, flags, bias, *, m_blocks, warps_n, splits, stream,
+               out_dtype, has_bias):
     if not _ffi.has_cuda_target(GEMM_TARGET):
         return mlir.lower_fun(functools.partial(
-            _gemm_reference, m_blocks=m_blocks, warps_n=warps_n, splits=splits,
+            _gemm_reference, m_blocks=m_blocks, warps_n=warps_n, splits=splits, stream=stream,
             out_dtype=out_dtype, has_bias=has_bias), multiple_results=False)(
                 ctx, x, qweight, scales, flags, bias)
     _ffi.register_cuda_targets()
@@ -169,7 +180,7 @@ def _gemm_cuda(ctx, x, qweight, scales, flags, bias, *, m_blocks, warps_n, split
     hidden = ctx.replace(avals_out=[ctx.avals_out[0], ws])  # workspace: a hidden extra result
     results = jax.ffi.ffi_lowering(GEMM_TARGET)(
         hidden, x, qweight, scales, flags, bias, m_blocks=np.int32(m_blocks),
-        warps_n=np.int32(warps_n), splits=np.int32(splits))
+        warps_n=np.int32(warps_n), splits=np.int32(splits), stream=np.int32(stream))
     return list(results)[:1]
 
 
@@ -217,13 +228,14 @@ marlin_dequantize_p = base.define_primitive(
     lowerings={"cuda": base.cuda_ffi_lowering(DEQUANT_TARGET, _dequant_reference, False)})
 
 
-def gemm(x, qweight, scales, flags, bias=None, *, m_blocks, warps_n, splits, out_dtype):
-    """One Marlin kernel launch with an explicit tile configuration (tests and tuning)."""
+def gemm(x, qweight, scales, flags, bias=None, *, m_blocks, warps_n, splits, out_dtype,
+         stream=False):
+    """One Marlin kernel launch with an explicit configuration (a Tile, plus K splits)."""
     has_bias = bias is not None
     if bias is None:
         bias = jnp.zeros((0,), x.dtype)
     return marlin_gemm_p.bind(x, qweight, scales, flags, bias, m_blocks=int(m_blocks),
-                              warps_n=int(warps_n), splits=int(splits),
+                              warps_n=int(warps_n), splits=int(splits), stream=bool(stream),
                               out_dtype=jnp.dtype(out_dtype), has_bias=has_bias)
 
 
@@ -240,6 +252,7 @@ class Plan:
     m_blocks: int = 0
     warps_n: int = 0
     splits: int = 1
+    stream: bool = False
 
 
 # Largest bf16 M that runs the fused kernel; above it "dequantize + cuBLAS bf16 (wgmma)" is
@@ -247,6 +260,9 @@ class Plan:
 # shared/design/perf_baseline.md). NOT yet tuned on the H100: tools/marlin_dev.py sweep measures
 # every candidate; set this and the choices below from its table.
 MAX_KERNEL_M = 256
+# Largest M for the register-streaming kernel, and how many waves of blocks it aims for.
+STREAM_MAX_M = 32
+STREAM_WAVES = 2
 
 
 def _sm_count() -> int:
@@ -268,9 +284,18 @@ def choose_plan(m: int, n: int, k: int, x_dtype, sms: int | None = None) -> Plan
     if x_dtype not in KERNEL_DTYPES or (x_dtype == jnp.bfloat16 and m > MAX_KERNEL_M):
         return Plan("dequant_dot")
     sms = sms or _sm_count()
-    if m <= 16:
-        m_blocks, wn_pref = 1, (1, 2)      # 16 x 64 tiles: the most blocks, memory-bound
-    elif m <= 32:
+    kt_total = k // TILE
+    if m <= STREAM_MAX_M:
+        # Register-streaming kernel: 64-column tiles, 4 warps per block, ~3 blocks per SM. Split
+        # K until there are a few waves of blocks (small blocks even out the tail), keeping
+        # >= 2 chunks per warp.
+        m_blocks = 1 if m <= 16 else 2
+        tiles = (n // TILE) * -(-m // (16 * m_blocks))
+        splits = 1
+        while tiles * splits < STREAM_WAVES * 3 * sms and kt_total // (splits * 2) >= 8:
+            splits *= 2
+        return Plan("kernel", m_blocks, 1, splits, stream=True)
+    if m <= 32:
         m_blocks, wn_pref = 2, (2, 4)
     else:
         m_blocks, wn_pref = 4, (4, 2)      # 64 x 256 (Marlin's large-batch tile)
@@ -282,7 +307,7 @@ def choose_plan(m: int, n: int, k: int, x_dtype, sms: int | None = None) -> Plan
     # Fewer tiles than ~1.5 waves of SMs: split K so every SM streams weights (each split keeps
     # >= 4 pipeline stages). Splits cost a memset of the tile counters and an fp32 partial pass.
     splits = 1
-    while tiles * splits < 1.5 * sms and splits * 2 <= (k // TILE) // 4:
+    while tiles * splits < 1.5 * sms and splits * 2 <= kt_total // 4:
         splits *= 2
     return Plan("kernel", m_blocks, warps_n, splits)
 
@@ -309,7 +334,7 @@ def _linear(x, weight, bias, out_dtype, quantize_activations):
     a = weight.arrays
     if plan.kind == "kernel":
         y = gemm(x, a["qweight"], a["scales"], a["flags"], bias, m_blocks=plan.m_blocks,
-                 warps_n=plan.warps_n, splits=plan.splits, out_dtype=out_dtype)
+                 warps_n=plan.warps_n, splits=plan.splits, out_dtype=out_dtype, stream=plan.stream)
     else:
         y = _dequant_dot(x, a, bias, out_dtype)
     return y[:, :n] if n_pad != n else y
