@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
-# One time-boxed device call for the Marlin tuning loop: build, correctness smoke of every
-# kernel configuration, the tile/split sweep, where the time of one unrolled jit goes
-# (profiler timeline, with and without command buffers), then the Marlin GPU tests.
-# Logs and JSON land in $OUT. Usage: bash tools/gpu_next.sh [sweep shapes...]
+# One time-boxed device call for the Marlin tuning loop: build, smoke, the tile/split sweep by
+# profiler busy time at the default L2 prefetch distance, then the prefetch distance on the
+# large shapes. Logs and JSON land in $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-$PWD/gpu_out}"; mkdir -p "$out"
@@ -14,7 +13,8 @@ step() {  # name, seconds, command...
 }
 step build 200 bash tools/gpu_build.sh
 TAIL=6 step smoke 60 python3 -P tools/marlin_dev.py smoke
-TAIL=60 step sweep "${SWEEP_S:-240}" python3 -P tools/marlin_dev.py sweep --general --ms ${SWEEP_MS:-1 16 64} --out "$out" ${SWEEP_SHAPES:+--shapes $SWEEP_SHAPES}
-TAIL=60 step timeline 60 python3 -P tools/marlin_dev.py timeline --n 8192 --k 8192 --ms 1
-MXFP8_KEEP_CMDBUF=1 TAIL=30 step timeline_cmdbuf 45 python3 -P tools/marlin_dev.py timeline --n 8192 --k 8192 --ms 1
-TAIL=8 step test_marlin 120 python3 -P -m pytest -q -x tests/test_marlin.py
+TAIL=40 step sweep 300 python3 -P tools/marlin_dev.py sweep --ms 1 16 64 --out "$out"
+for pf in 0 4 8; do
+  JAX_MXFP8_MARLIN_PREFETCH=$pf TAIL=6 step sweep_pf$pf 45 python3 -P tools/marlin_dev.py sweep \
+    --shapes 8192x8192 28672x8192 --ms 1 16 --only s11x2 s11x3 s11x4 s11x8 t11x4 t12x1 t14x1
+done

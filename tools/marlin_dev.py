@@ -136,8 +136,12 @@ def copy_bandwidth(nsets, repeats) -> float:
     return bps[0] if isinstance(bps, tuple) else bps
 
 
-def time_fn(fn, sets, repeats):
+def time_fn(fn, sets, repeats, metric="rdiff"):
+    """us per call: "rdiff" = the harness's R-difference; "busy" = profiler GPU busy time (sum
+    of kernel and memset durations), free of the host time the R-difference also carries."""
     try:
+        if metric == "busy":
+            return bench.profiled_us(fn, sets, runs=2) or float("nan")
         return bench.device_time_us(fn, sets, repeats)
     except Exception as err:  # noqa: BLE001
         log("   error:", type(err).__name__, str(err).splitlines()[0][:160])
@@ -168,7 +172,11 @@ def _name(tile, splits):
 def sweep(args) -> int:
     repeats, nsets = 5, 8
     copy = copy_bandwidth(nsets, repeats)
-    log(f"copy bandwidth {copy / 1e12:.3f} TB/s")
+    log(f"copy bandwidth {copy / 1e12:.3f} TB/s (R-difference); metric {args.metric}; "
+        f"L2 prefetch {os.environ.get('JAX_MXFP8_MARLIN_PREFETCH', 'default')}")
+    if args.metric == "busy":  # floors from the profiler's copy bandwidth, like for like
+        copy = bench.copy_bandwidth(bench.Config(sets=nsets, repeats=repeats, profile=True))[1] or copy
+        log(f"copy bandwidth {copy / 1e12:.3f} TB/s (profiler busy time)")
     rows = []
     shapes = SHAPES if not args.shapes else [tuple(map(int, s.split("x"))) for s in args.shapes]
     ms = args.ms or [1, 16, 32, 64, 128, 256, 1024]
@@ -180,15 +188,20 @@ def sweep(args) -> int:
             sets = [(x, w) for x, w in zip(xs, wsets)]
             res = {}
             for tile, s in candidates(m, n, k):
+                if args.only and _name(tile, s) not in args.only:
+                    continue
+
                 def f(x, w, tile=tile, s=s):
                     return marlin.gemm(x, w["qweight"], w["scales"], w["flags"], m_blocks=tile.m_blocks,
                                        warps_n=tile.warps_n, splits=s, stream=tile.stream,
                                        out_dtype=jnp.bfloat16)
-                res[_name(tile, s)] = time_fn(f, sets, repeats)
-            res["dequant_dot"] = time_fn(lambda x, w: marlin._dequant_dot(x, w, None, jnp.bfloat16),
-                                         sets, repeats)
+                res[_name(tile, s)] = time_fn(f, sets, repeats, args.metric)
+            if m > 64:  # dequantize + cuBLAS cannot win while the weight read dominates
+                res["dequant_dot"] = time_fn(
+                    lambda x, w: marlin._dequant_dot(x, w, None, jnp.bfloat16), sets, repeats,
+                    args.metric)
             plan = marlin.choose_plan(m, n, k, jnp.bfloat16)
-            best = min((v, key) for key, v in res.items() if v == v)
+            best = min(((v, key) for key, v in res.items() if v == v), default=(float("nan"), "-"))
             log(f"{n}x{k} M={m:5d} floor {floor:7.1f}  best {best[1]:12s} {best[0]:8.1f} us  "
                 f"plan={plan}  " + " ".join(f"{key}={v:.1f}" for key, v in res.items()))
             rows.append({"n": n, "k": k, "m": m, "floor_us": floor, **res})
@@ -199,7 +212,7 @@ def sweep(args) -> int:
             t = time_fn(lambda x, w: marlin.gemm(x, w["qweight"], w["scales"], w["flags"],
                                                  m_blocks=plan.m_blocks, warps_n=plan.warps_n,
                                                  splits=plan.splits, stream=plan.stream,
-                                                 out_dtype=jnp.bfloat16), sets, repeats)
+                                                 out_dtype=jnp.bfloat16), sets, repeats, args.metric)
             log(f"{n}x{k} M=16 general-path {plan} {t:.1f} us")
         del wsets
         gc.collect()
@@ -384,6 +397,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ms", nargs="*", type=int)
     ap.add_argument("--general", action="store_true")
     ap.add_argument("--stream", action="store_true")
+    ap.add_argument("--metric", choices=["busy", "rdiff"], default="busy")
+    ap.add_argument("--only", nargs="*", help="sweep only these candidates (names as printed)")
     ap.add_argument("--bf16-only", action="store_true")
     ap.add_argument("--no-scaled-matmul", action="store_true")
     args = ap.parse_args(argv)
