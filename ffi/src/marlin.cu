@@ -35,7 +35,6 @@
 #include <cuda_runtime.h>
 
 #include <atomic>
-#include <cstdlib>
 #include <cstdint>
 #include <string>
 #include <type_traits>
@@ -65,12 +64,6 @@ __device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, bool va
   const int src_size = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
                "r"(src_size));
-}
-
-// Hint the weight lines of a later step into L2: it costs no registers or shared memory, so it
-// deepens the number of bytes in flight beyond what the register/shared pipelines hold.
-__device__ __forceinline__ void PrefetchL2(const void* p) {
-  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
 }
 
 __device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
@@ -158,7 +151,6 @@ struct GemmArgs {
   int m, n, k;
   int splits, kt_per_split, m_chunks;
   int bias_type, out_type;
-  int prefetch;           // L2 prefetch distance in pipeline steps (0: off)
 };
 
 template <int MB, int WN, int STAGES>
@@ -279,12 +271,6 @@ __device__ __forceinline__ void MainLoop(const GemmArgs& a, uint8_t* smem, float
     if (next < num_kt)
       LoadStage<MB, WN, STAGES, XT>(a, smem + write_slot * T::kStageBytes, kt_begin + next,
                                     n_tile, m0);
-    if (a.prefetch > 0 && next + a.prefetch < num_kt && threadIdx.x < 32 * WN) {
-      // the stage's 4 k16 rows of WN contiguous 1 KiB tiles: one 128-B line per thread
-      const int sub = threadIdx.x / (8 * WN), line = threadIdx.x % (8 * WN);
-      PrefetchL2(a.w + ((static_cast<size_t>(kt_begin + next + a.prefetch) * kSubTiles + sub) *
-                            (a.n / 64) + n_tile * WN) * 1024 + line * 128);
-    }
     CpAsyncCommit();  // always commit (possibly empty) so the wait counts stay right
     ComputeStage<MB, WN, STAGES, XT, kGeneral>(smem + read_slot * T::kStageBytes, acc);
     read_slot = read_slot + 1 == STAGES ? 0 : read_slot + 1;
@@ -456,7 +442,7 @@ __global__ void __launch_bounds__(kThreads, MB == 1 ? 3 : 2) MarlinGemmKernel(co
 // activation fragments come from L1/L2 (x is small and read by every block). A block = 4 warps
 // on one 64-column tile, dealt the block's K range chunk by chunk; FinishTile sums them.
 
-constexpr int kStreamDepth = 2;  // chunks in flight per warp (registers: ~36 per chunk)
+constexpr int kStreamDepth = 2;  // chunks in flight per warp (registers: ~52 per chunk at MB=1)
 
 __device__ __forceinline__ uint4 LdStream(const uint8_t* p) {  // read once: keep it out of L1
   uint4 v;
@@ -511,13 +497,6 @@ __device__ __forceinline__ void StreamLoadX(const GemmArgs& a, uint32_t (&xf)[MB
   }
 }
 
-// Lane l hints line l % 8 of k16 row l / 8 of chunk kt (4 x 1 KiB) into L2.
-__device__ __forceinline__ void StreamPrefetch(const GemmArgs& a, int kt, int n_tile) {
-  const int lane = threadIdx.x & 31;
-  PrefetchL2(a.w + ((static_cast<size_t>(kt) * kSubTiles + (lane >> 3)) * (a.n / 64) + n_tile) * 1024 +
-             (lane & 7) * 128);
-}
-
 template <int MB, typename XT, bool kGeneral>
 __device__ __forceinline__ void StreamCompute(const StreamChunk<MB>& c, const uint32_t (&xf)[MB][kSubTiles][4],
                                               float (&acc)[MB][8][4]) {
@@ -570,8 +549,6 @@ __device__ __forceinline__ void StreamLoop(const GemmArgs& a, float (&acc)[MB][8
                                            int kt_end, int n_tile, int m0) {
   constexpr int kStep = kThreads / 32;
   StreamChunk<MB> slot[kStreamDepth];
-  for (int d = kStreamDepth; d < kStreamDepth + a.prefetch; ++d)
-    if (kt_first + d * kStep < kt_end) StreamPrefetch(a, kt_first + d * kStep, n_tile);
 #pragma unroll
   for (int d = 0; d < kStreamDepth; ++d)
     if (kt_first + d * kStep < kt_end) StreamLoad<MB>(a, slot[d], kt_first + d * kStep, n_tile);
@@ -585,8 +562,6 @@ __device__ __forceinline__ void StreamLoop(const GemmArgs& a, float (&acc)[MB][8
         StreamCompute<MB, XT, kGeneral>(slot[d], xf, acc);
         const int next = kt + kStreamDepth * kStep;
         if (next < kt_end) StreamLoad<MB>(a, slot[d], next, n_tile);
-        const int ahead = next + a.prefetch * kStep;
-        if (a.prefetch > 0 && ahead < kt_end) StreamPrefetch(a, ahead, n_tile);
       }
     }
   }
@@ -745,20 +720,6 @@ ffi::Error DispatchTile(cudaStream_t stream, const GemmArgs& args, int mb, int w
   }
 }
 
-// L2 prefetch distance (pipeline steps ahead). A tuning knob read once per process:
-// JAX_MXFP8_MARLIN_PREFETCH=0 turns it off (tools/marlin_dev.py sweeps it).
-constexpr int kDefaultPrefetch = 2;
-
-int PrefetchDistance() {
-  static const int distance = [] {
-    const char* env = std::getenv("JAX_MXFP8_MARLIN_PREFETCH");
-    if (env == nullptr || *env == '\0') return kDefaultPrefetch;
-    const int v = std::atoi(env);
-    return v < 0 ? 0 : (v > 16 ? 16 : v);
-  }();
-  return distance;
-}
-
 ffi::Error MarlinGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U8> qweight,
                           ffi::Buffer<ffi::U8> scales, ffi::Buffer<ffi::S32> flags,
                           ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> y,
@@ -809,7 +770,6 @@ ffi::Error MarlinGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi
   args.m_chunks = static_cast<int>((m + rows - 1) / rows);
   args.bias_type = has_bias ? DTypeOf(bias.element_type()) : kNone;
   args.out_type = out_type;
-  args.prefetch = PrefetchDistance();
   if (args.splits > 1) {
     const size_t n_tiles = static_cast<size_t>(n) / (64 * warps_n);
     const size_t counter_bytes = (n_tiles * args.m_chunks * 4 + 255) / 256 * 256;
