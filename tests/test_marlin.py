@@ -109,9 +109,34 @@ def test_plans_use_compiled_tiles(m, n, k):
         if x_dtype == jnp.bfloat16 and m > marlin.MAX_KERNEL_M:
             assert plan.kind == "dequant_dot"
             continue
+        if x_dtype == jnp.bfloat16 and plan.kind == "dequant_dot":  # measured to win there
+            assert marlin.H100_TABLE[(n, k)][next(b for b in marlin.M_BUCKETS if m <= b)] is None
+            continue
         assert plan.kind == "kernel"
-        assert marlin.Tile(plan.m_blocks, plan.warps_n, plan.stream) in marlin.TILE_CONFIGS
+        assert marlin.Tile(plan.m_blocks, plan.warps_n) in marlin.TILE_CONFIGS
         assert n % (64 * plan.warps_n) == 0 and 1 <= plan.splits <= k // 64
+
+
+def test_h100_table_entries_are_compiled_and_fit():
+    for (n, k), row in marlin.H100_TABLE.items():
+        assert set(row) == set(marlin.M_BUCKETS)
+        for entry in filter(None, row.values()):
+            mb, wn, splits = entry
+            assert marlin.Tile(mb, wn) in marlin.TILE_CONFIGS and n % (64 * wn) == 0
+            assert 1 <= splits <= k // marlin.TILE
+
+
+@pytest.mark.parametrize("n,k", [(4096, 4096), (8192, 8192), (1024, 14336), (28672, 8192), (192, 320)])
+def test_rule_plan_stays_in_bounds_on_other_gpus(n, k):
+    """Shapes and SM counts the table does not cover take the rule: a compiled tile that divides
+    N, at most two blocks per SM unless one tile row already exceeds that, no split above 128."""
+    for sms in (108, 78, 132):
+        for m in (1, 16, 17, 32, 64, 65, 128, 256):
+            plan = marlin.choose_plan(m, n, k, jnp.float16, sms=sms)
+            tile = marlin.Tile(plan.m_blocks, plan.warps_n)
+            assert plan.kind == "kernel" and tile in marlin.TILE_CONFIGS and n % (64 * tile.warps_n) == 0
+            tiles = (n // (64 * tile.warps_n)) * -(-m // (16 * tile.m_blocks))
+            assert plan.splits == 1 or (tiles * plan.splits <= 2 * sms and m <= 128)
 
 
 def test_primitive_reference_lowering_matches_float64():
@@ -170,7 +195,7 @@ def run_gemm(x, arrays, bias, *, tile, splits, out_dtype):
     tile = marlin.Tile(*tile)
     f = jax.jit(lambda x, b: marlin.gemm(x, arrays["qweight"], arrays["scales"], arrays["flags"], b,
                                          m_blocks=tile.m_blocks, warps_n=tile.warps_n, splits=splits,
-                                         out_dtype=out_dtype, stream=tile.stream))
+                                         out_dtype=out_dtype))
     return np.asarray(f(x, bias).astype(jnp.float32))
 
 
@@ -216,7 +241,7 @@ def test_every_tile_and_split(tile, splits, m):
 
 @needs_kernels
 @pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
-@pytest.mark.parametrize("tile", [(1, 1), (2, 4), (4, 4), (1, 1, True), (2, 1, True)])
+@pytest.mark.parametrize("tile", [(1, 1), (2, 4), (4, 4)])
 def test_fp16_activations_are_exact_inputs(tile, out_dtype):
     """fp16 x is split into bf16 hi + lo in the kernel: the result matches the fp32 math."""
     rng, seed = fresh_rng()
@@ -256,7 +281,7 @@ def test_exhaustive_dequantize_kernel(scale_bytes, general):
 
 @needs_kernels
 @pytest.mark.parametrize("scale_bytes,general", [(SCALE_BYTES, 1), (SCALE_BYTES[:5], 0)])
-@pytest.mark.parametrize("tile", [(1, 1), (4, 4), (1, 1, True)])
+@pytest.mark.parametrize("tile", [(1, 1), (4, 4)])
 def test_exhaustive_through_the_gemm(scale_bytes, general, tile):
     """x = identity picks every weight element alone: y[m, n] = dequantize(W)[n, m] exactly."""
     codes, scales = exhaustive_weight(scale_bytes)
@@ -280,7 +305,7 @@ def test_exhaustive_through_the_gemm(scale_bytes, general, tile):
 
 
 @needs_kernels
-@pytest.mark.parametrize("tile", [(1, 1), (1, 1, True)])
+@pytest.mark.parametrize("tile", [(1, 1), (1, 4)])
 def test_deterministic_run_to_run(tile):
     rng, _ = fresh_rng()
     codes, scales = random_weight(rng, 1024, 4096)

@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
-# One time-boxed device call for the Marlin tuning loop: build, smoke, the tile/split sweep by
-# profiler busy time at the default L2 prefetch distance, then the prefetch distance on the
-# large shapes. Logs and JSON land in $OUT.
+# One time-boxed device call for the Marlin tuning loop: build, smoke, and the tile/split sweep
+# by profiler busy time over the issue's shapes and M values. Logs and JSON land in $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-$PWD/gpu_out}"; mkdir -p "$out"
@@ -13,8 +12,4 @@ step() {  # name, seconds, command...
 }
 step build 200 bash tools/gpu_build.sh
 TAIL=6 step smoke 60 python3 -P tools/marlin_dev.py smoke
-TAIL=40 step sweep 300 python3 -P tools/marlin_dev.py sweep --ms 1 16 64 --out "$out"
-for pf in 0 4 8; do
-  JAX_MXFP8_MARLIN_PREFETCH=$pf TAIL=6 step sweep_pf$pf 45 python3 -P tools/marlin_dev.py sweep \
-    --shapes 8192x8192 28672x8192 --ms 1 16 --only s11x2 s11x3 s11x4 s11x8 t11x4 t12x1 t14x1
-done
+TAIL=40 step sweep 300 python3 -P tools/marlin_dev.py sweep --ms 1 16 32 64 128 256 1024 --out "$out"

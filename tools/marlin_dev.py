@@ -60,7 +60,7 @@ def smoke(args) -> int:
                     for splits in (1, 3):
                         y = marlin.gemm(x, arrays["qweight"], arrays["scales"], arrays["flags"],
                                         m_blocks=tile.m_blocks, warps_n=tile.warps_n, splits=splits,
-                                        stream=tile.stream, out_dtype=jnp.float32)
+                                        out_dtype=jnp.float32)
                         err = _rel(y, want)
                         if not err < 1e-4:
                             bad += 1
@@ -85,8 +85,7 @@ def probe(args) -> int:
     w64 = np.asarray(reference.dequantize(values, scales, jnp.float32), np.float64)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     y = marlin.gemm(x, arrays["qweight"], arrays["scales"], arrays["flags"], m_blocks=args.tile[0],
-                    warps_n=args.tile[1], splits=args.splits, stream=args.stream,
-                    out_dtype=jnp.float32)
+                    warps_n=args.tile[1], splits=args.splits, out_dtype=jnp.float32)
     err = _rel(y, np.asarray(x, np.float64) @ w64.T)
     log(f"probe n={n} k={k} m={m} tile={tuple(args.tile)} splits={args.splits} "
         f"evict_first={os.environ.get('JAX_MXFP8_MARLIN_EVICT_FIRST', '0')}: rel err {err:.2e}")
@@ -110,7 +109,7 @@ def sanitize(args) -> int:
                 for splits in (1, 2):
                     marlin.gemm(x, arrays["qweight"], arrays["scales"], arrays["flags"], bias,
                                 m_blocks=tile.m_blocks, warps_n=tile.warps_n, splits=splits,
-                                stream=tile.stream, out_dtype=jnp.bfloat16).block_until_ready()
+                                out_dtype=jnp.bfloat16).block_until_ready()
                     count += 1
     marlin.dequantize_packed(arrays["qweight"], arrays["scales"]).block_until_ready()
     log("sanitize: ran", count + 1, "kernels")
@@ -152,11 +151,9 @@ def candidates(m, n, k):
     """(Tile, splits) pairs worth timing at this M."""
     T = marlin.Tile
     if m <= 16:
-        opts = [(T(1, 1, True), (1, 2, 3, 4)), (T(1, 1), (1, 2, 4)), (T(1, 2), (1, 2)),
-                (T(1, 4), (1, 2))]
+        opts = [(T(1, 1), (1, 2, 4)), (T(1, 2), (1, 2)), (T(1, 4), (1, 2))]
     elif m <= 32:
-        opts = [(T(2, 1, True), (1, 2, 4)), (T(1, 1, True), (1, 2, 4)), (T(2, 2), (1, 2, 4)),
-                (T(2, 4), (1, 2)), (T(1, 1), (1, 2, 4)), (T(1, 4), (1, 2))]
+        opts = [(T(2, 2), (1, 2, 4)), (T(2, 4), (1, 2)), (T(1, 1), (1, 2, 4)), (T(1, 4), (1, 2))]
     elif m <= 64:
         opts = [(T(4, 2), (1, 2, 4, 8)), (T(4, 4), (1, 2, 4)), (T(2, 4), (1, 2))]
     else:
@@ -165,7 +162,7 @@ def candidates(m, n, k):
 
 
 def _name(tile, splits):
-    return f"{'s' if tile.stream else 't'}{tile.m_blocks}{tile.warps_n}x{splits}"
+    return f"t{tile.m_blocks}{tile.warps_n}x{splits}"
 
 
 def sweep(args) -> int:
@@ -191,8 +188,7 @@ def sweep(args) -> int:
 
                 def f(x, w, tile=tile, s=s):
                     return marlin.gemm(x, w["qweight"], w["scales"], w["flags"], m_blocks=tile.m_blocks,
-                                       warps_n=tile.warps_n, splits=s, stream=tile.stream,
-                                       out_dtype=jnp.bfloat16)
+                                       warps_n=tile.warps_n, splits=s, out_dtype=jnp.bfloat16)
                 res[_name(tile, s)] = time_fn(f, sets, repeats, args.metric)
             if m > 64:  # dequantize + cuBLAS cannot win while the weight read dominates
                 res["dequant_dot"] = time_fn(
@@ -209,8 +205,8 @@ def sweep(args) -> int:
             plan = marlin.choose_plan(16, n, k, jnp.bfloat16)
             t = time_fn(lambda x, w: marlin.gemm(x, w["qweight"], w["scales"], w["flags"],
                                                  m_blocks=plan.m_blocks, warps_n=plan.warps_n,
-                                                 splits=plan.splits, stream=plan.stream,
-                                                 out_dtype=jnp.bfloat16), sets, repeats, args.metric)
+                                                 splits=plan.splits, out_dtype=jnp.bfloat16),
+                        sets, repeats, args.metric)
             log(f"{n}x{k} M=16 general-path {plan} {t:.1f} us")
         del wsets
         gc.collect()
@@ -222,13 +218,19 @@ def sweep(args) -> int:
 
 
 def bench_cmd(args) -> int:
-    """The issue's table: linear(MARLIN) and peers, same run, floor from this run's copy BW."""
+    """The issue's table: linear(MARLIN) and peers, same run, each timed two ways (the harness's
+    R-difference, and profiler GPU busy time); floors from this run's copy bandwidth by the
+    same two methods."""
     repeats, nsets = 5, 8
-    copy = copy_bandwidth(nsets, repeats)
-    log(f"copy bandwidth {copy / 1e12:.3f} TB/s")
+    copy, copy_busy = bench.copy_bandwidth(bench.Config(sets=nsets, repeats=repeats, profile=True))
+    copy_busy = copy_busy or copy
+    log(f"copy bandwidth {copy / 1e12:.3f} TB/s (R-difference), {copy_busy / 1e12:.3f} TB/s (busy)")
     rows = []
     shapes = SHAPES if not args.shapes else [tuple(map(int, s.split("x"))) for s in args.shapes]
     ms = args.ms or MS
+    names = ["marlin", "bf16", "emulation"] + ([] if args.no_scaled_matmul else ["scaled_matmul"])
+    log("| M | N x K | metric | MARLIN us | floor us | x floor | " +
+        " | ".join(f"{nm} us (MARLIN speedup)" for nm in names[1:]) + " | plan |")
     for n, k in shapes:
         base = []
         for i in range(nsets):
@@ -236,7 +238,8 @@ def bench_cmd(args) -> int:
             w = jax.random.normal(kw, (n, k), jnp.bfloat16) * 0.05
             values, scales = reference.quantize(w, "ceil")
             base.append((w, values, scales, mx.prepare_weight(values, scales, backend="marlin")))
-        floor = n * k * (1 + 1 / 32) / copy * 1e6
+        nbytes = n * k * (1 + 1 / 32)
+        floors = {"busy": nbytes / copy_busy * 1e6, "rdiff": nbytes / copy * 1e6}
         for m in ms:
             sets = []
             for i, (w, values, scales, prepared) in enumerate(base):
@@ -254,21 +257,25 @@ def bench_cmd(args) -> int:
                     return jax.nn.scaled_matmul(xv[None], v[None], e8(xs), e8(s),
                                                 preferred_element_type=jnp.bfloat16)[0]
                 impls["scaled_matmul"] = scaled_matmul
-            t = {name: time_fn(fn, sets, repeats) for name, fn in impls.items()}
             plan = marlin.choose_plan(m, n, k, jnp.bfloat16)
-            row = {"n": n, "k": k, "m": m, "floor_us": floor, "plan": str(plan), **t}
+            plan_name = ("dequant_dot" if plan.kind == "dequant_dot"
+                         else _name(marlin.Tile(plan.m_blocks, plan.warps_n), plan.splits))
+            row = {"n": n, "k": k, "m": m, "plan": plan_name}
+            for metric in ("busy", "rdiff"):
+                t = {name: time_fn(fn, sets, repeats, metric) for name, fn in impls.items()}
+                row[metric] = t
+                row[f"floor_{metric}_us"] = floors[metric]
+                log(f"| {m} | {n}x{k} | {metric} | {t['marlin']:.1f} | {floors[metric]:.1f} | "
+                    f"{t['marlin'] / floors[metric]:.2f} | "
+                    + " | ".join(f"{t[nm]:.1f} ({t[nm] / t['marlin']:.2f}x)" for nm in names[1:])
+                    + f" | {plan_name} |")
             rows.append(row)
-            log(f"| {m} | {n}x{k} | {t['marlin']:.1f} | {floor:.1f} | {t['marlin'] / floor:.2f} | "
-                f"{t['bf16']:.1f} ({t['bf16'] / t['marlin']:.2f}x) | {t['emulation']:.1f} "
-                f"({t['emulation'] / t['marlin']:.2f}x) | "
-                + (f"{t['scaled_matmul']:.1f} ({t['scaled_matmul'] / t['marlin']:.2f}x) | "
-                   if "scaled_matmul" in t else "") + f"{plan.kind} {_name(marlin.Tile(plan.m_blocks, plan.warps_n, plan.stream), plan.splits)} |")
         del base
         gc.collect()
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "marlin_bench.json"), "w") as fh:
-            json.dump({"copy_bps": copy, "rows": rows}, fh, indent=1)
+            json.dump({"copy_bps_rdiff": copy, "copy_bps_busy": copy_busy, "rows": rows}, fh, indent=1)
         plot(rows, os.path.join(args.out, "marlin_roofline.png"))
     return 0
 
@@ -287,14 +294,14 @@ def plot(rows, path):
         rs = sorted((r for r in rows if (r["n"], r["k"]) == (n, k)), key=lambda r: r["m"])
         ms = [r["m"] for r in rs]
         for name in ("marlin", "bf16", "emulation", "scaled_matmul"):
-            if name in rs[0]:
-                ax.plot(ms, [r[name] for r in rs], marker="o", label=name)
-        ax.plot(ms, [r["floor_us"] for r in rs], "k--", label="weight-read floor")
+            if name in rs[0]["busy"]:
+                ax.plot(ms, [r["busy"][name] for r in rs], marker="o", label=name)
+        ax.plot(ms, [r["floor_busy_us"] for r in rs], "k--", label="weight-read floor")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_title(f"N x K = {n} x {k}")
         ax.set_xlabel("M")
-        ax.set_ylabel("us per call")
+        ax.set_ylabel("GPU busy us per call (profiler)")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -394,7 +401,6 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", nargs="*")
     ap.add_argument("--ms", nargs="*", type=int)
     ap.add_argument("--general", action="store_true")
-    ap.add_argument("--stream", action="store_true")
     ap.add_argument("--metric", choices=["busy", "rdiff"], default="busy")
     ap.add_argument("--only", nargs="*", help="sweep only these candidates (names as printed)")
     ap.add_argument("--bf16-only", action="store_true")

@@ -321,7 +321,7 @@ __device__ __forceinline__ void StoreOut(const GemmArgs& a, int row, int col, fl
   }
 }
 
-// ---- epilogue shared by both kernels -------------------------------------------------------
+// ---- epilogue --------------------------------------------------------------------------------
 
 // Sums the kWK warps that computed partials of the same 16*MB x kCols tile through shared
 // memory (`red`, kWK * 16*MB * (kCols + 8) floats), then stores the tile (splits == 1) or its
@@ -434,174 +434,6 @@ __global__ void __launch_bounds__(kThreads, MB == 1 ? 3 : 2) MarlinGemmKernel(co
                                    m_chunk, split, n_tile);
 }
 
-// ---- register-streaming kernel for small M --------------------------------------------------
-// At decode sizes the weight is the only large operand and the tiled kernel's per-stage block
-// barrier, not HBM, sets the pace. Here nothing goes through shared memory in the main loop:
-// each warp loads its 64-deep x 64-column weight chunks (4 KiB: a lane's 32 bytes per k16 are
-// exactly its two B fragments) straight into registers, kStreamDepth chunks ahead; the
-// activation fragments come from L1/L2 (x is small and read by every block). A block = 4 warps
-// on one 64-column tile, dealt the block's K range chunk by chunk; FinishTile sums them.
-
-constexpr int kStreamDepth = 2;  // chunks in flight per warp (registers: ~52 per chunk at MB=1)
-
-__device__ __forceinline__ uint4 LdStream(const uint8_t* p) {  // read once: keep it out of L1
-  uint4 v;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p));
-  return v;
-}
-
-template <int MB>
-struct StreamChunk {  // one 64-deep chunk of a lane's weight operands
-  uint4 b[kSubTiles][2];    // [k16 sub-tile][half]: words 4*half + w of the lane
-  uint2 s[2];               // the lane group's 8 column scales of the chunk's two groups
-};
-
-template <int MB>
-__device__ __forceinline__ void StreamLoad(const GemmArgs& a, StreamChunk<MB>& c, int kt, int n_tile) {
-  const int lane = threadIdx.x & 31, g = lane >> 2;
-  const size_t n_tiles64 = a.n / 64;
-#pragma unroll
-  for (int sub = 0; sub < kSubTiles; ++sub) {
-    const uint8_t* src = a.w + ((static_cast<size_t>(kt) * kSubTiles + sub) * n_tiles64 + n_tile) * 1024;
-    c.b[sub][0] = LdStream(src + lane * 16);
-    c.b[sub][1] = LdStream(src + 512 + lane * 16);
-  }
-#pragma unroll
-  for (int grp = 0; grp < 2; ++grp)
-    c.s[grp] = __ldg(reinterpret_cast<const uint2*>(
-        a.s + static_cast<size_t>(kt * 2 + grp) * a.n + n_tile * 64 + g * 8));
-}
-
-// The A fragments of chunk kt (rows >= M are zero). x is small and hot in L1/L2, so it is
-// loaded right before use instead of occupying prefetch registers.
-template <int MB, typename XT>
-__device__ __forceinline__ void StreamLoadX(const GemmArgs& a, uint32_t (&xf)[MB][kSubTiles][4],
-                                            int kt, int m0) {
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const XT* x = static_cast<const XT*>(a.x);
-#pragma unroll
-  for (int mb = 0; mb < MB; ++mb) {
-    const int r0 = m0 + mb * 16 + g, r1 = r0 + 8;
-    const XT* p0 = x + static_cast<size_t>(r0 < a.m ? r0 : 0) * a.k + kt * kStageK + 2 * t;
-    const XT* p1 = x + static_cast<size_t>(r1 < a.m ? r1 : 0) * a.k + kt * kStageK + 2 * t;
-#pragma unroll
-    for (int sub = 0; sub < kSubTiles; ++sub) {
-      const int o = sub * 16;
-      xf[mb][sub][0] = r0 < a.m ? __ldg(reinterpret_cast<const uint32_t*>(p0 + o)) : 0u;
-      xf[mb][sub][1] = r1 < a.m ? __ldg(reinterpret_cast<const uint32_t*>(p1 + o)) : 0u;
-      xf[mb][sub][2] = r0 < a.m ? __ldg(reinterpret_cast<const uint32_t*>(p0 + o + 8)) : 0u;
-      xf[mb][sub][3] = r1 < a.m ? __ldg(reinterpret_cast<const uint32_t*>(p1 + o + 8)) : 0u;
-    }
-  }
-}
-
-template <int MB, typename XT, bool kGeneral>
-__device__ __forceinline__ void StreamCompute(const StreamChunk<MB>& c, const uint32_t (&xf)[MB][kSubTiles][4],
-                                              float (&acc)[MB][8][4]) {
-#pragma unroll
-  for (int grp = 0; grp < 2; ++grp) {
-    uint32_t scale[8];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      scale[j] = ScalePair<kGeneral>(c.s[grp].x, j);
-      scale[4 + j] = ScalePair<kGeneral>(c.s[grp].y, j);
-    }
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int sub = 2 * grp + h;
-      const uint32_t words[8] = {c.b[sub][0].x, c.b[sub][0].y, c.b[sub][0].z, c.b[sub][0].w,
-                                 c.b[sub][1].x, c.b[sub][1].y, c.b[sub][1].z, c.b[sub][1].w};
-      if constexpr (std::is_same<XT, __half>::value) {
-        uint32_t hi[MB][4], lo[MB][4];
-#pragma unroll
-        for (int mb = 0; mb < MB; ++mb)
-#pragma unroll
-          for (int r = 0; r < 4; ++r) SplitF16(xf[mb][sub][r], hi[mb][r], lo[mb][r]);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          uint32_t b0, b1;
-          Dequant<kGeneral>(words[j], scale[j], b0, b1);
-#pragma unroll
-          for (int mb = 0; mb < MB; ++mb) {
-            MmaBf16(acc[mb][j], hi[mb], b0, b1);
-            MmaBf16(acc[mb][j], lo[mb], b0, b1);
-          }
-        }
-      } else {
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          uint32_t b0, b1;
-          Dequant<kGeneral>(words[j], scale[j], b0, b1);
-#pragma unroll
-          for (int mb = 0; mb < MB; ++mb) MmaBf16(acc[mb][j], xf[mb][sub], b0, b1);
-        }
-      }
-    }
-  }
-}
-
-// Warp `warp` takes chunks kt_begin + warp, + 4, ... < kt_end, kStreamDepth in flight: each
-// slot is computed, then refilled with the chunk kStreamDepth steps ahead.
-template <int MB, typename XT, bool kGeneral>
-__device__ __forceinline__ void StreamLoop(const GemmArgs& a, float (&acc)[MB][8][4], int kt_first,
-                                           int kt_end, int n_tile, int m0) {
-  constexpr int kStep = kThreads / 32;
-  StreamChunk<MB> slot[kStreamDepth];
-#pragma unroll
-  for (int d = 0; d < kStreamDepth; ++d)
-    if (kt_first + d * kStep < kt_end) StreamLoad<MB>(a, slot[d], kt_first + d * kStep, n_tile);
-  for (int base = kt_first; base < kt_end; base += kStreamDepth * kStep) {
-#pragma unroll
-    for (int d = 0; d < kStreamDepth; ++d) {
-      const int kt = base + d * kStep;
-      if (kt < kt_end) {
-        uint32_t xf[MB][kSubTiles][4];
-        StreamLoadX<MB, XT>(a, xf, kt, m0);
-        StreamCompute<MB, XT, kGeneral>(slot[d], xf, acc);
-        const int next = kt + kStreamDepth * kStep;
-        if (next < kt_end) StreamLoad<MB>(a, slot[d], next, n_tile);
-      }
-    }
-  }
-}
-
-template <int MB, typename XT>
-__global__ void __launch_bounds__(kThreads, MB == 1 ? 3 : 2) MarlinStreamKernel(const GemmArgs a) {
-  extern __shared__ __align__(128) uint8_t smem[];
-  __shared__ int is_last_block;
-  const int warp = threadIdx.x >> 5;
-  int b = blockIdx.x;
-  const int m_chunk = b % a.m_chunks;
-  b /= a.m_chunks;
-  const int split = b % a.splits, n_tile = b / a.splits;
-  const int m0 = m_chunk * 16 * MB;
-  const int kt_total = a.k / kStageK;
-  const int kt_begin = split * a.kt_per_split;
-  const int kt_end = min(kt_total, kt_begin + a.kt_per_split);
-
-  float acc[MB][8][4];
-#pragma unroll
-  for (int mb = 0; mb < MB; ++mb)
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) acc[mb][j][r] = 0.f;
-
-  if (__ldg(a.flags) & 1)
-    StreamLoop<MB, XT, true>(a, acc, kt_begin + warp, kt_end, n_tile, m0);
-  else
-    StreamLoop<MB, XT, false>(a, acc, kt_begin + warp, kt_end, n_tile, m0);
-  FinishTile<MB, 64, kThreads / 32>(a, acc, reinterpret_cast<float*>(smem), &is_last_block, 0, warp,
-                                    m_chunk, split, n_tile);
-}
-
-template <int MB>
-constexpr int StreamSmemBytes() {
-  return (kThreads / 32) * 16 * MB * (64 + 8) * 4;
-}
-
 // ---- packed weight -> bf16 [N, K] (the large-M path: dequantize, then a cuBLAS GEMM) --------
 
 constexpr int kDqStride = 64 + 8;  // bf16 per shared row (pad: 144 B, 16-B aligned)
@@ -683,28 +515,8 @@ ffi::Error LaunchGemm(cudaStream_t stream, const GemmArgs& args) {
   return CheckLaunch("marlin gemm kernel");
 }
 
-template <int MB, typename XT>
-ffi::Error LaunchStream(cudaStream_t stream, const GemmArgs& args) {
-  auto kernel = MarlinStreamKernel<MB, XT>;
-  static std::atomic<uint64_t> smem_raised{0};  // one per instantiation
-  JAX_MXFP8_CUDA_RETURN_IF_ERROR(AllowSmem(kernel, StreamSmemBytes<MB>(), smem_raised));
-  const long long blocks = static_cast<long long>(args.n / 64) * args.splits * args.m_chunks;
-  if (blocks > 0x7FFFFFFF) return ffi::Error::InvalidArgument("marlin: grid too large");
-  kernel<<<static_cast<unsigned>(blocks), kThreads, StreamSmemBytes<MB>(), stream>>>(args);
-  return CheckLaunch("marlin stream kernel");
-}
-
 template <typename XT>
-ffi::Error DispatchTile(cudaStream_t stream, const GemmArgs& args, int mb, int wn, bool streamed) {
-  if (streamed) {  // STREAM_M_BLOCKS in jax_mxfp8/backends/marlin.py
-    switch (mb) {
-      case 1: return LaunchStream<1, XT>(stream, args);
-      case 2: return LaunchStream<2, XT>(stream, args);
-      default:
-        return ffi::Error::InvalidArgument("marlin: no compiled stream kernel for m_blocks=" +
-                                           std::to_string(mb));
-    }
-  }
+ffi::Error DispatchTile(cudaStream_t stream, const GemmArgs& args, int mb, int wn) {
   // The tile configurations jax_mxfp8/backends/marlin.py may ask for (TILE_CONFIGS there).
   switch (mb * 10 + wn) {
     case 11: return LaunchGemm<1, 1, 8, XT>(stream, args);
@@ -724,7 +536,7 @@ ffi::Error MarlinGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi
                           ffi::Buffer<ffi::U8> scales, ffi::Buffer<ffi::S32> flags,
                           ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> y,
                           ffi::Result<ffi::Buffer<ffi::U8>> workspace, int32_t m_blocks,
-                          int32_t warps_n, int32_t splits, int32_t streamed) {
+                          int32_t warps_n, int32_t splits) {
   const auto xd = x.dimensions();
   const auto wd = qweight.dimensions();
   const auto sd = scales.dimensions();
@@ -748,7 +560,6 @@ ffi::Error MarlinGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi
   if (has_bias && (bias.element_count() != static_cast<size_t>(n) || DTypeOf(bias.element_type()) < 0))
     return ffi::Error::InvalidArgument("marlin: bias must be [N] bf16, fp16 or fp32");
   if (m == 0) return ffi::Error::Success();
-  if (streamed) warps_n = 1;  // the stream kernel's tile is 64 columns wide
   if (m_blocks < 1 || warps_n < 1 || splits < 1 || m > 0x7FFFFFFF || n > 0x7FFFFFFF || k > 0x7FFFFFFF)
     return ffi::Error::InvalidArgument("marlin: bad launch parameters");
 
@@ -782,8 +593,8 @@ ffi::Error MarlinGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi
     args.partial = reinterpret_cast<float*>(ws + counter_bytes);
     JAX_MXFP8_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(ws, 0, counter_bytes, stream));
   }
-  if (x_type == kBF16) return DispatchTile<__nv_bfloat16>(stream, args, m_blocks, warps_n, streamed);
-  return DispatchTile<__half>(stream, args, m_blocks, warps_n, streamed);
+  if (x_type == kBF16) return DispatchTile<__nv_bfloat16>(stream, args, m_blocks, warps_n);
+  return DispatchTile<__half>(stream, args, m_blocks, warps_n);
 }
 
 ffi::Error MarlinDequantImpl(cudaStream_t stream, ffi::Buffer<ffi::U8> qweight,
@@ -819,8 +630,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MarlinGemmHandler, MarlinGemmImpl,
                                   .Ret<ffi::Buffer<ffi::U8>>()   // workspace (hidden)
                                   .Attr<int32_t>("m_blocks")
                                   .Attr<int32_t>("warps_n")
-                                  .Attr<int32_t>("splits")
-                                  .Attr<int32_t>("stream"),
+                                  .Attr<int32_t>("splits"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MarlinDequantHandler, MarlinDequantImpl,

@@ -40,16 +40,13 @@ META_TAG = "marlin-v1"
 
 
 class Tile(NamedTuple):
-    """A kernel configuration compiled into ffi/src/marlin.cu (DispatchTile): a block computes
-    16*m_blocks rows x 64*warps_n columns. stream: the register-streaming small-M kernel (one
-    64-column tile, 4 warps over K, no shared-memory pipeline); else the tiled cp.async kernel."""
+    """A tile configuration compiled into ffi/src/marlin.cu (DispatchTile): a block computes
+    16*m_blocks rows x 64*warps_n columns."""
     m_blocks: int
     warps_n: int
-    stream: bool = False
 
 
-TILE_CONFIGS = (Tile(1, 1), Tile(1, 2), Tile(1, 4), Tile(2, 2), Tile(2, 4), Tile(4, 2), Tile(4, 4),
-                Tile(1, 1, True), Tile(2, 1, True))
+TILE_CONFIGS = (Tile(1, 1), Tile(1, 2), Tile(1, 4), Tile(2, 2), Tile(2, 4), Tile(4, 2), Tile(4, 4))
 KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -140,8 +137,8 @@ def workspace_bytes(m: int, n: int, k: int, m_blocks: int, warps_n: int, splits:
     return counters + s * m_chunks * rows * n * 4
 
 
-def _gemm_abstract(x, qweight, scales, flags, bias, *, m_blocks, warps_n, splits, stream,
-                   out_dtype, has_bias):
+def _gemm_abstract(x, qweight, scales, flags, bias, *, m_blocks, warps_n, splits, out_dtype,
+                   has_bias):
     base.check_dtype("marlin gemm x", x.dtype, KERNEL_DTYPES,
                      "The Marlin kernel takes bf16 or fp16 activations; linear() routes fp32 to "
                      "the dequantize path.")
@@ -152,25 +149,25 @@ def _gemm_abstract(x, qweight, scales, flags, bias, *, m_blocks, warps_n, splits
     if k % TILE or n % (64 * warps_n) or qweight.shape != (k // 16, 16 * n) or scales.shape != (k // 32, n):
         raise ValueError(f"marlin gemm: x {x.shape}, qweight {qweight.shape}, scales {scales.shape} "
                          f"do not form a packed problem with K % 64 == 0 and N % {64 * warps_n} == 0")
-    if Tile(m_blocks, warps_n, stream) not in TILE_CONFIGS:
-        raise ValueError(f"marlin gemm: {Tile(m_blocks, warps_n, stream)} is not compiled; use one "
-                         f"of {TILE_CONFIGS}")
+    if Tile(m_blocks, warps_n) not in TILE_CONFIGS:
+        raise ValueError(f"marlin gemm: {Tile(m_blocks, warps_n)} is not compiled; use one of "
+                         f"{TILE_CONFIGS}")
     if has_bias and bias.shape != (n,):
         raise ValueError(f"marlin gemm: bias shape {bias.shape} != ({n},)")
     return ShapedArray((m, n), out_dtype)
 
 
-def _gemm_reference(x, qweight, scales, flags, bias, *, m_blocks, warps_n, splits, stream,
-                    out_dtype, has_bias):
+def _gemm_reference(x, qweight, scales, flags, bias, *, m_blocks, warps_n, splits, out_dtype,
+                    has_bias):
     values, s = _unpack_padded(qweight, scales)
     return reference.linear(x, values, s, bias if has_bias else None, out_dtype=out_dtype)
 
 
-def _gemm_cuda(ctx, x, qweight, scales, flags, bias, *, m_blocks, warps_n, splits, stream,
-               out_dtype, has_bias):
+def _gemm_cuda(ctx, x, qweight, scales, flags, bias, *, m_blocks, warps_n, splits, out_dtype,
+               has_bias):
     if not _ffi.has_cuda_target(GEMM_TARGET):
         return mlir.lower_fun(functools.partial(
-            _gemm_reference, m_blocks=m_blocks, warps_n=warps_n, splits=splits, stream=stream,
+            _gemm_reference, m_blocks=m_blocks, warps_n=warps_n, splits=splits,
             out_dtype=out_dtype, has_bias=has_bias), multiple_results=False)(
                 ctx, x, qweight, scales, flags, bias)
     _ffi.register_cuda_targets()
@@ -180,7 +177,7 @@ def _gemm_cuda(ctx, x, qweight, scales, flags, bias, *, m_blocks, warps_n, split
     hidden = ctx.replace(avals_out=[ctx.avals_out[0], ws])  # workspace: a hidden extra result
     results = jax.ffi.ffi_lowering(GEMM_TARGET)(
         hidden, x, qweight, scales, flags, bias, m_blocks=np.int32(m_blocks),
-        warps_n=np.int32(warps_n), splits=np.int32(splits), stream=np.int32(stream))
+        warps_n=np.int32(warps_n), splits=np.int32(splits))
     return list(results)[:1]
 
 
@@ -228,14 +225,13 @@ marlin_dequantize_p = base.define_primitive(
     lowerings={"cuda": base.cuda_ffi_lowering(DEQUANT_TARGET, _dequant_reference, False)})
 
 
-def gemm(x, qweight, scales, flags, bias=None, *, m_blocks, warps_n, splits, out_dtype,
-         stream=False):
-    """One Marlin kernel launch with an explicit configuration (a Tile, plus K splits)."""
+def gemm(x, qweight, scales, flags, bias=None, *, m_blocks, warps_n, splits, out_dtype):
+    """One Marlin kernel launch with an explicit tile configuration (tests and tuning)."""
     has_bias = bias is not None
     if bias is None:
         bias = jnp.zeros((0,), x.dtype)
     return marlin_gemm_p.bind(x, qweight, scales, flags, bias, m_blocks=int(m_blocks),
-                              warps_n=int(warps_n), splits=int(splits), stream=bool(stream),
+                              warps_n=int(warps_n), splits=int(splits),
                               out_dtype=jnp.dtype(out_dtype), has_bias=has_bias)
 
 
@@ -252,24 +248,51 @@ class Plan:
     m_blocks: int = 0
     warps_n: int = 0
     splits: int = 1
-    stream: bool = False
 
 
-# Largest bf16 M that runs the fused kernel; above it "dequantize + cuBLAS bf16 (wgmma)" is
-# expected to win (mma.sync at ~50-70 % of its 645 TFLOP/s ceiling vs ~700 TFLOP/s for cuBLAS,
-# shared/design/perf_baseline.md). NOT yet tuned on the H100: tools/marlin_dev.py sweep measures
-# every candidate; set this and the choices below from its table.
+# Largest bf16 M that runs the fused kernel; above it "dequantize + cuBLAS bf16 (wgmma)" wins
+# on every measured shape (H100 sweep in RESULTS.md: at M = 1024 the best tile is 1.5-2.2x
+# slower than dequant_dot; at M = 256 the kernel still wins by 1.1-1.25x except on 4096x4096).
 MAX_KERNEL_M = 256
-# Largest M for the register-streaming kernel, and how many waves of blocks it aims for.
-STREAM_MAX_M = 32
-STREAM_WAVES = 2
+M_BUCKETS = (16, 32, 64, 128, 256)
+
+# Measured on an H100 SXM (132 SMs) by `tools/marlin_dev.py sweep` (profiler busy time, every
+# compiled tile x K splits; RESULTS.md): the fastest (m_blocks, warps_n, splits) per (N, K) and M
+# bucket, None = dequant_dot. Other shapes and GPUs use the rule in _rule_plan, which picks
+# within 1.2x of these on the same sweep.
+H100_SMS = 132
+H100_TABLE = {
+    (4096, 4096): {16: (1, 1, 4), 32: (2, 2, 4), 64: (4, 2, 4), 128: (4, 2, 2), 256: None},
+    (14336, 4096): {16: (1, 1, 1), 32: (2, 2, 1), 64: (4, 2, 1), 128: (4, 2, 1), 256: (4, 4, 1)},
+    (8192, 8192): {16: (1, 1, 2), 32: (2, 2, 4), 64: (4, 2, 4), 128: (4, 2, 2), 256: (4, 2, 1)},
+    (28672, 8192): {16: (1, 4, 1), 32: (2, 4, 1), 64: (4, 2, 1), 128: (4, 4, 1), 256: (4, 2, 1)},
+}
 
 
 def _sm_count() -> int:
     try:
-        return int(getattr(jax.devices()[0], "core_count", 0)) or 132
+        return int(getattr(jax.devices()[0], "core_count", 0)) or H100_SMS
     except Exception:  # noqa: BLE001 - no devices while tracing for another platform
-        return 132
+        return H100_SMS
+
+
+def _rule_plan(m: int, n: int, k: int, sms: int) -> Plan:
+    """Tile by M bucket (16 x 64 up to 16 rows, 16 x 256 when N alone gives ~a wave of blocks;
+    32 x 128; 64 x 128), then the largest power-of-two K split that keeps the grid within ~two
+    blocks per SM and >= 16 pipeline stages (1024 of K) per split. Above 128 rows: no split."""
+    if m <= 16:
+        tile = Tile(1, 4) if n % 256 == 0 and n // 256 >= 0.75 * sms else Tile(1, 1)
+    elif m <= 32:
+        tile = Tile(2, 2)
+    else:
+        tile = Tile(4, 2)
+    if n % (64 * tile.warps_n):  # N is only a multiple of 64: the 16 x 64 tile fits every N
+        tile = Tile(1, 1)
+    tiles = (n // (64 * tile.warps_n)) * -(-m // (16 * tile.m_blocks))
+    splits = 1
+    while (m <= 128 and tiles * splits * 2 <= 2 * sms and (k // TILE) // (splits * 2) >= 16):
+        splits *= 2
+    return Plan("kernel", tile.m_blocks, tile.warps_n, splits)
 
 
 def choose_plan(m: int, n: int, k: int, x_dtype, sms: int | None = None) -> Plan:
@@ -278,38 +301,22 @@ def choose_plan(m: int, n: int, k: int, x_dtype, sms: int | None = None) -> Plan
 
     fp32 x: dequantize + fp32 dot (the reference math). fp16 x: always the kernel (the
     reference runs an fp32 GEMM for fp16, far slower than the kernel's two bf16 mma). bf16 x:
-    the kernel up to MAX_KERNEL_M rows, dequantize + bf16 cuBLAS above.
+    the kernel up to MAX_KERNEL_M rows, dequantize + bf16 cuBLAS above; the tile and K split
+    come from the H100 table for its shapes, else from _rule_plan.
     """
     x_dtype = jnp.dtype(x_dtype)
     if x_dtype not in KERNEL_DTYPES or (x_dtype == jnp.bfloat16 and m > MAX_KERNEL_M):
         return Plan("dequant_dot")
     sms = sms or _sm_count()
-    kt_total = k // TILE
-    if m <= STREAM_MAX_M:
-        # Register-streaming kernel: 64-column tiles, 4 warps per block, ~3 blocks per SM. Split
-        # K until there are a few waves of blocks (small blocks even out the tail), keeping
-        # >= 2 chunks per warp.
-        m_blocks = 1 if m <= 16 else 2
-        tiles = (n // TILE) * -(-m // (16 * m_blocks))
-        splits = 1
-        while tiles * splits < STREAM_WAVES * 3 * sms and kt_total // (splits * 2) >= 8:
-            splits *= 2
-        return Plan("kernel", m_blocks, 1, splits, stream=True)
-    if m <= 32:
-        m_blocks, wn_pref = 2, (2, 4)
-    else:
-        m_blocks, wn_pref = 4, (4, 2)      # 64 x 256 (Marlin's large-batch tile)
-    warps_n = next((w for w in wn_pref if n % (64 * w) == 0), None)
-    if warps_n is None:  # N is only a multiple of 64: the 16 x 64 tile fits every N
-        m_blocks, warps_n = 1, 1
-    m_chunks = -(-m // (16 * m_blocks))
-    tiles = (n // (64 * warps_n)) * m_chunks
-    # Fewer tiles than ~1.5 waves of SMs: split K so every SM streams weights (each split keeps
-    # >= 4 pipeline stages). Splits cost a memset of the tile counters and an fp32 partial pass.
-    splits = 1
-    while tiles * splits < 1.5 * sms and splits * 2 <= kt_total // 4:
-        splits *= 2
-    return Plan("kernel", m_blocks, warps_n, splits)
+    bucket = next((b for b in M_BUCKETS if m <= b), None)
+    if sms == H100_SMS and bucket and (n, k) in H100_TABLE:
+        entry = H100_TABLE[(n, k)][bucket]
+        if entry is None:
+            if x_dtype == jnp.bfloat16:
+                return Plan("dequant_dot")
+        else:
+            return Plan("kernel", *entry)
+    return _rule_plan(m, n, k, sms)
 
 
 def _dequant_dot(x, weight_arrays, bias, out_dtype):
@@ -334,7 +341,7 @@ def _linear(x, weight, bias, out_dtype, quantize_activations):
     a = weight.arrays
     if plan.kind == "kernel":
         y = gemm(x, a["qweight"], a["scales"], a["flags"], bias, m_blocks=plan.m_blocks,
-                 warps_n=plan.warps_n, splits=plan.splits, out_dtype=out_dtype, stream=plan.stream)
+                 warps_n=plan.warps_n, splits=plan.splits, out_dtype=out_dtype)
     else:
         y = _dequant_dot(x, a, bias, out_dtype)
     return y[:, :n] if n_pad != n else y
