@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One time-boxed device call for the Marlin tuning loop: build, smoke, and the tile/split sweep
-# by profiler busy time over the issue's shapes and M values. Logs and JSON land in $OUT.
+# Device calls for issue 4's evidence. `bash tools/gpu_next.sh check`: build, the whole test
+# suite on the GPU, Marlin racecheck + memcheck, prepare time and memory analysis.
+# `bash tools/gpu_next.sh bench`: build, the issue's table (both timing methods) + plot.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-$PWD/gpu_out}"; mkdir -p "$out"
@@ -11,5 +12,14 @@ step() {  # name, seconds, command...
   echo "== $name rc=$? in $(( $(date +%s) - t )) s"; tail -n "${TAIL:-3}" "$out/$name.log"
 }
 step build 200 bash tools/gpu_build.sh
-TAIL=6 step smoke 60 python3 -P tools/marlin_dev.py smoke
-TAIL=40 step sweep 300 python3 -P tools/marlin_dev.py sweep --ms 1 16 32 64 128 256 1024 --out "$out"
+case "${1:-check}" in
+  check)
+    TAIL=6 step tests 300 python3 -P -m pytest -q -p no:cacheprovider tests
+    TAIL=4 step racecheck 90 compute-sanitizer --tool racecheck --kernel-name kns=Marlin \
+      python3 -P tools/marlin_dev.py sanitize --ms 3 33
+    TAIL=4 step memcheck 60 compute-sanitizer --tool memcheck --kernel-name kns=Marlin \
+      python3 -P tools/marlin_dev.py sanitize --ms 3 33
+    TAIL=10 step extras 90 python3 -P tools/marlin_dev.py extras ;;
+  bench)
+    TAIL=80 step bench 540 python3 -P tools/marlin_dev.py bench --out "$out" ;;
+esac
