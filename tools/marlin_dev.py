@@ -270,12 +270,14 @@ def bench_cmd(args) -> int:
                     + " | ".join(f"{t[nm]:.1f} ({t[nm] / t['marlin']:.2f}x)" for nm in names[1:])
                     + f" | {plan_name} |")
             rows.append(row)
+            if args.out:  # after every row: a time-boxed run keeps what it measured
+                os.makedirs(args.out, exist_ok=True)
+                with open(os.path.join(args.out, "marlin_bench.json"), "w") as fh:
+                    json.dump({"copy_bps_rdiff": copy, "copy_bps_busy": copy_busy, "rows": rows},
+                              fh, indent=1)
         del base
         gc.collect()
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "marlin_bench.json"), "w") as fh:
-            json.dump({"copy_bps_rdiff": copy, "copy_bps_busy": copy_busy, "rows": rows}, fh, indent=1)
         plot(rows, os.path.join(args.out, "marlin_roofline.png"))
     return 0
 
