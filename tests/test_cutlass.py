@@ -19,7 +19,7 @@ import pytest
 import jax_mxfp8 as mx
 import mx_reference as R
 from jax_mxfp8 import _ffi, reference
-from jax_mxfp8.backends import Backend, cutlass, ensure_available
+from jax_mxfp8.backends import Backend, cutlass, ensure_available, why_unavailable
 from jax_mxfp8.weight import MxWeight
 
 try:
@@ -231,8 +231,16 @@ def test_prepare_roundtrip_and_layout():
 def test_gemm_off_cuda_is_a_clear_error():
     weight, _, _ = _cutlass_weight(np.ones((64, 64)))
     f = jax.jit(lambda x: cutlass._linear(x, weight, None, jnp.dtype(jnp.bfloat16), True))
+    x = jnp.ones((4, 64), jnp.bfloat16)
+    # Lowered for the host explicitly, so this holds whatever the default device is.
     with pytest.raises(NotImplementedError, match="compute capability >= 10.0"):
-        f.lower(jnp.ones((4, 64), jnp.bfloat16))
+        f.trace(x).lower(lowering_platforms=("cpu",))
+    if why_unavailable(Backend.CUTLASS, jax.devices()[0]) is None:
+        return  # the default device runs CUTLASS (SM100, kernels built): nothing to refuse there
+    # The default device's own lowering: a GPU without the kernels says they were not compiled.
+    with pytest.raises(NotImplementedError,
+                       match="compute capability >= 10.0|was not compiled into this installation"):
+        f.lower(x)
 
 
 def test_vmap_shapes():

@@ -15,6 +15,7 @@ nnx = pytest.importorskip("flax.nnx")
 
 import jax_mxfp8 as mx  # noqa: E402
 from jax_mxfp8 import demo  # noqa: E402
+from jax_mxfp8.backends import get_backend_impl  # noqa: E402
 from jax_mxfp8.flax import Mxfp8Linear, load_state_dict, quantize_model, state_dict  # noqa: E402
 from jax_mxfp8.flax.decoder import (  # noqa: E402
     CausalLM, DecoderConfig, dequantized, load_pretrained, rope_inverse_frequencies, save_pretrained)
@@ -43,7 +44,11 @@ def test_cli_demo_runs_and_reports():
                          text=True, timeout=600, cwd="/")
     assert out.returncode == 0, out.stdout + out.stderr
     text = out.stdout
-    for expected in ("backend emulation (W8A16)", "cosine similarity", "relative error",
+    # The automatic choice for the default device (emulation on a CPU, marlin on an H100).
+    backend = mx.select_backend()
+    assert jax.devices()[0].platform != "cpu" or backend is mx.Backend.EMULATION, backend
+    math = "W8A8" if get_backend_impl(backend).default_quantize_activations else "W8A16"
+    for expected in (f"backend {backend.value} ({math})", "cosine similarity", "relative error",
                      "weight memory", "time per step (device time", "PASS"):
         assert expected in text, text
 

@@ -291,12 +291,18 @@ def test_mxfp8_dense_and_intercept_match_and_stay_close():
 
 
 def test_mxfp8_dense_init_matches_quantize_params_tree():
+    import functools
     params, x = linen_setup()
     q = quantize_params(params, backend=BACKEND)
-    init = jax.eval_shape(LinenMLP(dense=Mxfp8Dense).init, jax.random.key(0), x)
+    dense = functools.partial(Mxfp8Dense, backend=BACKEND)  # the backend is in the treedef
+    init = jax.eval_shape(LinenMLP(dense=dense).init, jax.random.key(0), x)
     assert jax.tree.structure(init) == jax.tree.structure(q)
+    # Both default to the automatic choice for the default device (marlin on an H100).
+    auto = jax.eval_shape(LinenMLP(dense=Mxfp8Dense).init, jax.random.key(0), x)
+    assert jax.tree.structure(auto) == jax.tree.structure(quantize_params(params))
     fresh = LinenMLP(dense=Mxfp8Dense).init(jax.random.key(0), x)
     assert isinstance(fresh["params"]["up"]["weight"], mx.MxWeight)
+    assert fresh["params"]["up"]["weight"].backend is mx.select_backend()
 
 
 def test_mxfp8_dense_rejects_mismatched_weight():

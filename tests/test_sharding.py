@@ -367,19 +367,22 @@ def test_cli_demo_tp_runs_in_a_fresh_process(tmp_path):
 def test_tp_mlp_under_explicit_sharding_mode():
     mesh = jax.make_mesh((2, 4), ("data", "model"), devices=CPUS[:8],
                          axis_types=(jax.sharding.AxisType.Explicit,) * 2)
-    params = tp.init_params(jax.random.key(1), 128, 256, jnp.float32)
-    x = random_x((4, 128))
-    want = jax.jit(tp.mlp)(jax.device_put(tp.quantize_params(params, "emulation"), ONE), local(x))
-    with jax.set_mesh(mesh):
-        sharded = tp.quantize_params(params, "emulation", mesh)
-        xs = put(x, mesh, P("data", None))
+    # Uncommitted arrays on a CPU, not the default device (a GPU there): the eager quantize in
+    # tp.quantize_params below runs under the CPU mesh and must not read a GPU operand.
+    with jax.default_device(ONE):
+        params = tp.init_params(jax.random.key(1), 128, 256, jnp.float32)
+        x = random_x((4, 128))
+        want = jax.jit(tp.mlp)(jax.device_put(tp.quantize_params(params, "emulation"), ONE), local(x))
+        with jax.set_mesh(mesh):
+            sharded = tp.quantize_params(params, "emulation", mesh)
+            xs = put(x, mesh, P("data", None))
 
-        def step(p, a):
-            h = mx.linear(a, p["up"])
-            assert jax.typeof(h).sharding.spec == P("data", "model")  # typed, not replicated
-            return mx.linear(jax.nn.gelu(h), p["down"])
-        got = jax.jit(step)(sharded, xs)
-        counts = tp.collectives(hlo(step, sharded, xs))
+            def step(p, a):
+                h = mx.linear(a, p["up"])
+                assert jax.typeof(h).sharding.spec == P("data", "model")  # typed, not replicated
+                return mx.linear(jax.nn.gelu(h), p["down"])
+            got = jax.jit(step)(sharded, xs)
+            counts = tp.collectives(hlo(step, sharded, xs))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
                                atol=1e-5 * float(np.abs(np.asarray(want)).max()))
     assert counts["all-reduce"] == 1 and counts["all-gather"] == 0, counts
