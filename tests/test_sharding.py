@@ -367,8 +367,8 @@ def test_cli_demo_tp_runs_in_a_fresh_process(tmp_path):
 def test_tp_mlp_under_explicit_sharding_mode():
     mesh = jax.make_mesh((2, 4), ("data", "model"), devices=CPUS[:8],
                          axis_types=(jax.sharding.AxisType.Explicit,) * 2)
-    # Uncommitted arrays on a CPU, not the default device (a GPU there): the eager quantize in
-    # tp.quantize_params below runs under the CPU mesh and must not read a GPU operand.
+    # Every array on a CPU: with a GPU as default device, params and x were created there, and
+    # the run under the CPU mesh failed ("custom call to Sharding for Host" not found).
     with jax.default_device(ONE):
         params = tp.init_params(jax.random.key(1), 128, 256, jnp.float32)
         x = random_x((4, 128))
