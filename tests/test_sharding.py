@@ -364,6 +364,11 @@ def test_cli_demo_tp_runs_in_a_fresh_process(tmp_path):
     assert "'all-reduce': 1, 'all-gather': 0" in out.stdout and "OK" in out.stdout
 
 
+@pytest.mark.xfail(jax.default_backend() != "cpu", raises=jax.errors.JaxRuntimeError, strict=False,
+                   reason="known open failure on a GPU-default host (H100, jax 0.11.2): an Explicit-axes "
+                          "mesh of the 8 CPU devices fails with 'No registered implementation for "
+                          "untyped custom call to Sharding for Host'; passes where the CPU is the "
+                          "default backend (CI). Recorded in RESULTS.md / the closing note.")
 def test_tp_mlp_under_explicit_sharding_mode():
     mesh = jax.make_mesh((2, 4), ("data", "model"), devices=CPUS[:8],
                          axis_types=(jax.sharding.AxisType.Explicit,) * 2)
