@@ -321,89 +321,19 @@ __device__ __forceinline__ void StoreOut(const GemmArgs& a, int row, int col, fl
   }
 }
 
-// ---- epilogue --------------------------------------------------------------------------------
-
-// Sums the kWK warps that computed partials of the same 16*MB x kCols tile through shared
-// memory (`red`, kWK * 16*MB * (kCols + 8) floats), then stores the tile (splits == 1) or its
-// fp32 partial; with splits > 1 the last block of the tile (atomic counter, zeroed by a memset
-// on the stream) sums the partials in split order: deterministic, no spin locks.
-template <int MB, int kCols, int kWK>
-__device__ __forceinline__ void FinishTile(const GemmArgs& a, const float (&acc)[MB][8][4],
-                                           float* red, int* is_last_block, int wn, int wk,
-                                           int m_chunk, int split, int n_tile) {
-  constexpr int kRows = 16 * MB;
-  constexpr int kRedStride = kCols + 8;  // padding spreads the fragment stores over banks
-  const int tid = threadIdx.x, lane = tid & 31;
-  const int m0 = m_chunk * kRows, n0 = n_tile * kCols;
-#pragma unroll
-  for (int mb = 0; mb < MB; ++mb)
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const int row = mb * 16 + (lane >> 2);
-      const int col = wn * 64 + j * 8 + (lane & 3) * 2;
-      float* dst = red + (wk * kRows + row) * kRedStride + col;
-      *reinterpret_cast<float2*>(dst) = make_float2(acc[mb][j][0], acc[mb][j][1]);
-      *reinterpret_cast<float2*>(dst + 8 * kRedStride) = make_float2(acc[mb][j][2], acc[mb][j][3]);
-    }
-  __syncthreads();
-
-  constexpr int kVecs = kCols / 4;
-  const int m_pad = a.m_chunks * kRows;
-  for (int idx = tid; idx < kRows * kVecs; idx += kThreads) {
-    const int row = idx / kVecs, c4 = idx % kVecs;
-    const int grow = m0 + row;
-    if (grow >= a.m) continue;
-    float4 v = *reinterpret_cast<const float4*>(red + row * kRedStride + 4 * c4);
-#pragma unroll
-    for (int w = 1; w < kWK; ++w) {
-      const float4 u = *reinterpret_cast<const float4*>(red + (w * kRows + row) * kRedStride + 4 * c4);
-      v.x += u.x; v.y += u.y; v.z += u.z; v.w += u.w;
-    }
-    const int gcol = n0 + 4 * c4;
-    if (a.splits == 1) {
-      StoreOut(a, grow, gcol, v);
-    } else {
-      __stcg(reinterpret_cast<float4*>(a.partial + (static_cast<size_t>(split) * m_pad + grow) * a.n + gcol), v);
-    }
-  }
-  if (a.splits == 1) return;
-
-  __threadfence();
-  __syncthreads();
-  int* counter = a.counters + n_tile * a.m_chunks + m_chunk;
-  if (tid == 0) *is_last_block = atomicAdd(counter, 1) == a.splits - 1;
-  __syncthreads();
-  if (!*is_last_block) return;
-  __threadfence();
-  for (int idx = tid; idx < kRows * kVecs; idx += kThreads) {
-    const int row = idx / kVecs, c4 = idx % kVecs;
-    const int grow = m0 + row;
-    if (grow >= a.m) continue;
-    const int gcol = n0 + 4 * c4;
-    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int sp = 0; sp < a.splits; ++sp) {
-      const float4 u = __ldcg(reinterpret_cast<const float4*>(
-          a.partial + (static_cast<size_t>(sp) * m_pad + grow) * a.n + gcol));
-      v.x += u.x; v.y += u.y; v.z += u.z; v.w += u.w;
-    }
-    StoreOut(a, grow, gcol, v);
-  }
-  if (tid == 0) *counter = 0;  // left zeroed (the handler also memsets before each launch)
-}
-
 template <int MB, int WN, int STAGES, typename XT>
 __global__ void __launch_bounds__(kThreads, MB == 1 ? 3 : 2) MarlinGemmKernel(const GemmArgs a) {
   using T = Tile<MB, WN, STAGES>;
   extern __shared__ __align__(128) uint8_t smem[];
   __shared__ int is_last_block;
-  const int warp = threadIdx.x >> 5;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wn = warp % WN, wk = warp / WN;
 
   int b = blockIdx.x;
   const int m_chunk = b % a.m_chunks;
   b /= a.m_chunks;
   const int split = b % a.splits, n_tile = b / a.splits;
-  const int m0 = m_chunk * T::kRows;
+  const int m0 = m_chunk * T::kRows, n0 = n_tile * T::kCols;
   const int kt_total = a.k / kStageK;
   const int kt_begin = split * a.kt_per_split;
   const int num_kt = max(0, min(kt_total, kt_begin + a.kt_per_split) - kt_begin);
@@ -428,10 +358,65 @@ __global__ void __launch_bounds__(kThreads, MB == 1 ? 3 : 2) MarlinGemmKernel(co
   else
     MainLoop<MB, WN, STAGES, XT, false>(a, smem, acc, kt_begin, num_kt, n_tile, m0);
 
+  // ---- epilogue: sum the WK warps of each column tile through shared memory ----
   CpAsyncWait<0>();
-  __syncthreads();  // the reduction buffer below reuses the pipeline's shared memory
-  FinishTile<MB, T::kCols, T::kWK>(a, acc, reinterpret_cast<float*>(smem), &is_last_block, wn, wk,
-                                   m_chunk, split, n_tile);
+  __syncthreads();
+  float* red = reinterpret_cast<float*>(smem);
+#pragma unroll
+  for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int row = mb * 16 + (lane >> 2);
+      const int col = wn * 64 + j * 8 + (lane & 3) * 2;
+      float* dst = red + (wk * T::kRows + row) * T::kRedStride + col;
+      *reinterpret_cast<float2*>(dst) = make_float2(acc[mb][j][0], acc[mb][j][1]);
+      *reinterpret_cast<float2*>(dst + 8 * T::kRedStride) = make_float2(acc[mb][j][2], acc[mb][j][3]);
+    }
+  __syncthreads();
+
+  constexpr int kVecs = T::kCols / 4;
+  const int m_pad = a.m_chunks * T::kRows;
+  for (int idx = tid; idx < T::kRows * kVecs; idx += kThreads) {
+    const int row = idx / kVecs, c4 = idx % kVecs;
+    const int grow = m0 + row;
+    if (grow >= a.m) continue;
+    float4 v = *reinterpret_cast<const float4*>(red + row * T::kRedStride + 4 * c4);
+#pragma unroll
+    for (int w = 1; w < T::kWK; ++w) {
+      const float4 u = *reinterpret_cast<const float4*>(red + (w * T::kRows + row) * T::kRedStride + 4 * c4);
+      v.x += u.x; v.y += u.y; v.z += u.z; v.w += u.w;
+    }
+    const int gcol = n0 + 4 * c4;
+    if (a.splits == 1) {
+      StoreOut(a, grow, gcol, v);
+    } else {
+      __stcg(reinterpret_cast<float4*>(a.partial + (static_cast<size_t>(split) * m_pad + grow) * a.n + gcol), v);
+    }
+  }
+  if (a.splits == 1) return;
+
+  // ---- split-K: the last block of this tile sums the partials in split order ----
+  __threadfence();
+  __syncthreads();
+  int* counter = a.counters + n_tile * a.m_chunks + m_chunk;
+  if (tid == 0) is_last_block = atomicAdd(counter, 1) == a.splits - 1;
+  __syncthreads();
+  if (!is_last_block) return;
+  __threadfence();
+  for (int idx = tid; idx < T::kRows * kVecs; idx += kThreads) {
+    const int row = idx / kVecs, c4 = idx % kVecs;
+    const int grow = m0 + row;
+    if (grow >= a.m) continue;
+    const int gcol = n0 + 4 * c4;
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int sp = 0; sp < a.splits; ++sp) {
+      const float4 u = __ldcg(reinterpret_cast<const float4*>(
+          a.partial + (static_cast<size_t>(sp) * m_pad + grow) * a.n + gcol));
+      v.x += u.x; v.y += u.y; v.z += u.z; v.w += u.w;
+    }
+    StoreOut(a, grow, gcol, v);
+  }
+  if (tid == 0) *counter = 0;  // left zeroed (the handler also memsets before each launch)
 }
 
 // ---- packed weight -> bf16 [N, K] (the large-M path: dequantize, then a cuBLAS GEMM) --------
@@ -560,7 +545,7 @@ ffi::Error MarlinGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi
   if (has_bias && (bias.element_count() != static_cast<size_t>(n) || DTypeOf(bias.element_type()) < 0))
     return ffi::Error::InvalidArgument("marlin: bias must be [N] bf16, fp16 or fp32");
   if (m == 0) return ffi::Error::Success();
-  if (m_blocks < 1 || warps_n < 1 || splits < 1 || m > 0x7FFFFFFF || n > 0x7FFFFFFF || k > 0x7FFFFFFF)
+  if (m_blocks < 1 || splits < 1 || m > 0x7FFFFFFF || n > 0x7FFFFFFF || k > 0x7FFFFFFF)
     return ffi::Error::InvalidArgument("marlin: bad launch parameters");
 
   GemmArgs args{};

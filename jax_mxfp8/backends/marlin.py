@@ -38,7 +38,6 @@ FAST_MAX_SCALE = 134  # largest e8m0 byte whose folded scale 2^(e-7) is a normal
 META_TAG = "marlin-v1"
 
 
-
 class Tile(NamedTuple):
     """A tile configuration compiled into ffi/src/marlin.cu (DispatchTile): a block computes
     16*m_blocks rows x 64*warps_n columns."""
