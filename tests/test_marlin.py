@@ -137,6 +137,7 @@ def test_rule_plan_stays_in_bounds_on_other_gpus(n, k):
             assert plan.kind == "kernel" and tile in marlin.TILE_CONFIGS and n % (64 * tile.warps_n) == 0
             tiles = (n // (64 * tile.warps_n)) * -(-m // (16 * tile.m_blocks))
             assert plan.splits == 1 or (tiles * plan.splits <= 2 * sms and m <= 128)
+            assert plan.splits <= marlin.MAX_CLUSTER_SPLITS
 
 
 def test_primitive_reference_lowering_matches_float64():
@@ -175,6 +176,39 @@ def test_padded_shapes_through_backend_linear(x_dtype, m):
         y = jax.jit(lambda x, w, b: marlin._linear(x, w, b, jnp.float32, False))(x, weight, bias)
     assert y.shape == (m, n)
     assert rel_fro(y, R.linear(x, codes, scales, bias)) <= 1e-5, f"seed {seed}"
+
+
+@pytest.mark.parametrize("n,k,slice_bytes", [(28672, 8192, 64 << 20), (8192, 8192, 64 << 20),
+                                             (4096, 4096, 64 << 20), (192, 64, 8192), (64, 64, 1)])
+def test_dequant_slices_tile_the_columns_within_the_budget(n, k, slice_bytes):
+    sl = marlin.dequant_slices(n, k, slice_bytes)
+    assert sl[0][0] == 0 and sum(r for _, r in sl) == n
+    assert all(b + r == nb for (b, r), (nb, _) in zip(sl, sl[1:]))
+    assert all(r % 64 == 0 and r > 0 and (r * k * 2 <= slice_bytes or r == 64) for _, r in sl)
+
+
+@pytest.mark.parametrize("x_dtype", [ml_dtypes.bfloat16, np.float32])
+def test_sliced_dequant_dot_matches_float64(x_dtype):
+    """The large-M path in four column slices (jnp lowerings on CPU), bias split with them."""
+    rng, seed = fresh_rng()
+    n, k, m = 256, 128, 9
+    codes, scales = random_weight(rng, n, k)
+    cpu = jax.devices("cpu")[0]
+    with jax.default_device(cpu):
+        arrays, _ = prepare(codes, scales)
+        x = rng.standard_normal((m, k)).astype(x_dtype)
+        bias = rng.standard_normal(n).astype(np.float32)
+        assert len(marlin.dequant_slices(n, k, 64 * k * 2)) == 4
+        y = jax.jit(lambda x, a, b: marlin._dequant_dot(x, a, b, jnp.float32, 64 * k * 2))(x, arrays, bias)
+    assert rel_fro(y, R.linear(x, codes, scales, bias)) <= 1e-5, f"seed {seed}"
+
+
+def test_dequantize_slice_bounds_are_checked():
+    arrays, _ = prepare(*random_weight(np.random.default_rng(3), 128, 64))
+    with pytest.raises(ValueError, match="not whole 64-column tiles"):
+        marlin.dequantize_packed(arrays["qweight"], arrays["scales"], 64, 128)
+    with pytest.raises(ValueError, match="not whole 64-column tiles"):
+        marlin.dequantize_packed(arrays["qweight"], arrays["scales"], 32, 64)
 
 
 @pytest.mark.skipif(not _ffi.has_cuda_target(marlin.GEMM_TARGET), reason="CUDA module not built")
@@ -225,7 +259,7 @@ def test_linear_marlin_vs_float64(case):
 
 @needs_kernels
 @pytest.mark.parametrize("tile", marlin.TILE_CONFIGS)
-@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("splits", [1, 3, 8, 12])  # SM90+: 3 and 8 reduce in a cluster, 12 in the workspace
 @pytest.mark.parametrize("m", [1, 17, 100, 300])
 def test_every_tile_and_split(tile, splits, m):
     rng, seed = fresh_rng()
@@ -280,6 +314,17 @@ def test_exhaustive_dequantize_kernel(scale_bytes, general):
 
 
 @needs_kernels
+def test_dequantize_kernel_column_slices_are_exact():
+    codes, scales = exhaustive_weight(SCALE_BYTES)
+    arrays, _ = prepare(codes, scales)
+    want = R.dequantize(codes, scales, ml_dtypes.bfloat16).view(np.uint16)
+    for n_begin, rows in ((0, 64), (64, 128), (192, 64)):
+        poison_device_memory(rows * 256 * 2)
+        got = np.asarray(marlin.dequantize_packed(arrays["qweight"], arrays["scales"], n_begin, rows))
+        np.testing.assert_array_equal(got.view(np.uint16), want[n_begin:n_begin + rows])
+
+
+@needs_kernels
 @pytest.mark.parametrize("scale_bytes,general", [(SCALE_BYTES, 1), (SCALE_BYTES[:5], 0)])
 @pytest.mark.parametrize("tile", [(1, 1), (4, 4)])
 def test_exhaustive_through_the_gemm(scale_bytes, general, tile):
@@ -311,9 +356,10 @@ def test_deterministic_run_to_run(tile):
     codes, scales = random_weight(rng, 1024, 4096)
     arrays, _ = prepare(codes, scales)
     x = rng.standard_normal((16, 4096)).astype(ml_dtypes.bfloat16)
-    runs = [run_gemm(x, arrays, None, tile=tile, splits=8, out_dtype=jnp.float32)
-            for _ in range(3)]
-    assert all(np.array_equal(runs[0], r) for r in runs[1:])
+    for splits in (8, 16):  # SM90+: the cluster reduction, then the workspace one
+        runs = [run_gemm(x, arrays, None, tile=tile, splits=splits, out_dtype=jnp.float32)
+                for _ in range(3)]
+        assert all(np.array_equal(runs[0], r) for r in runs[1:]), f"splits={splits}"
 
 
 @needs_kernels

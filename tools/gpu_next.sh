@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Device calls for issue 4's evidence. `bash tools/gpu_next.sh check`: build, the whole test
 # suite on the GPU, Marlin racecheck + memcheck, prepare time and memory analysis.
+# `bash tools/gpu_next.sh tune`: build, Marlin tests, sweep and large-M slice timings.
 # `bash tools/gpu_next.sh bench`: build, the issue's table (both timing methods) + plot.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +21,12 @@ case "${1:-check}" in
     TAIL=4 step memcheck 60 compute-sanitizer --tool memcheck --kernel-name kns=Marlin \
       python3 -P tools/marlin_dev.py sanitize --ms 3 33
     TAIL=10 step extras 90 python3 -P tools/marlin_dev.py extras ;;
+  tune)  # after a kernel change: its tests, then the tile x split sweep and the large-M slices
+    TAIL=4 step tests 200 python3 -P -m pytest -q -p no:cacheprovider tests/test_marlin.py tests/test_linear.py
+    TAIL=12 step sweep 230 python3 -P tools/marlin_dev.py sweep --shapes 8192x8192 28672x8192 \
+      --ms 1 16 32 64 --out "$out"
+    TAIL=6 step slices 140 python3 -P tools/marlin_dev.py slices --shapes 8192x8192 28672x8192 \
+      --ms 1024 4096 ;;
   bench)
     TAIL=80 step bench 540 python3 -P tools/marlin_dev.py bench --out "$out" ;;
 esac

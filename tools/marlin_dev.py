@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from jax import lax
 
 import jax_mxfp8 as mx
 from jax_mxfp8 import bench, reference
@@ -93,10 +94,11 @@ def probe(args) -> int:
 
 
 def sanitize(args) -> int:
-    """Small shapes through every tile (splits 1 and 2) and the dequantize kernel, for
-    compute-sanitizer memcheck / racecheck."""
+    """Small shapes through every tile (splits 1; 2 = a cluster on SM90+; 10 = the workspace
+    reduction) and the dequantize kernel (whole and a column slice), for compute-sanitizer
+    memcheck / racecheck."""
     rng = np.random.default_rng(1)
-    n, k = 256, 256
+    n, k = 256, 640
     values = jnp.asarray(rng.integers(0, 256, (n, k), dtype=np.uint8).view(ml_dtypes.float8_e4m3fn))
     scales = jnp.asarray(rng.integers(100, 140, (n, k // 32), dtype=np.uint8))
     arrays, _ = marlin._prepare(values, scales)
@@ -106,13 +108,14 @@ def sanitize(args) -> int:
             x = jnp.asarray(rng.standard_normal((m, k)), xt)
             bias = jnp.asarray(rng.standard_normal(n), jnp.bfloat16)
             for tile in marlin.TILE_CONFIGS:
-                for splits in (1, 2):
+                for splits in (1, 2, 10):
                     marlin.gemm(x, arrays["qweight"], arrays["scales"], arrays["flags"], bias,
                                 m_blocks=tile.m_blocks, warps_n=tile.warps_n, splits=splits,
                                 out_dtype=jnp.bfloat16).block_until_ready()
                     count += 1
     marlin.dequantize_packed(arrays["qweight"], arrays["scales"]).block_until_ready()
-    log("sanitize: ran", count + 1, "kernels")
+    marlin.dequantize_packed(arrays["qweight"], arrays["scales"], 64, 128).block_until_ready()
+    log("sanitize: ran", count + 2, "kernels")
     return 0
 
 
@@ -151,13 +154,13 @@ def candidates(m, n, k):
     """(Tile, splits) pairs worth timing at this M."""
     T = marlin.Tile
     if m <= 16:
-        opts = [(T(1, 1), (1, 2, 4)), (T(1, 2), (1, 2)), (T(1, 4), (1, 2))]
+        opts = [(T(1, 1), (1, 2, 3, 4, 8)), (T(1, 2), (1, 2, 4)), (T(1, 4), (1, 2, 4))]
     elif m <= 32:
-        opts = [(T(2, 2), (1, 2, 4)), (T(2, 4), (1, 2)), (T(1, 1), (1, 2, 4)), (T(1, 4), (1, 2))]
+        opts = [(T(2, 2), (1, 2, 4, 8)), (T(2, 4), (1, 2, 4)), (T(1, 1), (2, 4))]
     elif m <= 64:
-        opts = [(T(4, 2), (1, 2, 4, 8)), (T(4, 4), (1, 2, 4)), (T(2, 4), (1, 2))]
+        opts = [(T(4, 2), (1, 2, 3, 4, 8)), (T(4, 4), (1, 2, 4)), (T(2, 4), (1, 2))]
     else:
-        opts = [(T(4, 4), (1, 2)), (T(4, 2), (1, 2)), (T(2, 4), (1,))]
+        opts = [(T(4, 4), (1, 2, 4)), (T(4, 2), (1, 2, 4)), (T(2, 4), (1,))]
     return [(t, s) for t, ss in opts if n % (64 * t.warps_n) == 0 for s in ss]
 
 
@@ -310,6 +313,38 @@ def plot(rows, path):
     log("plot:", path)
 
 
+def slices(args) -> int:
+    """Large-M path: dequantize + GEMM in column slices of at most S bytes of bf16 (S = whole
+    weight, 256, 128, 64, 32 MiB) against the emulation path and bf16, busy time, and each
+    program's compiled temp memory."""
+    repeats, nsets = 5, 4
+    shapes = SHAPES if not args.shapes else [tuple(map(int, s.split("x"))) for s in args.shapes]
+    for n, k in shapes:
+        wsets = packed_sets(n, k, nsets)
+        vsets = [(lax.bitcast_convert_type(jax.random.bits(jax.random.key(50 + i), (n, k), jnp.uint8)
+                                           & jnp.uint8(0xF7), jnp.float8_e4m3fn),
+                  jax.random.randint(jax.random.key(60 + i), (n, k // 32), 118, 128, jnp.int32).astype(jnp.uint8))
+                 for i in range(nsets)]
+        for m in args.ms or [512, 1024, 4096]:
+            xs = [jax.random.normal(jax.random.key(7 + i), (m, k), jnp.bfloat16) for i in range(nsets)]
+            sets = [(x, w, v) for x, w, v in zip(xs, wsets, vsets)]
+            impls = {"emulation": lambda x, w, v: reference.linear(x, *v),
+                     "bf16": lambda x, w, v: jnp.dot(x, v[0].astype(jnp.bfloat16).T,
+                                                     preferred_element_type=jnp.bfloat16)}
+            for mib in (1 << 30, 256, 128, 64, 32):
+                impls[f"slice{mib if mib < 1 << 30 else 'all'}"] = (
+                    lambda x, w, v, mib=mib: marlin._dequant_dot(x, w, None, jnp.bfloat16, mib << 20))
+            out = []
+            for name, fn in impls.items():
+                t = time_fn(fn, sets, repeats, "busy")
+                mem = jax.jit(fn).lower(*sets[0]).compile().memory_analysis()
+                out.append(f"{name}={t:.1f}us/{mem.temp_size_in_bytes / 2**20:.0f}MiB")
+            log(f"slices {n}x{k} M={m}: " + " ".join(out))
+        del wsets, vsets
+        gc.collect()
+    return 0
+
+
 def extras(args) -> int:
     """prepare_weight time for 28672 x 8192 and compiled memory of linear vs emulation."""
     n, k = 28672, 8192
@@ -393,7 +428,8 @@ def timeline(args) -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("cmd", choices=["smoke", "probe", "sanitize", "sweep", "bench", "extras", "timeline"])
+    ap.add_argument("cmd", choices=["smoke", "probe", "sanitize", "sweep", "bench", "extras", "timeline",
+                                    "slices"])
     ap.add_argument("--n", type=int, default=512)
     ap.add_argument("--k", type=int, default=1536)
     ap.add_argument("--m", type=int, default=1)
@@ -414,7 +450,7 @@ def main(argv=None) -> int:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
     log("devices:", jax.devices(), "core_count:", getattr(jax.devices()[0], "core_count", None))
     return {"smoke": smoke, "probe": probe, "sanitize": sanitize, "sweep": sweep, "bench": bench_cmd,
-            "extras": extras, "timeline": timeline}[args.cmd](args)
+            "extras": extras, "timeline": timeline, "slices": slices}[args.cmd](args)
 
 
 if __name__ == "__main__":

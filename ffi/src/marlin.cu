@@ -27,9 +27,14 @@
 // Work split: block = 128 threads = WN warps across N (64 columns each) x WK = 4/WN warps
 // across the k16 sub-tiles of each 64-deep pipeline stage; block tile = 16*MB rows x 64*WN
 // columns x (K / splits). Blocks are not persistent: many small blocks stay resident together
-// and share HBM bandwidth evenly. With splits > 1 each block writes an fp32 partial tile to the
+// and share HBM bandwidth evenly. K splits (splits > 1): on SM90+ with splits <= 8 the splits
+// of one tile form a thread-block cluster; each block keeps its fp32 partial tile in shared
+// memory and sums one slice of the tile over the cluster's shared memory (DSMEM), in split
+// order: no workspace traffic, counters or memset (the pattern of the CUDA programming guide's
+// distributed shared memory section). Otherwise each block writes its partial to the
 // workspace and the last block of a tile (atomic counter, zeroed by a memset on the stream)
-// sums the partials in split order: deterministic, no spin locks.
+// sums them in split order. Both are deterministic: the same additions in the same order.
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -45,6 +50,7 @@ namespace jax_mxfp8 {
 namespace {
 
 constexpr int kThreads = 128;
+constexpr int kMaxClusterSplits = 8;     // the portable thread-block cluster size
 constexpr int kStageK = 64;              // K per pipeline stage
 constexpr int kSubTiles = kStageK / 16;  // k16 sub-tiles per stage
 constexpr uint32_t kTwo120 = 0x7B807B80u;  // bf16x2 (2^120, 2^120)
@@ -151,6 +157,7 @@ struct GemmArgs {
   int m, n, k;
   int splits, kt_per_split, m_chunks;
   int bias_type, out_type;
+  int cluster;            // 1: the splits of a tile are one cluster (SM90+), no workspace
 };
 
 template <int MB, int WN, int STAGES>
@@ -329,10 +336,10 @@ __global__ void __launch_bounds__(kThreads, MB == 1 ? 3 : 2) MarlinGemmKernel(co
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wn = warp % WN, wk = warp / WN;
 
-  int b = blockIdx.x;
-  const int m_chunk = b % a.m_chunks;
-  b /= a.m_chunks;
-  const int split = b % a.splits, n_tile = b / a.splits;
+  int b = blockIdx.x;  // split fastest: a cluster's rank is its split
+  const int split = b % a.splits;
+  b /= a.splits;
+  const int m_chunk = b % a.m_chunks, n_tile = b / a.m_chunks;
   const int m0 = m_chunk * T::kRows, n0 = n_tile * T::kCols;
   const int kt_total = a.k / kStageK;
   const int kt_begin = split * a.kt_per_split;
@@ -389,11 +396,35 @@ __global__ void __launch_bounds__(kThreads, MB == 1 ? 3 : 2) MarlinGemmKernel(co
     const int gcol = n0 + 4 * c4;
     if (a.splits == 1) {
       StoreOut(a, grow, gcol, v);
+    } else if (a.cluster) {  // this thread alone owns (row, c4) in every warp's slice
+      *reinterpret_cast<float4*>(red + row * T::kRedStride + 4 * c4) = v;
     } else {
       __stcg(reinterpret_cast<float4*>(a.partial + (static_cast<size_t>(split) * m_pad + grow) * a.n + gcol), v);
     }
   }
   if (a.splits == 1) return;
+
+  if (a.cluster) {  // ---- split-K over the cluster's shared memory ----
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+    cluster.sync();  // every split's partial tile is in its shared memory
+    const int total = min(T::kRows, a.m - m0) * kVecs;
+    const int per = (total + a.splits - 1) / a.splits;
+    const int end = min(total, (split + 1) * per);
+    for (int idx = split * per + tid; idx < end; idx += kThreads) {
+      const int row = idx / kVecs, c4 = idx % kVecs;
+      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+      for (int sp = 0; sp < a.splits; ++sp) {
+        const float4 u = *reinterpret_cast<const float4*>(
+            cluster.map_shared_rank(red, sp) + row * T::kRedStride + 4 * c4);
+        v.x += u.x; v.y += u.y; v.z += u.z; v.w += u.w;
+      }
+      StoreOut(a, m0 + row, n0 + 4 * c4, v);
+    }
+    cluster.sync();  // no block leaves while another still reads its shared memory
+#endif
+    return;
+  }
 
   // ---- split-K: the last block of this tile sums the partials in split order ----
   __threadfence();
@@ -423,11 +454,13 @@ __global__ void __launch_bounds__(kThreads, MB == 1 ? 3 : 2) MarlinGemmKernel(co
 
 constexpr int kDqStride = 64 + 8;  // bf16 per shared row (pad: 144 B, 16-B aligned)
 
+// Columns [n_begin, n_begin + 64 * gridDim.x) of the N-column packed weight -> out rows from 0.
 __global__ void __launch_bounds__(kThreads) MarlinDequantKernel(const uint8_t* w, const uint8_t* s,
-                                                               __nv_bfloat16* out, int n, int k) {
+                                                               __nv_bfloat16* out, int n, int k,
+                                                               int n_begin) {
   __shared__ __align__(16) __nv_bfloat16 tile[64 * kDqStride];
   const int tid = threadIdx.x;
-  const int nt = blockIdx.x, kt64 = blockIdx.y;
+  const int nt = n_begin / 64 + blockIdx.x, kt64 = blockIdx.y;
   const int n_tiles64 = n / 64;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
@@ -455,7 +488,7 @@ __global__ void __launch_bounds__(kThreads) MarlinDequantKernel(const uint8_t* w
     const int q = tid + kThreads * i;
     const int row = q >> 3, ch = q & 7;
     const uint4 v = *reinterpret_cast<const uint4*>(tile + row * kDqStride + ch * 8);
-    __stcs(reinterpret_cast<uint4*>(out + static_cast<size_t>(nt * 64 + row) * k + kt64 * kStageK + ch * 8), v);
+    __stcs(reinterpret_cast<uint4*>(out + static_cast<size_t>(blockIdx.x * 64 + row) * k + kt64 * kStageK + ch * 8), v);
   }
 }
 
@@ -496,8 +529,24 @@ ffi::Error LaunchGemm(cudaStream_t stream, const GemmArgs& args) {
   JAX_MXFP8_CUDA_RETURN_IF_ERROR(AllowSmem(kernel, T::kSmemBytes, smem_raised));
   const long long blocks = static_cast<long long>(args.n / T::kCols) * args.splits * args.m_chunks;
   if (blocks > 0x7FFFFFFF) return ffi::Error::InvalidArgument("marlin: grid too large");
-  kernel<<<static_cast<unsigned>(blocks), kThreads, T::kSmemBytes, stream>>>(args);
-  return CheckLaunch("marlin gemm kernel");
+  if (!args.cluster) {
+    kernel<<<static_cast<unsigned>(blocks), kThreads, T::kSmemBytes, stream>>>(args);
+    return CheckLaunch("marlin gemm kernel");
+  }
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(blocks));
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = T::kSmemBytes;
+  config.stream = stream;
+  cudaLaunchAttribute cluster;
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = static_cast<unsigned>(args.splits);  // divides the grid
+  cluster.val.clusterDim.y = 1;
+  cluster.val.clusterDim.z = 1;
+  config.attrs = &cluster;
+  config.numAttrs = 1;
+  JAX_MXFP8_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&config, kernel, args));
+  return CheckLaunch("marlin gemm kernel (cluster)");
 }
 
 template <typename XT>
@@ -566,7 +615,14 @@ ffi::Error MarlinGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi
   args.m_chunks = static_cast<int>((m + rows - 1) / rows);
   args.bias_type = has_bias ? DTypeOf(bias.element_type()) : kNone;
   args.out_type = out_type;
-  if (args.splits > 1) {
+  if (args.splits > 1 && args.splits <= kMaxClusterSplits) {
+    int device = 0, major = 0;
+    JAX_MXFP8_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+    JAX_MXFP8_CUDA_RETURN_IF_ERROR(
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    args.cluster = major >= 9;
+  }
+  if (args.splits > 1 && !args.cluster) {
     const size_t n_tiles = static_cast<size_t>(n) / (64 * warps_n);
     const size_t counter_bytes = (n_tiles * args.m_chunks * 4 + 255) / 256 * 256;
     const size_t partial_bytes = static_cast<size_t>(args.splits) * args.m_chunks * rows * n * 4;
@@ -582,22 +638,32 @@ ffi::Error MarlinGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi
   return DispatchTile<__half>(stream, args, m_blocks, warps_n);
 }
 
+// out [rows, K] = columns [n_begin, n_begin + rows) of the dequantized [N, K] weight.
 ffi::Error MarlinDequantImpl(cudaStream_t stream, ffi::Buffer<ffi::U8> qweight,
-                             ffi::Buffer<ffi::U8> scales, ffi::Result<ffi::Buffer<ffi::BF16>> out) {
+                             ffi::Buffer<ffi::U8> scales, ffi::Result<ffi::Buffer<ffi::BF16>> out,
+                             int32_t n_begin) {
   const auto od = out->dimensions();
-  if (od.size() != 2) return ffi::Error::InvalidArgument("marlin dequantize: out must be 2-D");
-  const int64_t n = od[0], k = od[1];
-  if (n % 64 != 0 || k % kStageK != 0 || n > 0x7FFFFFFF || k > 0x7FFFFFFF)
-    return ffi::Error::InvalidArgument("marlin dequantize: N and K must be multiples of 64");
-  if (qweight.element_count() != static_cast<size_t>(n * k) ||
-      scales.element_count() != static_cast<size_t>(n * k / 32))
+  const auto sd = scales.dimensions();
+  if (od.size() != 2 || sd.size() != 2)
+    return ffi::Error::InvalidArgument("marlin dequantize: out and scales must be 2-D");
+  const int64_t rows = od[0], k = od[1], n = sd[1];
+  if (n % 64 != 0 || rows % 64 != 0 || n_begin % 64 != 0 || k % kStageK != 0 || n > 0x7FFFFFFF ||
+      k > 0x7FFFFFFF)
+    return ffi::Error::InvalidArgument("marlin dequantize: N, K, the row count and n_begin must be "
+                                       "multiples of 64");
+  if (n_begin < 0 || n_begin + rows > n)
+    return ffi::Error::InvalidArgument("marlin dequantize: columns [" + std::to_string(n_begin) + ", " +
+                                       std::to_string(n_begin + rows) + ") are outside N=" +
+                                       std::to_string(n));
+  if (qweight.element_count() != static_cast<size_t>(n * k) || sd[0] != k / 32)
     return ffi::Error::InvalidArgument("marlin dequantize: packed shapes do not match [N, K]");
-  if (n == 0 || k == 0) return ffi::Error::Success();
+  if (rows == 0 || k == 0) return ffi::Error::Success();
   if (k / kStageK > 65535) return ffi::Error::InvalidArgument("marlin dequantize: K too large");
-  const dim3 grid(static_cast<unsigned>(n / 64), static_cast<unsigned>(k / kStageK));
+  const dim3 grid(static_cast<unsigned>(rows / 64), static_cast<unsigned>(k / kStageK));
   MarlinDequantKernel<<<grid, kThreads, 0, stream>>>(
       qweight.typed_data(), scales.typed_data(),
-      reinterpret_cast<__nv_bfloat16*>(out->typed_data()), static_cast<int>(n), static_cast<int>(k));
+      reinterpret_cast<__nv_bfloat16*>(out->typed_data()), static_cast<int>(n), static_cast<int>(k),
+      n_begin);
   return CheckLaunch("marlin dequantize kernel");
 }
 
@@ -623,7 +689,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MarlinDequantHandler, MarlinDequantImpl,
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()   // qweight
                                   .Arg<ffi::Buffer<ffi::U8>>()   // scales
-                                  .Ret<ffi::Buffer<ffi::BF16>>(),  // [N, K]
+                                  .Ret<ffi::Buffer<ffi::BF16>>()  // [rows, K]
+                                  .Attr<int32_t>("n_begin"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 JAX_MXFP8_REGISTER_CUDA_TARGET("jax_mxfp8_marlin_gemm_cuda", MarlinGemmHandler);

@@ -126,9 +126,26 @@ def effective_splits(k: int, splits: int) -> int:
     return -(-kt_total // per)
 
 
-def workspace_bytes(m: int, n: int, k: int, m_blocks: int, warps_n: int, splits: int) -> int:
+# K splits up to this many reduce in distributed shared memory on SM90+ (kMaxClusterSplits in
+# marlin.cu): the splits of a tile are one thread-block cluster and need no workspace.
+MAX_CLUSTER_SPLITS = 8
+
+
+def _device_has_clusters() -> bool:
+    from jax_mxfp8.backends import compute_capability  # the package imports this module first
+    try:
+        cc = compute_capability(jax.devices()[0])
+    except RuntimeError:  # no devices
+        return False
+    return cc is not None and cc >= (9, 0)
+
+
+def workspace_bytes(m: int, n: int, k: int, m_blocks: int, warps_n: int, splits: int,
+                    clusters: bool) -> int:
+    """The kernel's hidden scratch output: split-K partials + counters, unless the splits
+    reduce over a cluster (`clusters`: the GPU has them; mirrors MarlinGemmImpl)."""
     s = effective_splits(k, splits)
-    if s == 1 or m == 0:
+    if s == 1 or m == 0 or (clusters and s <= MAX_CLUSTER_SPLITS):
         return 256
     rows = 16 * m_blocks
     m_chunks = -(-m // rows)
@@ -172,7 +189,8 @@ def _gemm_cuda(ctx, x, qweight, scales, flags, bias, *, m_blocks, warps_n, split
     _ffi.register_cuda_targets()
     m, k = ctx.avals_in[0].shape
     n = ctx.avals_out[0].shape[1]
-    ws = ShapedArray((workspace_bytes(m, n, k, m_blocks, warps_n, splits),), jnp.uint8)
+    ws = ShapedArray((workspace_bytes(m, n, k, m_blocks, warps_n, splits, _device_has_clusters()),),
+                     jnp.uint8)
     hidden = ctx.replace(avals_out=[ctx.avals_out[0], ws])  # workspace: a hidden extra result
     results = jax.ffi.ffi_lowering(GEMM_TARGET)(
         hidden, x, qweight, scales, flags, bias, m_blocks=np.int32(m_blocks),
@@ -199,29 +217,36 @@ marlin_gemm_p = base.define_primitive(
     batcher=_gemm_batch, multiple_results=False, lowerings={"cuda": _gemm_cuda})
 
 
-def _dequant_abstract(qweight, scales):
+def _dequant_abstract(qweight, scales, *, n_begin, rows):
     groups, n = scales.shape
     if qweight.dtype != jnp.uint8 or scales.dtype != jnp.uint8 or qweight.shape != (groups * 2, 16 * n):
         raise ValueError(f"marlin dequantize: qweight {qweight.shape} / scales {scales.shape} are not "
                          f"a packed Marlin weight")
-    return ShapedArray((n, groups * 32), jnp.bfloat16)
+    if n_begin % TILE or rows % TILE or not 0 <= n_begin <= n_begin + rows <= n:
+        raise ValueError(f"marlin dequantize: columns [{n_begin}, {n_begin + rows}) are not whole "
+                         f"64-column tiles of N={n}")
+    return ShapedArray((rows, groups * 32), jnp.bfloat16)
 
 
-def _dequant_reference(qweight, scales):
+def _dequant_reference(qweight, scales, *, n_begin, rows):
     values, s = _unpack_padded(qweight, scales)
-    return reference.dequantize(values, s, jnp.bfloat16)
+    return reference.dequantize(values[n_begin:n_begin + rows], s[n_begin:n_begin + rows],
+                                jnp.bfloat16)
 
 
-def _dequant_batch(args, dims):
+def _dequant_batch(args, dims, **params):
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
     moved = [base.move_to_front(a, d, size) for a, d in zip(args, dims)]
-    return jnp.stack([marlin_dequantize_p.bind(*(a[i] for a in moved)) for i in range(size)]), 0
+    return jnp.stack([marlin_dequantize_p.bind(*(a[i] for a in moved), **params)
+                      for i in range(size)]), 0
 
 
 marlin_dequantize_p = base.define_primitive(
     "mxfp8_marlin_dequantize", abstract_eval=_dequant_abstract, reference=_dequant_reference,
     batcher=_dequant_batch, multiple_results=False,
-    lowerings={"cuda": base.cuda_ffi_lowering(DEQUANT_TARGET, _dequant_reference, False)})
+    lowerings={"cuda": base.cuda_ffi_lowering(
+        DEQUANT_TARGET, _dequant_reference, False,
+        attrs=lambda n_begin, rows: {"n_begin": np.int32(n_begin)})})
 
 
 def gemm(x, qweight, scales, flags, bias=None, *, m_blocks, warps_n, splits, out_dtype):
@@ -234,9 +259,11 @@ def gemm(x, qweight, scales, flags, bias=None, *, m_blocks, warps_n, splits, out
                               out_dtype=jnp.dtype(out_dtype), has_bias=has_bias)
 
 
-def dequantize_packed(qweight, scales):
-    """Packed weight -> bf16 [Np, Kp] (exact dequantize of numerics.md)."""
-    return marlin_dequantize_p.bind(qweight, scales)
+def dequantize_packed(qweight, scales, n_begin: int = 0, rows: int | None = None):
+    """Packed weight -> bf16 [rows, Kp]: weight rows (output columns) [n_begin, n_begin + rows),
+    all Np by default, multiples of 64 (exact dequantize of numerics.md)."""
+    rows = scales.shape[1] - n_begin if rows is None else rows
+    return marlin_dequantize_p.bind(qweight, scales, n_begin=int(n_begin), rows=int(rows))
 
 
 # ---- per-M dispatch --------------------------------------------------------------------------
@@ -278,7 +305,8 @@ def _sm_count() -> int:
 def _rule_plan(m: int, n: int, k: int, sms: int) -> Plan:
     """Tile by M bucket (16 x 64 up to 16 rows, 16 x 256 when N alone gives ~a wave of blocks;
     32 x 128; 64 x 128), then the largest power-of-two K split that keeps the grid within ~two
-    blocks per SM and >= 16 pipeline stages (1024 of K) per split. Above 128 rows: no split."""
+    blocks per SM, >= 16 pipeline stages (1024 of K) per split and one cluster per tile (<= 8
+    splits). Above 128 rows: no split."""
     if m <= 16:
         tile = Tile(1, 4) if n % 256 == 0 and n // 256 >= 0.75 * sms else Tile(1, 1)
     elif m <= 32:
@@ -289,7 +317,8 @@ def _rule_plan(m: int, n: int, k: int, sms: int) -> Plan:
         tile = Tile(1, 1)
     tiles = (n // (64 * tile.warps_n)) * -(-m // (16 * tile.m_blocks))
     splits = 1
-    while (m <= 128 and tiles * splits * 2 <= 2 * sms and (k // TILE) // (splits * 2) >= 16):
+    while (m <= 128 and splits * 2 <= MAX_CLUSTER_SPLITS and tiles * splits * 2 <= 2 * sms
+           and (k // TILE) // (splits * 2) >= 16):
         splits *= 2
     return Plan("kernel", tile.m_blocks, tile.warps_n, splits)
 
@@ -318,10 +347,31 @@ def choose_plan(m: int, n: int, k: int, x_dtype, sms: int | None = None) -> Plan
     return _rule_plan(m, n, k, sms)
 
 
-def _dequant_dot(x, weight_arrays, bias, out_dtype):
-    w = dequantize_packed(weight_arrays["qweight"], weight_arrays["scales"])
+# Above MAX_KERNEL_M, linear dequantizes the weight in column slices of at most this many bf16
+# bytes, each followed by its own GEMM, so no more than one slice of dequantized weight exists
+# at a time (instead of the whole bf16 weight, as in the emulation path).
+DEQUANT_SLICE_BYTES = 64 << 20
+
+
+def dequant_slices(n: int, k: int, slice_bytes: int = DEQUANT_SLICE_BYTES) -> list[tuple[int, int]]:
+    """(n_begin, rows) column slices of whole 64-column tiles, near-equal, each <= slice_bytes
+    of bf16 (one 64-column tile at least)."""
+    tiles = n // TILE
+    count = min(tiles, max(1, -(-(n * k * 2) // slice_bytes)))
+    bounds = [TILE * (tiles * i // count) for i in range(count + 1)]
+    return [(b, e - b) for b, e in zip(bounds, bounds[1:])]
+
+
+def _dequant_dot(x, weight_arrays, bias, out_dtype, slice_bytes: int = DEQUANT_SLICE_BYTES):
+    qweight, scales = weight_arrays["qweight"], weight_arrays["scales"]
     op_dtype = reference.dot_dtype(x.dtype)
-    return reference.dot_with_bias(x.astype(op_dtype), w.astype(op_dtype), bias, out_dtype)
+    x = x.astype(op_dtype)
+    ys = []
+    for n_begin, rows in dequant_slices(scales.shape[1], x.shape[1], slice_bytes):
+        w = dequantize_packed(qweight, scales, n_begin, rows).astype(op_dtype)
+        b = None if bias is None else bias[n_begin:n_begin + rows]
+        ys.append(reference.dot_with_bias(x, w, b, out_dtype))
+    return ys[0] if len(ys) == 1 else jnp.concatenate(ys, axis=1)
 
 
 def _linear(x, weight, bias, out_dtype, quantize_activations):
