@@ -21,11 +21,14 @@ case "${1:-check}" in
     TAIL=4 step memcheck 60 compute-sanitizer --tool memcheck --kernel-name kns=Marlin \
       python3 -P tools/marlin_dev.py sanitize --ms 3 33
     TAIL=10 step extras 90 python3 -P tools/marlin_dev.py extras ;;
-  tune)  # after a kernel change: its tests, then the tile x split sweep and the large-M slices
+  tune)  # after a kernel change: its tests and sanitizers, the tile x split sweep, large-M slices
     TAIL=4 step tests 200 python3 -P -m pytest -q -p no:cacheprovider tests/test_marlin.py tests/test_linear.py
-    TAIL=12 step sweep 230 python3 -P tools/marlin_dev.py sweep --shapes 8192x8192 28672x8192 \
-      --ms 1 16 32 64 --out "$out"
-    TAIL=6 step slices 140 python3 -P tools/marlin_dev.py slices --shapes 8192x8192 28672x8192 \
+    TAIL=4 step racecheck 120 compute-sanitizer --tool racecheck --kernel-name kns=Marlin \
+      python3 -P tools/marlin_dev.py sanitize --ms 3 33 --bf16-only
+    TAIL=4 step memcheck 90 compute-sanitizer --tool memcheck --kernel-name kns=Marlin \
+      python3 -P tools/marlin_dev.py sanitize --ms 3 33 --bf16-only
+    TAIL=24 step sweep 200 python3 -P tools/marlin_dev.py sweep --ms 1 16 32 64 128 256 --out "$out"
+    TAIL=6 step slices 100 python3 -P tools/marlin_dev.py slices --shapes 4096x4096 14336x4096 \
       --ms 1024 4096 ;;
   bench)
     TAIL=80 step bench 540 python3 -P tools/marlin_dev.py bench --out "$out" ;;

@@ -94,9 +94,9 @@ def probe(args) -> int:
 
 
 def sanitize(args) -> int:
-    """Small shapes through every tile (splits 1; 2 = a cluster on SM90+; 10 = the workspace
-    reduction) and the dequantize kernel (whole and a column slice), for compute-sanitizer
-    memcheck / racecheck."""
+    """Small shapes through every tile (splits 1; 2 in a cluster and through the workspace; 10)
+    and the dequantize kernel (whole and a column slice), for compute-sanitizer memcheck /
+    racecheck."""
     rng = np.random.default_rng(1)
     n, k = 256, 640
     values = jnp.asarray(rng.integers(0, 256, (n, k), dtype=np.uint8).view(ml_dtypes.float8_e4m3fn))
@@ -108,10 +108,10 @@ def sanitize(args) -> int:
             x = jnp.asarray(rng.standard_normal((m, k)), xt)
             bias = jnp.asarray(rng.standard_normal(n), jnp.bfloat16)
             for tile in marlin.TILE_CONFIGS:
-                for splits in (1, 2, 10):
+                for splits, cluster in ((1, False), (2, True), (2, False), (10, False)):
                     marlin.gemm(x, arrays["qweight"], arrays["scales"], arrays["flags"], bias,
                                 m_blocks=tile.m_blocks, warps_n=tile.warps_n, splits=splits,
-                                out_dtype=jnp.bfloat16).block_until_ready()
+                                cluster=cluster, out_dtype=jnp.bfloat16).block_until_ready()
                     count += 1
     marlin.dequantize_packed(arrays["qweight"], arrays["scales"]).block_until_ready()
     marlin.dequantize_packed(arrays["qweight"], arrays["scales"], 64, 128).block_until_ready()
@@ -151,7 +151,7 @@ def time_fn(fn, sets, repeats, metric="rdiff"):
 
 
 def candidates(m, n, k):
-    """(Tile, splits) pairs worth timing at this M."""
+    """(Tile, splits, cluster) worth timing at this M."""
     T = marlin.Tile
     if m <= 16:
         opts = [(T(1, 1), (1, 2, 3, 4, 8)), (T(1, 2), (1, 2, 4)), (T(1, 4), (1, 2, 4))]
@@ -161,11 +161,18 @@ def candidates(m, n, k):
         opts = [(T(4, 2), (1, 2, 3, 4, 8)), (T(4, 4), (1, 2, 4)), (T(2, 4), (1, 2))]
     else:
         opts = [(T(4, 4), (1, 2, 4)), (T(4, 2), (1, 2, 4)), (T(2, 4), (1,))]
-    return [(t, s) for t, ss in opts if n % (64 * t.warps_n) == 0 for s in ss]
+    return [(t, s, c) for t, ss in opts if n % (64 * t.warps_n) == 0 for s in ss
+            for c in ((False, True) if 1 < s <= marlin.MAX_CLUSTER_SPLITS else (False,))]
 
 
-def _name(tile, splits):
-    return f"t{tile.m_blocks}{tile.warps_n}x{splits}"
+def _name(tile, splits, cluster=False):
+    return f"t{tile.m_blocks}{tile.warps_n}x{splits}{'c' if cluster else ''}"
+
+
+def plan_name(plan):
+    if plan.kind == "dequant_dot":
+        return "dequant_dot"
+    return _name(marlin.Tile(plan.m_blocks, plan.warps_n), plan.splits, plan.cluster)
 
 
 def sweep(args) -> int:
@@ -185,14 +192,14 @@ def sweep(args) -> int:
             xs = [jax.random.normal(jax.random.key(7 + i), (m, k), jnp.bfloat16) for i in range(nsets)]
             sets = [(x, w) for x, w in zip(xs, wsets)]
             res = {}
-            for tile, s in candidates(m, n, k):
-                if args.only and _name(tile, s) not in args.only:
+            for tile, s, c in candidates(m, n, k):
+                if args.only and _name(tile, s, c) not in args.only:
                     continue
 
-                def f(x, w, tile=tile, s=s):
+                def f(x, w, tile=tile, s=s, c=c):
                     return marlin.gemm(x, w["qweight"], w["scales"], w["flags"], m_blocks=tile.m_blocks,
-                                       warps_n=tile.warps_n, splits=s, out_dtype=jnp.bfloat16)
-                res[_name(tile, s)] = time_fn(f, sets, repeats, args.metric)
+                                       warps_n=tile.warps_n, splits=s, cluster=c, out_dtype=jnp.bfloat16)
+                res[_name(tile, s, c)] = time_fn(f, sets, repeats, args.metric)
             if m > 64:  # dequantize + cuBLAS cannot win while the weight read dominates
                 res["dequant_dot"] = time_fn(
                     lambda x, w: marlin._dequant_dot(x, w, None, jnp.bfloat16), sets, repeats,
@@ -208,7 +215,8 @@ def sweep(args) -> int:
             plan = marlin.choose_plan(16, n, k, jnp.bfloat16)
             t = time_fn(lambda x, w: marlin.gemm(x, w["qweight"], w["scales"], w["flags"],
                                                  m_blocks=plan.m_blocks, warps_n=plan.warps_n,
-                                                 splits=plan.splits, out_dtype=jnp.bfloat16),
+                                                 splits=plan.splits, cluster=plan.cluster,
+                                                 out_dtype=jnp.bfloat16),
                         sets, repeats, args.metric)
             log(f"{n}x{k} M=16 general-path {plan} {t:.1f} us")
         del wsets
@@ -261,9 +269,8 @@ def bench_cmd(args) -> int:
                                                 preferred_element_type=jnp.bfloat16)[0]
                 impls["scaled_matmul"] = scaled_matmul
             plan = marlin.choose_plan(m, n, k, jnp.bfloat16)
-            plan_name = ("dequant_dot" if plan.kind == "dequant_dot"
-                         else _name(marlin.Tile(plan.m_blocks, plan.warps_n), plan.splits))
-            row = {"n": n, "k": k, "m": m, "plan": plan_name}
+            pname = plan_name(plan)
+            row = {"n": n, "k": k, "m": m, "plan": pname}
             for metric in ("busy", "rdiff"):
                 t = {name: time_fn(fn, sets, repeats, metric) for name, fn in impls.items()}
                 row[metric] = t
@@ -271,7 +278,7 @@ def bench_cmd(args) -> int:
                 log(f"| {m} | {n}x{k} | {metric} | {t['marlin']:.1f} | {floors[metric]:.1f} | "
                     f"{t['marlin'] / floors[metric]:.2f} | "
                     + " | ".join(f"{t[nm]:.1f} ({t[nm] / t['marlin']:.2f}x)" for nm in names[1:])
-                    + f" | {plan_name} |")
+                    + f" | {pname} |")
             rows.append(row)
             if args.out:  # after every row: a time-boxed run keeps what it measured
                 os.makedirs(args.out, exist_ok=True)

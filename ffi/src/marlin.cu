@@ -27,8 +27,8 @@
 // Work split: block = 128 threads = WN warps across N (64 columns each) x WK = 4/WN warps
 // across the k16 sub-tiles of each 64-deep pipeline stage; block tile = 16*MB rows x 64*WN
 // columns x (K / splits). Blocks are not persistent: many small blocks stay resident together
-// and share HBM bandwidth evenly. K splits (splits > 1): on SM90+ with splits <= 8 the splits
-// of one tile form a thread-block cluster; each block keeps its fp32 partial tile in shared
+// and share HBM bandwidth evenly. K splits (splits > 1): with cluster = 1 (SM90+, splits <= 8)
+// the splits of one tile form a thread-block cluster; each block keeps its fp32 partial tile in shared
 // memory and sums one slice of the tile over the cluster's shared memory (DSMEM), in split
 // order: no workspace traffic, counters or memset (the pattern of the CUDA programming guide's
 // distributed shared memory section). Otherwise each block writes its partial to the
@@ -554,11 +554,11 @@ ffi::Error DispatchTile(cudaStream_t stream, const GemmArgs& args, int mb, int w
   // The tile configurations jax_mxfp8/backends/marlin.py may ask for (TILE_CONFIGS there).
   switch (mb * 10 + wn) {
     case 11: return LaunchGemm<1, 1, 8, XT>(stream, args);
-    case 12: return LaunchGemm<1, 2, 6, XT>(stream, args);
+    case 12: return LaunchGemm<1, 2, 10, XT>(stream, args);
     case 14: return LaunchGemm<1, 4, 4, XT>(stream, args);
     case 22: return LaunchGemm<2, 2, 6, XT>(stream, args);
     case 24: return LaunchGemm<2, 4, 4, XT>(stream, args);
-    case 42: return LaunchGemm<4, 2, 4, XT>(stream, args);
+    case 42: return LaunchGemm<4, 2, 6, XT>(stream, args);
     case 44: return LaunchGemm<4, 4, 4, XT>(stream, args);
     default:
       return ffi::Error::InvalidArgument("marlin: no compiled tile for m_blocks=" +
@@ -570,7 +570,7 @@ ffi::Error MarlinGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi
                           ffi::Buffer<ffi::U8> scales, ffi::Buffer<ffi::S32> flags,
                           ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> y,
                           ffi::Result<ffi::Buffer<ffi::U8>> workspace, int32_t m_blocks,
-                          int32_t warps_n, int32_t splits) {
+                          int32_t warps_n, int32_t splits, int32_t cluster) {
   const auto xd = x.dimensions();
   const auto wd = qweight.dimensions();
   const auto sd = scales.dimensions();
@@ -615,12 +615,17 @@ ffi::Error MarlinGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi
   args.m_chunks = static_cast<int>((m + rows - 1) / rows);
   args.bias_type = has_bias ? DTypeOf(bias.element_type()) : kNone;
   args.out_type = out_type;
-  if (args.splits > 1 && args.splits <= kMaxClusterSplits) {
+  if (cluster && args.splits > 1) {
     int device = 0, major = 0;
     JAX_MXFP8_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
     JAX_MXFP8_CUDA_RETURN_IF_ERROR(
         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    args.cluster = major >= 9;
+    if (major < 9 || args.splits > kMaxClusterSplits)
+      return ffi::Error::InvalidArgument(
+          "marlin: cluster=1 needs an SM90+ GPU and at most " + std::to_string(kMaxClusterSplits) +
+          " K splits (got compute capability " + std::to_string(major) + ".x, " +
+          std::to_string(args.splits) + " splits); use cluster=0");
+    args.cluster = 1;
   }
   if (args.splits > 1 && !args.cluster) {
     const size_t n_tiles = static_cast<size_t>(n) / (64 * warps_n);
@@ -681,7 +686,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MarlinGemmHandler, MarlinGemmImpl,
                                   .Ret<ffi::Buffer<ffi::U8>>()   // workspace (hidden)
                                   .Attr<int32_t>("m_blocks")
                                   .Attr<int32_t>("warps_n")
-                                  .Attr<int32_t>("splits"),
+                                  .Attr<int32_t>("splits")
+                                  .Attr<int32_t>("cluster"),  // 1: reduce splits in DSMEM
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MarlinDequantHandler, MarlinDequantImpl,

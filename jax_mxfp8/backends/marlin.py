@@ -126,12 +126,13 @@ def effective_splits(k: int, splits: int) -> int:
     return -(-kt_total // per)
 
 
-# K splits up to this many reduce in distributed shared memory on SM90+ (kMaxClusterSplits in
-# marlin.cu): the splits of a tile are one thread-block cluster and need no workspace.
+# With cluster=True (SM90+, at most this many K splits: kMaxClusterSplits in marlin.cu) the
+# splits of a tile are one thread-block cluster and reduce in distributed shared memory, with
+# no workspace; otherwise through the workspace (partials + counters).
 MAX_CLUSTER_SPLITS = 8
 
 
-def _device_has_clusters() -> bool:
+def device_has_clusters() -> bool:
     from jax_mxfp8.backends import compute_capability  # the package imports this module first
     try:
         cc = compute_capability(jax.devices()[0])
@@ -141,11 +142,10 @@ def _device_has_clusters() -> bool:
 
 
 def workspace_bytes(m: int, n: int, k: int, m_blocks: int, warps_n: int, splits: int,
-                    clusters: bool) -> int:
-    """The kernel's hidden scratch output: split-K partials + counters, unless the splits
-    reduce over a cluster (`clusters`: the GPU has them; mirrors MarlinGemmImpl)."""
+                    cluster: bool) -> int:
+    """The kernel's hidden scratch output (mirrors MarlinGemmImpl)."""
     s = effective_splits(k, splits)
-    if s == 1 or m == 0 or (clusters and s <= MAX_CLUSTER_SPLITS):
+    if s == 1 or m == 0 or cluster:
         return 256
     rows = 16 * m_blocks
     m_chunks = -(-m // rows)
@@ -153,8 +153,8 @@ def workspace_bytes(m: int, n: int, k: int, m_blocks: int, warps_n: int, splits:
     return counters + s * m_chunks * rows * n * 4
 
 
-def _gemm_abstract(x, qweight, scales, flags, bias, *, m_blocks, warps_n, splits, out_dtype,
-                   has_bias):
+def _gemm_abstract(x, qweight, scales, flags, bias, *, m_blocks, warps_n, splits, cluster,
+                   out_dtype, has_bias):
     base.check_dtype("marlin gemm x", x.dtype, KERNEL_DTYPES,
                      "The Marlin kernel takes bf16 or fp16 activations; linear() routes fp32 to "
                      "the dequantize path.")
@@ -170,31 +170,33 @@ def _gemm_abstract(x, qweight, scales, flags, bias, *, m_blocks, warps_n, splits
                          f"{TILE_CONFIGS}")
     if has_bias and bias.shape != (n,):
         raise ValueError(f"marlin gemm: bias shape {bias.shape} != ({n},)")
+    if cluster and splits > MAX_CLUSTER_SPLITS:
+        raise ValueError(f"marlin gemm: cluster=True takes at most {MAX_CLUSTER_SPLITS} K splits "
+                         f"(got {splits}); use cluster=False")
     return ShapedArray((m, n), out_dtype)
 
 
-def _gemm_reference(x, qweight, scales, flags, bias, *, m_blocks, warps_n, splits, out_dtype,
-                    has_bias):
+def _gemm_reference(x, qweight, scales, flags, bias, *, m_blocks, warps_n, splits, cluster,
+                    out_dtype, has_bias):
     values, s = _unpack_padded(qweight, scales)
     return reference.linear(x, values, s, bias if has_bias else None, out_dtype=out_dtype)
 
 
-def _gemm_cuda(ctx, x, qweight, scales, flags, bias, *, m_blocks, warps_n, splits, out_dtype,
-               has_bias):
+def _gemm_cuda(ctx, x, qweight, scales, flags, bias, *, m_blocks, warps_n, splits, cluster,
+               out_dtype, has_bias):
     if not _ffi.has_cuda_target(GEMM_TARGET):
         return mlir.lower_fun(functools.partial(
-            _gemm_reference, m_blocks=m_blocks, warps_n=warps_n, splits=splits,
+            _gemm_reference, m_blocks=m_blocks, warps_n=warps_n, splits=splits, cluster=cluster,
             out_dtype=out_dtype, has_bias=has_bias), multiple_results=False)(
                 ctx, x, qweight, scales, flags, bias)
     _ffi.register_cuda_targets()
     m, k = ctx.avals_in[0].shape
     n = ctx.avals_out[0].shape[1]
-    ws = ShapedArray((workspace_bytes(m, n, k, m_blocks, warps_n, splits, _device_has_clusters()),),
-                     jnp.uint8)
+    ws = ShapedArray((workspace_bytes(m, n, k, m_blocks, warps_n, splits, cluster),), jnp.uint8)
     hidden = ctx.replace(avals_out=[ctx.avals_out[0], ws])  # workspace: a hidden extra result
     results = jax.ffi.ffi_lowering(GEMM_TARGET)(
         hidden, x, qweight, scales, flags, bias, m_blocks=np.int32(m_blocks),
-        warps_n=np.int32(warps_n), splits=np.int32(splits))
+        warps_n=np.int32(warps_n), splits=np.int32(splits), cluster=np.int32(cluster))
     return list(results)[:1]
 
 
@@ -249,13 +251,15 @@ marlin_dequantize_p = base.define_primitive(
         attrs=lambda n_begin, rows: {"n_begin": np.int32(n_begin)})})
 
 
-def gemm(x, qweight, scales, flags, bias=None, *, m_blocks, warps_n, splits, out_dtype):
-    """One Marlin kernel launch with an explicit tile configuration (tests and tuning)."""
+def gemm(x, qweight, scales, flags, bias=None, *, m_blocks, warps_n, splits, out_dtype,
+         cluster=False):
+    """One Marlin kernel launch with an explicit tile configuration (tests and tuning).
+    cluster=True reduces the K splits inside a thread-block cluster (SM90+ only)."""
     has_bias = bias is not None
     if bias is None:
         bias = jnp.zeros((0,), x.dtype)
     return marlin_gemm_p.bind(x, qweight, scales, flags, bias, m_blocks=int(m_blocks),
-                              warps_n=int(warps_n), splits=int(splits),
+                              warps_n=int(warps_n), splits=int(splits), cluster=bool(cluster),
                               out_dtype=jnp.dtype(out_dtype), has_bias=has_bias)
 
 
@@ -274,6 +278,7 @@ class Plan:
     m_blocks: int = 0
     warps_n: int = 0
     splits: int = 1
+    cluster: bool = False  # K splits reduced in a thread-block cluster (SM90+)
 
 
 # Largest bf16 M that runs the fused kernel; above it "dequantize + cuBLAS bf16 (wgmma)" wins
@@ -283,15 +288,19 @@ MAX_KERNEL_M = 256
 M_BUCKETS = (16, 32, 64, 128, 256)
 
 # Measured on an H100 SXM (132 SMs) by `tools/marlin_dev.py sweep` (profiler busy time, every
-# compiled tile x K splits; RESULTS.md): the fastest (m_blocks, warps_n, splits) per (N, K) and M
-# bucket, None = dequant_dot. Other shapes and GPUs use the rule in _rule_plan, which picks
-# within 1.2x of these on the same sweep.
+# compiled tile x K splits x reduction; RESULTS.md): the fastest (m_blocks, warps_n, splits,
+# cluster) per (N, K) and M bucket, None = dequant_dot. Other shapes and GPUs use the rule in
+# _rule_plan, which picks within 1.2x of these on the same sweep.
 H100_SMS = 132
 H100_TABLE = {
-    (4096, 4096): {16: (1, 1, 4), 32: (2, 2, 4), 64: (4, 2, 4), 128: (4, 2, 2), 256: None},
-    (14336, 4096): {16: (1, 1, 1), 32: (2, 2, 1), 64: (4, 2, 1), 128: (4, 2, 1), 256: (4, 4, 1)},
-    (8192, 8192): {16: (1, 1, 2), 32: (2, 2, 4), 64: (4, 2, 4), 128: (4, 2, 2), 256: (4, 2, 1)},
-    (28672, 8192): {16: (1, 4, 1), 32: (2, 4, 1), 64: (4, 2, 1), 128: (4, 4, 1), 256: (4, 2, 1)},
+    (4096, 4096): {16: (1, 1, 4, False), 32: (2, 2, 4, False), 64: (4, 2, 4, False),
+                   128: (4, 2, 2, True), 256: None},
+    (14336, 4096): {16: (1, 1, 1, False), 32: (2, 2, 1, False), 64: (4, 2, 1, False),
+                    128: (4, 2, 1, False), 256: (4, 4, 1, False)},
+    (8192, 8192): {16: (1, 2, 2, True), 32: (2, 2, 2, True), 64: (4, 2, 2, True),
+                   128: (4, 2, 2, True), 256: (4, 2, 1, False)},
+    (28672, 8192): {16: (1, 4, 1, False), 32: (2, 2, 1, False), 64: (4, 2, 1, False),
+                    128: (4, 4, 1, False), 256: (4, 2, 1, False)},
 }
 
 
@@ -302,11 +311,12 @@ def _sm_count() -> int:
         return H100_SMS
 
 
-def _rule_plan(m: int, n: int, k: int, sms: int) -> Plan:
+def _rule_plan(m: int, n: int, k: int, sms: int, clusters: bool) -> Plan:
     """Tile by M bucket (16 x 64 up to 16 rows, 16 x 256 when N alone gives ~a wave of blocks;
     32 x 128; 64 x 128), then the largest power-of-two K split that keeps the grid within ~two
-    blocks per SM, >= 16 pipeline stages (1024 of K) per split and one cluster per tile (<= 8
-    splits). Above 128 rows: no split."""
+    blocks per SM and >= 16 pipeline stages (1024 of K) per split; two splits reduce in a
+    cluster where the GPU has them (faster than the workspace there; more splits were not).
+    Above 128 rows: no split."""
     if m <= 16:
         tile = Tile(1, 4) if n % 256 == 0 and n // 256 >= 0.75 * sms else Tile(1, 1)
     elif m <= 32:
@@ -317,13 +327,13 @@ def _rule_plan(m: int, n: int, k: int, sms: int) -> Plan:
         tile = Tile(1, 1)
     tiles = (n // (64 * tile.warps_n)) * -(-m // (16 * tile.m_blocks))
     splits = 1
-    while (m <= 128 and splits * 2 <= MAX_CLUSTER_SPLITS and tiles * splits * 2 <= 2 * sms
-           and (k // TILE) // (splits * 2) >= 16):
+    while (m <= 128 and tiles * splits * 2 <= 2 * sms and (k // TILE) // (splits * 2) >= 16):
         splits *= 2
-    return Plan("kernel", tile.m_blocks, tile.warps_n, splits)
+    return Plan("kernel", tile.m_blocks, tile.warps_n, splits, splits == 2 and clusters)
 
 
-def choose_plan(m: int, n: int, k: int, x_dtype, sms: int | None = None) -> Plan:
+def choose_plan(m: int, n: int, k: int, x_dtype, sms: int | None = None,
+                clusters: bool | None = None) -> Plan:
     """The path for a [m, k] x [n, k]^T problem (n, k already padded to 64), chosen at trace
     time from static shapes.
 
@@ -336,15 +346,16 @@ def choose_plan(m: int, n: int, k: int, x_dtype, sms: int | None = None) -> Plan
     if x_dtype not in KERNEL_DTYPES or (x_dtype == jnp.bfloat16 and m > MAX_KERNEL_M):
         return Plan("dequant_dot")
     sms = sms or _sm_count()
+    clusters = device_has_clusters() if clusters is None else clusters
     bucket = next((b for b in M_BUCKETS if m <= b), None)
-    if sms == H100_SMS and bucket and (n, k) in H100_TABLE:
+    if sms == H100_SMS and clusters and bucket and (n, k) in H100_TABLE:
         entry = H100_TABLE[(n, k)][bucket]
         if entry is None:
             if x_dtype == jnp.bfloat16:
                 return Plan("dequant_dot")
         else:
             return Plan("kernel", *entry)
-    return _rule_plan(m, n, k, sms)
+    return _rule_plan(m, n, k, sms, clusters)
 
 
 # Above MAX_KERNEL_M, linear dequantizes the weight in column slices of at most this many bf16
@@ -390,7 +401,7 @@ def _linear(x, weight, bias, out_dtype, quantize_activations):
     a = weight.arrays
     if plan.kind == "kernel":
         y = gemm(x, a["qweight"], a["scales"], a["flags"], bias, m_blocks=plan.m_blocks,
-                 warps_n=plan.warps_n, splits=plan.splits, out_dtype=out_dtype)
+                 warps_n=plan.warps_n, splits=plan.splits, cluster=plan.cluster, out_dtype=out_dtype)
     else:
         y = _dequant_dot(x, a, bias, out_dtype)
     return y[:, :n] if n_pad != n else y
