@@ -27,8 +27,8 @@ case "${1:-check}" in
       python3 -P tools/marlin_dev.py sanitize --ms 3 33 --bf16-only
     TAIL=4 step memcheck 90 compute-sanitizer --tool memcheck --kernel-name kns=Marlin \
       python3 -P tools/marlin_dev.py sanitize --ms 3 33 --bf16-only
-    TAIL=24 step sweep 200 python3 -P tools/marlin_dev.py sweep --ms 1 16 32 64 128 256 --out "$out"
-    TAIL=6 step slices 100 python3 -P tools/marlin_dev.py slices --shapes 4096x4096 14336x4096 \
+    TAIL=24 step sweep 200 python3 -P tools/marlin_dev.py sweep --ms ${SWEEP_MS:-1 16 32 64 128 256} --out "$out"
+    [ -n "${SLICES:-}" ] && TAIL=6 step slices 100 python3 -P tools/marlin_dev.py slices --shapes $SLICES \
       --ms 1024 4096 ;;
   bench)
     TAIL=80 step bench 540 python3 -P tools/marlin_dev.py bench --out "$out" ;;

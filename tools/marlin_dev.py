@@ -156,9 +156,9 @@ def candidates(m, n, k):
     if m <= 16:
         opts = [(T(1, 1), (1, 2, 3, 4, 8)), (T(1, 2), (1, 2, 4)), (T(1, 4), (1, 2, 4))]
     elif m <= 32:
-        opts = [(T(2, 2), (1, 2, 4, 8)), (T(2, 4), (1, 2, 4)), (T(1, 1), (2, 4))]
+        opts = [(T(2, 2), (1, 2, 4, 8)), (T(2, 4), (1, 2, 4)), (T(2, 1), (1, 2, 4)), (T(1, 1), (2, 4))]
     elif m <= 64:
-        opts = [(T(4, 2), (1, 2, 3, 4, 8)), (T(4, 4), (1, 2, 4)), (T(2, 4), (1, 2))]
+        opts = [(T(4, 2), (1, 2, 3, 4, 8)), (T(4, 4), (1, 2, 4)), (T(4, 1), (1, 2, 4)), (T(2, 4), (1, 2))]
     else:
         opts = [(T(4, 4), (1, 2, 4)), (T(4, 2), (1, 2, 4)), (T(2, 4), (1,))]
     return [(t, s, c) for t, ss in opts if n % (64 * t.warps_n) == 0 for s in ss
@@ -339,8 +339,9 @@ def slices(args) -> int:
                      "bf16": lambda x, w, v: jnp.dot(x, v[0].astype(jnp.bfloat16).T,
                                                      preferred_element_type=jnp.bfloat16)}
             for mib in (1 << 30, 256, 128, 64, 32):
+                sl = marlin.dequant_slices(n, k, mib << 20, whole_bytes=0)
                 impls[f"slice{mib if mib < 1 << 30 else 'all'}"] = (
-                    lambda x, w, v, mib=mib: marlin._dequant_dot(x, w, None, jnp.bfloat16, mib << 20))
+                    lambda x, w, v, sl=sl: marlin._dequant_dot(x, w, None, jnp.bfloat16, sl))
             out = []
             for name, fn in impls.items():
                 t = time_fn(fn, sets, repeats, "busy")

@@ -556,8 +556,10 @@ ffi::Error DispatchTile(cudaStream_t stream, const GemmArgs& args, int mb, int w
     case 11: return LaunchGemm<1, 1, 8, XT>(stream, args);
     case 12: return LaunchGemm<1, 2, 10, XT>(stream, args);
     case 14: return LaunchGemm<1, 4, 4, XT>(stream, args);
+    case 21: return LaunchGemm<2, 1, 6, XT>(stream, args);
     case 22: return LaunchGemm<2, 2, 6, XT>(stream, args);
     case 24: return LaunchGemm<2, 4, 4, XT>(stream, args);
+    case 41: return LaunchGemm<4, 1, 6, XT>(stream, args);
     case 42: return LaunchGemm<4, 2, 6, XT>(stream, args);
     case 44: return LaunchGemm<4, 4, 4, XT>(stream, args);
     default:

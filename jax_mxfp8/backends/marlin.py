@@ -45,7 +45,8 @@ class Tile(NamedTuple):
     warps_n: int
 
 
-TILE_CONFIGS = (Tile(1, 1), Tile(1, 2), Tile(1, 4), Tile(2, 2), Tile(2, 4), Tile(4, 2), Tile(4, 4))
+TILE_CONFIGS = (Tile(1, 1), Tile(1, 2), Tile(1, 4), Tile(2, 1), Tile(2, 2), Tile(2, 4), Tile(4, 1),
+                Tile(4, 2), Tile(4, 4))
 KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -282,8 +283,8 @@ class Plan:
 
 
 # Largest bf16 M that runs the fused kernel; above it "dequantize + cuBLAS bf16 (wgmma)" wins
-# on every measured shape (H100 sweep in RESULTS.md: at M = 1024 the best tile is 1.5-2.2x
-# slower than dequant_dot; at M = 256 the kernel still wins by 1.1-1.25x except on 4096x4096).
+# on every measured shape (H100 sweeps in RESULTS.md: at M = 1024 the best tile is 1.5-2.2x
+# slower than dequant_dot; at M = 256 the kernel wins by 1.02-1.34x).
 MAX_KERNEL_M = 256
 M_BUCKETS = (16, 32, 64, 128, 256)
 
@@ -293,14 +294,14 @@ M_BUCKETS = (16, 32, 64, 128, 256)
 # _rule_plan, which picks within 1.2x of these on the same sweep.
 H100_SMS = 132
 H100_TABLE = {
-    (4096, 4096): {16: (1, 1, 4, False), 32: (2, 2, 4, False), 64: (4, 2, 4, False),
-                   128: (4, 2, 2, True), 256: None},
-    (14336, 4096): {16: (1, 1, 1, False), 32: (2, 2, 1, False), 64: (4, 2, 1, False),
+    (4096, 4096): {16: (1, 1, 3, True), 32: (1, 1, 2, True), 64: (4, 2, 3, True),
+                   128: (4, 2, 2, True), 256: (4, 2, 2, True)},
+    (14336, 4096): {16: (1, 1, 1, False), 32: (2, 2, 2, True), 64: (4, 2, 2, True),
                     128: (4, 2, 1, False), 256: (4, 4, 1, False)},
     (8192, 8192): {16: (1, 2, 2, True), 32: (2, 2, 2, True), 64: (4, 2, 2, True),
                    128: (4, 2, 2, True), 256: (4, 2, 1, False)},
     (28672, 8192): {16: (1, 4, 1, False), 32: (2, 2, 1, False), 64: (4, 2, 1, False),
-                    128: (4, 4, 1, False), 256: (4, 2, 1, False)},
+                    128: (4, 2, 2, True), 256: (4, 4, 2, True)},
 }
 
 
@@ -358,27 +359,32 @@ def choose_plan(m: int, n: int, k: int, x_dtype, sms: int | None = None,
     return _rule_plan(m, n, k, sms, clusters)
 
 
-# Above MAX_KERNEL_M, linear dequantizes the weight in column slices of at most this many bf16
-# bytes, each followed by its own GEMM, so no more than one slice of dequantized weight exists
-# at a time (instead of the whole bf16 weight, as in the emulation path).
+# Above MAX_KERNEL_M (dequantize + cuBLAS), a weight whose bf16 form exceeds DEQUANT_WHOLE_BYTES
+# is dequantized in column slices of at most DEQUANT_SLICE_BYTES, each followed by its own GEMM,
+# so one slice of dequantized weight exists at a time instead of the whole (H100,
+# `marlin_dev.py slices`: 28672 x 8192 at M = 4096 takes 224 MiB of temp instead of 896, at the
+# emulation path's speed). Smaller weights go whole: slicing them measured up to 3% slower than
+# the emulation path (the output concatenation and smaller GEMMs), which linear must not be.
+DEQUANT_WHOLE_BYTES = 256 << 20
 DEQUANT_SLICE_BYTES = 64 << 20
 
 
-def dequant_slices(n: int, k: int, slice_bytes: int = DEQUANT_SLICE_BYTES) -> list[tuple[int, int]]:
+def dequant_slices(n: int, k: int, slice_bytes: int = DEQUANT_SLICE_BYTES,
+                   whole_bytes: int = DEQUANT_WHOLE_BYTES) -> list[tuple[int, int]]:
     """(n_begin, rows) column slices of whole 64-column tiles, near-equal, each <= slice_bytes
-    of bf16 (one 64-column tile at least)."""
+    of bf16 (one 64-column tile at least); one slice when the whole is <= whole_bytes."""
     tiles = n // TILE
-    count = min(tiles, max(1, -(-(n * k * 2) // slice_bytes)))
+    count = 1 if n * k * 2 <= whole_bytes else min(tiles, -(-(n * k * 2) // slice_bytes))
     bounds = [TILE * (tiles * i // count) for i in range(count + 1)]
     return [(b, e - b) for b, e in zip(bounds, bounds[1:])]
 
 
-def _dequant_dot(x, weight_arrays, bias, out_dtype, slice_bytes: int = DEQUANT_SLICE_BYTES):
+def _dequant_dot(x, weight_arrays, bias, out_dtype, slices=None):
     qweight, scales = weight_arrays["qweight"], weight_arrays["scales"]
     op_dtype = reference.dot_dtype(x.dtype)
     x = x.astype(op_dtype)
     ys = []
-    for n_begin, rows in dequant_slices(scales.shape[1], x.shape[1], slice_bytes):
+    for n_begin, rows in slices or dequant_slices(scales.shape[1], x.shape[1]):
         w = dequantize_packed(qweight, scales, n_begin, rows).astype(op_dtype)
         b = None if bias is None else bias[n_begin:n_begin + rows]
         ys.append(reference.dot_with_bias(x, w, b, out_dtype))
