@@ -30,6 +30,16 @@ case "${1:-check}" in
     TAIL=24 step sweep 200 python3 -P tools/marlin_dev.py sweep --ms ${SWEEP_MS:-1 16 32 64 128 256} --out "$out"
     [ -n "${SLICES:-}" ] && TAIL=6 step slices 100 python3 -P tools/marlin_dev.py slices --shapes $SLICES \
       --ms 1024 4096 ;;
+  race)  # racecheck of every tile, then tile by tile if the whole run fails
+    TAIL=4 step racecheck 120 compute-sanitizer --tool racecheck --kernel-name kns=Marlin \
+      python3 -P tools/marlin_dev.py sanitize --ms 3 33 --bf16-only
+    if ! grep -q "0 hazards" "$out/racecheck.log"; then
+      for t in 11 12 14 21 22 24 41 42 44; do
+        TAIL=2 step "racecheck_$t" 60 compute-sanitizer --tool racecheck --kernel-name kns=Marlin \
+          python3 -P tools/marlin_dev.py sanitize --ms 3 33 --bf16-only --tiles $t
+      done
+    fi
+    TAIL=40 step bench 420 python3 -P tools/marlin_dev.py bench --out "$out" --shapes $BENCH_SHAPES ;;
   bench)
     TAIL=80 step bench 540 python3 -P tools/marlin_dev.py bench --out "$out" ;;
 esac

@@ -108,6 +108,8 @@ def sanitize(args) -> int:
             x = jnp.asarray(rng.standard_normal((m, k)), xt)
             bias = jnp.asarray(rng.standard_normal(n), jnp.bfloat16)
             for tile in marlin.TILE_CONFIGS:
+                if args.tiles and f"{tile.m_blocks}{tile.warps_n}" not in args.tiles:
+                    continue
                 for splits, cluster in ((1, False), (2, True), (2, False), (10, False)):
                     marlin.gemm(x, arrays["qweight"], arrays["scales"], arrays["flags"], bias,
                                 m_blocks=tile.m_blocks, warps_n=tile.warps_n, splits=splits,
@@ -450,6 +452,7 @@ def main(argv=None) -> int:
     ap.add_argument("--metric", choices=["busy", "rdiff"], default="busy")
     ap.add_argument("--only", nargs="*", help="sweep only these candidates (names as printed)")
     ap.add_argument("--bf16-only", action="store_true")
+    ap.add_argument("--tiles", nargs="*", help="sanitize only these tiles (e.g. 41 22)")
     ap.add_argument("--no-scaled-matmul", action="store_true")
     args = ap.parse_args(argv)
     # as the harness does: no command buffers (their host re-record cost grows with R)
