@@ -40,6 +40,12 @@ case "${1:-check}" in
       done
     fi
     TAIL=40 step bench 420 python3 -P tools/marlin_dev.py bench --out "$out" --shapes $BENCH_SHAPES ;;
+  final)  # the whole suite, memcheck, prepare/memory extras, then the table for $BENCH_SHAPES
+    TAIL=6 step tests 300 python3 -P -m pytest -q -p no:cacheprovider tests
+    TAIL=4 step memcheck 60 compute-sanitizer --tool memcheck --kernel-name kns=Marlin \
+      python3 -P tools/marlin_dev.py sanitize --ms 3 33
+    TAIL=12 step extras 90 python3 -P tools/marlin_dev.py extras
+    TAIL=20 step bench 150 python3 -P tools/marlin_dev.py bench --out "$out" --shapes $BENCH_SHAPES ;;
   bench)
     TAIL=80 step bench 540 python3 -P tools/marlin_dev.py bench --out "$out" ;;
 esac

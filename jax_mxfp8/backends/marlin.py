@@ -314,14 +314,18 @@ def _sm_count() -> int:
 
 def _rule_plan(m: int, n: int, k: int, sms: int, clusters: bool) -> Plan:
     """Tile by M bucket (16 x 64 up to 16 rows, 16 x 256 when N alone gives ~a wave of blocks;
-    32 x 128; 64 x 128), then the largest power-of-two K split that keeps the grid within ~two
+    32 x 64 and 64 x 64 up to 64 rows where N gives at most two blocks per SM, else 32 x 128
+    and 64 x 128; 64 x 128 above), then the largest power-of-two K split that keeps the grid within ~two
     blocks per SM and >= 16 pipeline stages (1024 of K) per split; two splits reduce in a
     cluster where the GPU has them (faster than the workspace there; more splits were not).
     Above 128 rows: no split."""
+    narrow = n // 64 <= 2 * sms  # 64-column tiles still give <= two blocks per SM
     if m <= 16:
         tile = Tile(1, 4) if n % 256 == 0 and n // 256 >= 0.75 * sms else Tile(1, 1)
     elif m <= 32:
-        tile = Tile(2, 2)
+        tile = Tile(2, 1) if narrow else Tile(2, 2)
+    elif m <= 64:
+        tile = Tile(4, 1) if narrow else Tile(4, 2)
     else:
         tile = Tile(4, 2)
     if n % (64 * tile.warps_n):  # N is only a multiple of 64: the 16 x 64 tile fits every N
