@@ -192,7 +192,7 @@ def test_cluster_split_limit_is_checked():
 @pytest.mark.parametrize("n,k,slice_bytes", [(28672, 8192, 64 << 20), (8192, 8192, 64 << 20),
                                              (4096, 4096, 64 << 20), (192, 64, 8192), (64, 64, 1)])
 def test_dequant_slices_tile_the_columns_within_the_budget(n, k, slice_bytes):
-    sl = marlin.dequant_slices(n, k, slice_bytes, whole_bytes=0)
+    sl = marlin.dequant_slices(n, k, 1024, slice_bytes, whole_bytes=0)
     assert sl[0][0] == 0 and sum(r for _, r in sl) == n
     assert all(b + r == nb for (b, r), (nb, _) in zip(sl, sl[1:]))
     assert all(r % 64 == 0 and r > 0 and (r * k * 2 <= slice_bytes or r == 64) for _, r in sl)
@@ -209,15 +209,16 @@ def test_sliced_dequant_dot_matches_float64(x_dtype):
         arrays, _ = prepare(codes, scales)
         x = rng.standard_normal((m, k)).astype(x_dtype)
         bias = rng.standard_normal(n).astype(np.float32)
-        slices = marlin.dequant_slices(n, k, 64 * k * 2, whole_bytes=0)
+        slices = marlin.dequant_slices(n, k, m, 64 * k * 2, whole_bytes=0)
         assert len(slices) == 4
         y = jax.jit(lambda x, a, b: marlin._dequant_dot(x, a, b, jnp.float32, slices))(x, arrays, bias)
     assert rel_fro(y, R.linear(x, codes, scales, bias)) <= 1e-5, f"seed {seed}"
 
 
 def test_only_large_weights_are_sliced():
-    assert marlin.dequant_slices(14336, 4096) == [(0, 14336)]  # 112 MiB of bf16: whole
-    assert marlin.dequant_slices(28672, 8192) == [(4096 * i, 4096) for i in range(7)]
+    assert marlin.dequant_slices(14336, 4096, 1024) == [(0, 14336)]  # 112 MiB of bf16: whole
+    assert marlin.dequant_slices(28672, 8192, 1024) == [(4096 * i, 4096) for i in range(7)]
+    assert marlin.dequant_slices(28672, 8192, 4096) == [(0, 28672)]  # measured slower sliced
 
 
 def test_dequantize_slice_bounds_are_checked():

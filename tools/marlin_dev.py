@@ -341,7 +341,7 @@ def slices(args) -> int:
                      "bf16": lambda x, w, v: jnp.dot(x, v[0].astype(jnp.bfloat16).T,
                                                      preferred_element_type=jnp.bfloat16)}
             for mib in (1 << 30, 256, 128, 64, 32):
-                sl = marlin.dequant_slices(n, k, mib << 20, whole_bytes=0)
+                sl = marlin.dequant_slices(n, k, 0, mib << 20, whole_bytes=0)
                 impls[f"slice{mib if mib < 1 << 30 else 'all'}"] = (
                     lambda x, w, v, sl=sl: marlin._dequant_dot(x, w, None, jnp.bfloat16, sl))
             out = []

@@ -363,22 +363,26 @@ def choose_plan(m: int, n: int, k: int, x_dtype, sms: int | None = None,
     return _rule_plan(m, n, k, sms, clusters)
 
 
-# Above MAX_KERNEL_M (dequantize + cuBLAS), a weight whose bf16 form exceeds DEQUANT_WHOLE_BYTES
-# is dequantized in column slices of at most DEQUANT_SLICE_BYTES, each followed by its own GEMM,
-# so one slice of dequantized weight exists at a time instead of the whole (H100,
-# `marlin_dev.py slices`: 28672 x 8192 at M = 4096 takes 224 MiB of temp instead of 896, at the
-# emulation path's speed). Smaller weights go whole: slicing them measured up to 3% slower than
-# the emulation path (the output concatenation and smaller GEMMs), which linear must not be.
+# Above MAX_KERNEL_M (dequantize + cuBLAS), up to DEQUANT_SLICE_MAX_M rows, a weight whose bf16
+# form exceeds DEQUANT_WHOLE_BYTES is dequantized in column slices of at most
+# DEQUANT_SLICE_BYTES, each followed by its own GEMM, so one slice of dequantized weight exists
+# at a time instead of the whole (H100: 28672 x 8192 at M = 1024 takes 120 MiB of temp instead
+# of 560, 1.01-1.02x the emulation path's speed). Smaller weights, and M = 4096, go whole:
+# slicing them measured 0.3-3% slower than the emulation path (the output concatenation and
+# the smaller GEMMs), which linear must not be; they materialize the bf16 weight as it does.
 DEQUANT_WHOLE_BYTES = 256 << 20
 DEQUANT_SLICE_BYTES = 64 << 20
+DEQUANT_SLICE_MAX_M = 2048
 
 
-def dequant_slices(n: int, k: int, slice_bytes: int = DEQUANT_SLICE_BYTES,
+def dequant_slices(n: int, k: int, m: int = 0, slice_bytes: int = DEQUANT_SLICE_BYTES,
                    whole_bytes: int = DEQUANT_WHOLE_BYTES) -> list[tuple[int, int]]:
     """(n_begin, rows) column slices of whole 64-column tiles, near-equal, each <= slice_bytes
-    of bf16 (one 64-column tile at least); one slice when the whole is <= whole_bytes."""
+    of bf16 (one 64-column tile at least); one slice when the whole is <= whole_bytes or m is
+    above DEQUANT_SLICE_MAX_M."""
     tiles = n // TILE
-    count = 1 if n * k * 2 <= whole_bytes else min(tiles, -(-(n * k * 2) // slice_bytes))
+    whole = n * k * 2 <= whole_bytes or m > DEQUANT_SLICE_MAX_M
+    count = 1 if whole else min(tiles, -(-(n * k * 2) // slice_bytes))
     bounds = [TILE * (tiles * i // count) for i in range(count + 1)]
     return [(b, e - b) for b, e in zip(bounds, bounds[1:])]
 
@@ -388,7 +392,7 @@ def _dequant_dot(x, weight_arrays, bias, out_dtype, slices=None):
     op_dtype = reference.dot_dtype(x.dtype)
     x = x.astype(op_dtype)
     ys = []
-    for n_begin, rows in slices or dequant_slices(scales.shape[1], x.shape[1]):
+    for n_begin, rows in slices or dequant_slices(scales.shape[1], x.shape[1], x.shape[0]):
         w = dequantize_packed(qweight, scales, n_begin, rows).astype(op_dtype)
         b = None if bias is None else bias[n_begin:n_begin + rows]
         ys.append(reference.dot_with_bias(x, w, b, out_dtype))
