@@ -2,9 +2,11 @@
 
 prepare repacks [N, K] e4m3 values + [N, K/32] scales on the device (one jnp transpose) into
 the kernel's tile layout; unprepare is its exact inverse. linear picks, at trace time from the
-static M, either a kernel tile configuration or, for large M where a bf16 tensor-core GEMM wins,
-"dequantize the packed weight to bf16 (one kernel) + XLA dot" (the emulation math, faster than
-the emulation path itself because the dequantize kernel runs at copy bandwidth).
+static M, either a kernel tile configuration (tile, K splits, and whether the splits reduce in a
+thread-block cluster) or, for large M where a bf16 tensor-core GEMM wins, "dequantize the packed
+weight to bf16 (one kernel) + XLA dot", in column slices for large weights up to M = 2048 (the
+emulation math, faster than the emulation path itself because the dequantize kernel runs at
+copy bandwidth).
 
 Layout (the kernel reads exactly this; see the header of ffi/src/marlin.cu):
   qweight uint8 [Kp/16, 16*Np]: byte (((kt*Np/64 + nt)*2 + h)*32 + 4g + c)*16 + 4w + b holds
