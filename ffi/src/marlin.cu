@@ -28,10 +28,10 @@
 // across the k16 sub-tiles of each 64-deep pipeline stage; block tile = 16*MB rows x 64*WN
 // columns x (K / splits). Blocks are not persistent: many small blocks stay resident together
 // and share HBM bandwidth evenly. K splits (splits > 1): with cluster = 1 (SM90+, splits <= 8)
-// the splits of one tile form a thread-block cluster; each block keeps its fp32 partial tile in shared
-// memory and sums one slice of the tile over the cluster's shared memory (DSMEM), in split
-// order: no workspace traffic, counters or memset (the pattern of the CUDA programming guide's
-// distributed shared memory section). Otherwise each block writes its partial to the
+// the splits of one tile form a thread-block cluster; each block stores its fp32 partials into
+// the shared memory of the block that owns that part of the tile (DSMEM), and owners sum them in
+// split order: no workspace traffic, counters or memset (the CUDA programming guide's
+// distributed shared memory section shows the mechanism). Otherwise each block writes its partial to the
 // workspace and the last block of a tile (atomic counter, zeroed by a memset on the stream)
 // sums them in split order. Both are deterministic: the same additions in the same order.
 #include <cooperative_groups.h>
@@ -171,9 +171,13 @@ struct Tile {
   static constexpr int kSBytes = 2 * kCols;
   static constexpr int kStageBytes = kBBytes + kABytes + kSBytes;
   static constexpr int kRedStride = kCols + 8;  // floats; padding spreads the fragment stores
-  static constexpr int kRedBytes = kWK * kRows * kRedStride * 4;
+  static constexpr int kRedFloats = kWK * kRows * kRedStride;
+  static constexpr int kRedBytes = kRedFloats * 4;
+  // cluster split-K: a receive buffer of splits x ceil(tile / splits) float4 after the slices
+  static constexpr int kClusterBytes = kRedBytes + (kRows * kCols / 4 + kMaxClusterSplits) * 16;
   static constexpr int kPipeBytes = STAGES * kStageBytes;
   static constexpr int kSmemBytes = kPipeBytes > kRedBytes ? kPipeBytes : kRedBytes;
+  static constexpr int kClusterSmemBytes = kSmemBytes > kClusterBytes ? kSmemBytes : kClusterBytes;
   static_assert(WN * kWK == 4, "4 warps per block");
   static_assert(kStageBytes % 128 == 0, "stage alignment");
 };
@@ -328,6 +332,18 @@ __device__ __forceinline__ void StoreOut(const GemmArgs& a, int row, int col, fl
   }
 }
 
+// The sum over the WK warps' slices of the reduction buffer at (row, col .. col + 3).
+template <typename T>
+__device__ __forceinline__ float4 SumWarps(const float* red, int row, int col) {
+  float4 v = *reinterpret_cast<const float4*>(red + row * T::kRedStride + col);
+#pragma unroll
+  for (int w = 1; w < T::kWK; ++w) {
+    const float4 u = *reinterpret_cast<const float4*>(red + (w * T::kRows + row) * T::kRedStride + col);
+    v.x += u.x; v.y += u.y; v.z += u.z; v.w += u.w;
+  }
+  return v;
+}
+
 template <int MB, int WN, int STAGES, typename XT>
 __global__ void __launch_bounds__(kThreads, MB == 1 ? 3 : 2) MarlinGemmKernel(const GemmArgs a) {
   using T = Tile<MB, WN, STAGES>;
@@ -382,49 +398,50 @@ __global__ void __launch_bounds__(kThreads, MB == 1 ? 3 : 2) MarlinGemmKernel(co
   __syncthreads();
 
   constexpr int kVecs = T::kCols / 4;
+  if (a.cluster) {  // ---- split-K inside the cluster: push partials, owners sum ----
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    // Rank r owns tile vectors [r * per, (r + 1) * per). Every rank stores its partial of each
+    // vector straight into the owner's receive buffer (remote stores do not wait for a round
+    // trip, unlike remote loads), then each owner sums its slots locally, in split order.
+    cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+    const int total = min(T::kRows, a.m - m0) * kVecs;
+    const int per = (total + a.splits - 1) / a.splits;
+    float4* recv = reinterpret_cast<float4*>(red + T::kRedFloats);  // [splits][per]
+    cluster.sync();  // every rank is past its main loop: receive buffers are free
+    for (int idx = tid; idx < total; idx += kThreads) {
+      const int owner = idx / per;
+      cluster.map_shared_rank(recv, owner)[split * per + idx - owner * per] =
+          SumWarps<T>(red, idx / kVecs, 4 * (idx % kVecs));
+    }
+    cluster.sync();  // all partials delivered
+    const int mine = min(per, total - split * per);
+    for (int slot = tid; slot < mine; slot += kThreads) {
+      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+      for (int sp = 0; sp < a.splits; ++sp) {
+        const float4 u = recv[sp * per + slot];
+        v.x += u.x; v.y += u.y; v.z += u.z; v.w += u.w;
+      }
+      const int idx = split * per + slot;
+      StoreOut(a, m0 + idx / kVecs, n0 + 4 * (idx % kVecs), v);
+    }
+#endif
+    return;
+  }
+
   const int m_pad = a.m_chunks * T::kRows;
   for (int idx = tid; idx < T::kRows * kVecs; idx += kThreads) {
     const int row = idx / kVecs, c4 = idx % kVecs;
     const int grow = m0 + row;
     if (grow >= a.m) continue;
-    float4 v = *reinterpret_cast<const float4*>(red + row * T::kRedStride + 4 * c4);
-#pragma unroll
-    for (int w = 1; w < T::kWK; ++w) {
-      const float4 u = *reinterpret_cast<const float4*>(red + (w * T::kRows + row) * T::kRedStride + 4 * c4);
-      v.x += u.x; v.y += u.y; v.z += u.z; v.w += u.w;
-    }
+    const float4 v = SumWarps<T>(red, row, 4 * c4);
     const int gcol = n0 + 4 * c4;
     if (a.splits == 1) {
       StoreOut(a, grow, gcol, v);
-    } else if (a.cluster) {  // this thread alone owns (row, c4) in every warp's slice
-      *reinterpret_cast<float4*>(red + row * T::kRedStride + 4 * c4) = v;
     } else {
       __stcg(reinterpret_cast<float4*>(a.partial + (static_cast<size_t>(split) * m_pad + grow) * a.n + gcol), v);
     }
   }
   if (a.splits == 1) return;
-
-  if (a.cluster) {  // ---- split-K over the cluster's shared memory ----
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
-    cluster.sync();  // every split's partial tile is in its shared memory
-    const int total = min(T::kRows, a.m - m0) * kVecs;
-    const int per = (total + a.splits - 1) / a.splits;
-    const int end = min(total, (split + 1) * per);
-    for (int idx = split * per + tid; idx < end; idx += kThreads) {
-      const int row = idx / kVecs, c4 = idx % kVecs;
-      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-      for (int sp = 0; sp < a.splits; ++sp) {
-        const float4 u = *reinterpret_cast<const float4*>(
-            cluster.map_shared_rank(red, sp) + row * T::kRedStride + 4 * c4);
-        v.x += u.x; v.y += u.y; v.z += u.z; v.w += u.w;
-      }
-      StoreOut(a, m0 + row, n0 + 4 * c4, v);
-    }
-    cluster.sync();  // no block leaves while another still reads its shared memory
-#endif
-    return;
-  }
 
   // ---- split-K: the last block of this tile sums the partials in split order ----
   __threadfence();
@@ -526,7 +543,7 @@ ffi::Error LaunchGemm(cudaStream_t stream, const GemmArgs& args) {
                                        std::to_string(T::kCols));
   auto kernel = MarlinGemmKernel<MB, WN, STAGES, XT>;
   static std::atomic<uint64_t> smem_raised{0};  // one per instantiation
-  JAX_MXFP8_CUDA_RETURN_IF_ERROR(AllowSmem(kernel, T::kSmemBytes, smem_raised));
+  JAX_MXFP8_CUDA_RETURN_IF_ERROR(AllowSmem(kernel, T::kClusterSmemBytes, smem_raised));
   const long long blocks = static_cast<long long>(args.n / T::kCols) * args.splits * args.m_chunks;
   if (blocks > 0x7FFFFFFF) return ffi::Error::InvalidArgument("marlin: grid too large");
   if (!args.cluster) {
@@ -536,7 +553,7 @@ ffi::Error LaunchGemm(cudaStream_t stream, const GemmArgs& args) {
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(static_cast<unsigned>(blocks));
   config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = T::kSmemBytes;
+  config.dynamicSmemBytes = T::kClusterSmemBytes;
   config.stream = stream;
   cudaLaunchAttribute cluster;
   cluster.id = cudaLaunchAttributeClusterDimension;
