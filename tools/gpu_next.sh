@@ -47,10 +47,12 @@ case "${1:-check}" in
     TAIL=12 step extras 90 python3 -P tools/marlin_dev.py extras
     TAIL=20 step bench 150 python3 -P tools/marlin_dev.py bench --out "$out" --shapes $BENCH_SHAPES ;;
   last)  # the test files a timed-out full run left, racecheck of both dtypes, the whole table
-    TAIL=6 step tests 150 python3 -P -m pytest -q -p no:cacheprovider ${TEST_FILES:-tests}
+    TAIL=6 step tests 200 python3 -P -m pytest -q -p no:cacheprovider ${TEST_FILES:-tests}
     [ -n "${EXTRAS:-}" ] && TAIL=12 step extras 90 python3 -P tools/marlin_dev.py extras
     TAIL=4 step racecheck 120 compute-sanitizer --tool racecheck --kernel-name kns=Marlin \
       python3 -P tools/marlin_dev.py sanitize --ms 3 33
+    [ -n "${MEMCHECK:-}" ] && TAIL=4 step memcheck 60 compute-sanitizer --tool memcheck \
+      --kernel-name kns=Marlin python3 -P tools/marlin_dev.py sanitize --ms 3 33
     TAIL=70 step bench 330 python3 -P tools/marlin_dev.py bench --out "$out" ${BENCH_ARGS:-} ;;
   bench)
     TAIL=80 step bench 540 python3 -P tools/marlin_dev.py bench --out "$out" ;;
