@@ -54,8 +54,9 @@ case "${1:-check}" in
     [ -n "${MEMCHECK:-}" ] && TAIL=4 step memcheck 60 compute-sanitizer --tool memcheck \
       --kernel-name kns=Marlin python3 -P tools/marlin_dev.py sanitize --ms 3 33
     TAIL=70 step bench 330 python3 -P tools/marlin_dev.py bench --out "$out" ${BENCH_ARGS:-} ;;
-  tests)  # just the named test files
-    TAIL=6 step tests 400 python3 -P -m pytest -q -p no:cacheprovider ${TEST_FILES:-tests} ;;
+  tests)  # just the named test files, then an optional sweep ($SWEEP_ARGS)
+    TAIL=6 step tests 400 python3 -P -m pytest -q -p no:cacheprovider ${TEST_FILES:-tests}
+    [ -n "${SWEEP_ARGS:-}" ] && TAIL=6 step sweep 120 python3 -P tools/marlin_dev.py sweep $SWEEP_ARGS ;;
   bench)
     TAIL=80 step bench 540 python3 -P tools/marlin_dev.py bench --out "$out" ;;
 esac

@@ -424,6 +424,8 @@ __global__ void __launch_bounds__(kThreads, MB == 1 ? 3 : 2) MarlinGemmKernel(co
       const int idx = split * per + slot;
       StoreOut(a, m0 + idx / kVecs, n0 + 4 * (idx % kVecs), v);
     }
+#else
+    __trap();  // unreachable: the host launches clusters only with sm_90+ code (LaunchGemm)
 #endif
     return;
   }
@@ -542,14 +544,27 @@ ffi::Error LaunchGemm(cudaStream_t stream, const GemmArgs& args) {
                                        " is not a multiple of the tile width " +
                                        std::to_string(T::kCols));
   auto kernel = MarlinGemmKernel<MB, WN, STAGES, XT>;
-  static std::atomic<uint64_t> smem_raised{0};  // one per instantiation
-  JAX_MXFP8_CUDA_RETURN_IF_ERROR(AllowSmem(kernel, T::kClusterSmemBytes, smem_raised));
+  // Raised only as far as each kind of launch needs: SM86/SM89 allow 99 KiB per block, which
+  // every tile's plain launch fits; cluster launches (SM90+, 227 KiB) need the receive buffer.
+  static std::atomic<uint64_t> smem_raised{0}, cluster_smem_raised{0};  // one per instantiation
+  JAX_MXFP8_CUDA_RETURN_IF_ERROR(
+      args.cluster ? AllowSmem(kernel, T::kClusterSmemBytes, cluster_smem_raised)
+                   : AllowSmem(kernel, T::kSmemBytes, smem_raised));
   const long long blocks = static_cast<long long>(args.n / T::kCols) * args.splits * args.m_chunks;
   if (blocks > 0x7FFFFFFF) return ffi::Error::InvalidArgument("marlin: grid too large");
   if (!args.cluster) {
     kernel<<<static_cast<unsigned>(blocks), kThreads, T::kSmemBytes, stream>>>(args);
     return CheckLaunch("marlin gemm kernel");
   }
+  // A build without sm_90 code would run the compute_80 PTX here, where the cluster epilogue
+  // is compiled out: refuse instead of leaving y unwritten.
+  cudaFuncAttributes attributes;
+  JAX_MXFP8_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attributes, kernel));
+  if (attributes.binaryVersion < 90 || attributes.ptxVersion < 90)
+    return ffi::Error::InvalidArgument(
+        "marlin: cluster=1 needs the kernel compiled for sm_90 or newer (this one runs code "
+        "compiled for compute " + std::to_string(attributes.ptxVersion) + "); rebuild with "
+        "CMAKE_CUDA_ARCHITECTURES including 90a, or use cluster=0");
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(static_cast<unsigned>(blocks));
   config.blockDim = dim3(kThreads);
@@ -571,7 +586,7 @@ ffi::Error DispatchTile(cudaStream_t stream, const GemmArgs& args, int mb, int w
   // The tile configurations jax_mxfp8/backends/marlin.py may ask for (TILE_CONFIGS there).
   switch (mb * 10 + wn) {
     case 11: return LaunchGemm<1, 1, 8, XT>(stream, args);
-    case 12: return LaunchGemm<1, 2, 10, XT>(stream, args);
+    case 12: return LaunchGemm<1, 2, 6, XT>(stream, args);
     case 14: return LaunchGemm<1, 4, 4, XT>(stream, args);
     case 21: return LaunchGemm<2, 1, 6, XT>(stream, args);
     case 22: return LaunchGemm<2, 2, 6, XT>(stream, args);

@@ -173,9 +173,9 @@ def _gemm_abstract(x, qweight, scales, flags, bias, *, m_blocks, warps_n, splits
                          f"{TILE_CONFIGS}")
     if has_bias and bias.shape != (n,):
         raise ValueError(f"marlin gemm: bias shape {bias.shape} != ({n},)")
-    if cluster and splits > MAX_CLUSTER_SPLITS:
+    if cluster and effective_splits(k, splits) > MAX_CLUSTER_SPLITS:
         raise ValueError(f"marlin gemm: cluster=True takes at most {MAX_CLUSTER_SPLITS} K splits "
-                         f"(got {splits}); use cluster=False")
+                         f"(got {effective_splits(k, splits)}); use cluster=False")
     return ShapedArray((m, n), out_dtype)
 
 

@@ -33,6 +33,7 @@ struct RegisterCudaTarget {
 
 #if defined(__CUDACC__) || defined(JAX_MXFP8_HAS_CUDA_RUNTIME)
 inline ffi::Error CudaError(cudaError_t err, const char* what) {
+  (void)cudaGetLastError();  // clear a non-sticky error so a later launch check does not see it
   return ffi::Error::Internal(std::string("jax_mxfp8: ") + what + ": " + cudaGetErrorString(err));
 }
 
