@@ -29,11 +29,12 @@
 // columns x (K / splits). Blocks are not persistent: many small blocks stay resident together
 // and share HBM bandwidth evenly. K splits (splits > 1): with cluster = 1 (SM90+, splits <= 8)
 // the splits of one tile form a thread-block cluster; each block stores its fp32 partials into
-// the shared memory of the block that owns that part of the tile (DSMEM), and owners sum them in
-// split order: no workspace traffic, counters or memset (the CUDA programming guide's
-// distributed shared memory section shows the mechanism). Otherwise each block writes its partial to the
-// workspace and the last block of a tile (atomic counter, zeroed by a memset on the stream)
-// sums them in split order. Both are deterministic: the same additions in the same order.
+// the shared memory of the block that owns that part of the tile (DSMEM), and owners sum them
+// in split order: no workspace traffic, counters or memset (the CUDA programming guide's
+// distributed shared memory section shows the mechanism). Otherwise each block writes its
+// partial to the workspace and the last block of a tile (atomic counter, zeroed by a memset on
+// the stream) sums them in split order. Both are deterministic: the same additions in the same
+// order.
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

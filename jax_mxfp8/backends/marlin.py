@@ -293,7 +293,7 @@ M_BUCKETS = (16, 32, 64, 128, 256)
 # Measured on an H100 SXM (132 SMs) by `tools/marlin_dev.py sweep` (profiler busy time, every
 # compiled tile x K splits x reduction; RESULTS.md): the fastest (m_blocks, warps_n, splits,
 # cluster) per (N, K) and M bucket, None = dequant_dot. Other shapes and GPUs use the rule in
-# _rule_plan, which picks within 1.2x of these on the same sweep.
+# _rule_plan, which picks within 1.16x of these on the same sweeps.
 H100_SMS = 132
 H100_TABLE = {
     (4096, 4096): {16: (1, 1, 3, True), 32: (2, 1, 2, True), 64: (4, 1, 2, True),
@@ -317,10 +317,10 @@ def _sm_count() -> int:
 def _rule_plan(m: int, n: int, k: int, sms: int, clusters: bool) -> Plan:
     """Tile by M bucket (16 x 64 up to 16 rows, 16 x 256 when N alone gives ~a wave of blocks;
     32 x 64 and 64 x 64 up to 64 rows where N gives at most two blocks per SM, else 32 x 128
-    and 64 x 128; 64 x 128 above), then the largest power-of-two K split that keeps the grid within ~two
-    blocks per SM and >= 16 pipeline stages (1024 of K) per split; two splits reduce in a
-    cluster where the GPU has them (faster than the workspace there; more splits were not).
-    Above 128 rows: no split."""
+    and 64 x 128; 64 x 128 above), then the largest power-of-two K split that keeps the grid
+    within ~two blocks per SM and >= 16 pipeline stages (1024 of K) per split; two splits
+    reduce in a cluster where the GPU has them (faster than the workspace there; more splits
+    were not). Above 128 rows: no split."""
     narrow = n // 64 <= 2 * sms  # 64-column tiles still give <= two blocks per SM
     if m <= 16:
         tile = Tile(1, 4) if n % 256 == 0 and n // 256 >= 0.75 * sms else Tile(1, 1)
