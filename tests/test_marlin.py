@@ -332,6 +332,22 @@ def test_exhaustive_dequantize_kernel(scale_bytes, general):
 
 
 @needs_kernels
+def test_sliced_dequant_dot_on_the_gpu_matches_float64():
+    """The large-M path in column slices (CUDA dequantize per slice + cuBLAS), bias with it."""
+    rng, seed = fresh_rng()
+    n, k, m = 448, 256, 300
+    codes, scales = random_weight(rng, n, k)
+    arrays, _ = prepare(codes, scales)
+    x = rng.standard_normal((m, k)).astype(ml_dtypes.bfloat16)
+    bias = rng.standard_normal(n).astype(ml_dtypes.bfloat16)
+    slices = marlin.dequant_slices(n, k, m, 128 * k * 2, whole_bytes=0)
+    assert len(slices) == 4 and {r for _, r in slices} == {64, 128}  # uneven slices too
+    poison_device_memory(m * n * 4)
+    y = jax.jit(lambda x, a, b: marlin._dequant_dot(x, a, b, jnp.bfloat16, slices))(x, arrays, bias)
+    assert rel_fro(np.asarray(y.astype(jnp.float32)), R.linear(x, codes, scales, bias)) <= 1e-2, f"seed {seed}"
+
+
+@needs_kernels
 def test_dequantize_kernel_column_slices_are_exact():
     codes, scales = exhaustive_weight(SCALE_BYTES)
     arrays, _ = prepare(codes, scales)
