@@ -16,6 +16,9 @@ from jax_mxfp8.backends import marlin
 GPU = any(d.platform == "gpu" for d in jax.devices())
 KERNELS = GPU and _ffi.has_cuda_target(marlin.GEMM_TARGET) and _ffi.has_cuda_target(marlin.DEQUANT_TARGET)
 needs_kernels = pytest.mark.skipif(not KERNELS, reason="needs an NVIDIA GPU and the Marlin CUDA kernels")
+needs_wgmma = pytest.mark.skipif(not (KERNELS and marlin.device_has_wgmma()),
+                                 reason="needs a compute capability 9.0 GPU (H100/H200) and a build "
+                                        "with sm_90a code (the wgmma kernel)")
 SCALE_BYTES = (0, 1, 120, 127, 134, 254)
 
 
@@ -105,7 +108,7 @@ def test_flags_select_the_general_dequantization(poke, general):
 def test_plans_use_compiled_tiles(m, n, k):
     assert marlin.choose_plan(m, n, k, jnp.float32, sms=132).kind == "dequant_dot"
     for x_dtype in (jnp.bfloat16, jnp.float16):
-        plan = marlin.choose_plan(m, n, k, x_dtype, sms=132, clusters=True)
+        plan = marlin.choose_plan(m, n, k, x_dtype, sms=132, clusters=True, wgmma=False)
         if x_dtype == jnp.bfloat16 and m > marlin.MAX_KERNEL_M:
             assert plan.kind == "dequant_dot"
             continue
@@ -425,3 +428,157 @@ def test_unprepare_on_device_round_trip():
     values, back = weight.unpack()
     np.testing.assert_array_equal(np.asarray(values).view(np.uint8), codes)
     np.testing.assert_array_equal(np.asarray(back), scales)
+
+
+# ---- the sm_90a wgmma kernel (ffi/src/marlin_sm90.cu) ----------------------------------------
+
+@pytest.mark.parametrize("n,k", [(4096, 4096), (14336, 4096), (8192, 8192), (28672, 8192), (192, 320),
+                                 (64, 64)])
+def test_wgmma_plans_use_compiled_configs(n, k):
+    for m in (65, 100, 128, 129, 256, 1024, 4096, 16384):
+        plan = marlin.choose_plan(m, n, k, jnp.bfloat16, sms=132, wgmma=True)
+        assert plan.kind == "wgmma"
+        assert marlin.WgmmaConfig(plan.block_m, plan.consumers) in marlin.WGMMA_CONFIGS
+        assert n % (64 * plan.consumers) == 0
+    for m in (1, 16, marlin.WGMMA_MIN_M):  # small M stays on the mma.sync kernel
+        assert marlin.choose_plan(m, n, k, jnp.bfloat16, sms=132, wgmma=True).kind == "kernel"
+    for dtype in (jnp.float16, jnp.float32):  # wgmma takes bf16 x only
+        assert marlin.choose_plan(512, n, k, dtype, sms=132, wgmma=True).kind != "wgmma"
+    assert marlin.choose_plan(512, n, k, jnp.bfloat16, sms=132, wgmma=False).kind != "wgmma"
+
+
+def test_wgmma_reference_lowering_and_vmap_match_float64():
+    """The jnp lowering of the wgmma primitive (CPU), and vmap folding the batch into M."""
+    rng, seed = fresh_rng()
+    codes, scales = random_weight(rng, 128, 192)
+    cpu = jax.devices("cpu")[0]
+    arrays, _ = prepare(codes, scales)
+    x = rng.standard_normal((2, 5, 192)).astype(ml_dtypes.bfloat16)
+    bias = rng.standard_normal(128).astype(np.float32)
+    arrays, x_cpu, b_cpu = jax.device_put((arrays, x, bias), cpu)
+    f = jax.jit(jax.vmap(lambda xi, a, b: marlin.gemm_sm90(
+        xi, a["qweight"], a["scales"], a["flags"], b, block_m=64, consumers=2,
+        out_dtype=jnp.float32), in_axes=(0, None, None)))
+    y = f(x_cpu, arrays, b_cpu)
+    assert y.shape == (2, 5, 128)
+    assert rel_fro(y.reshape(10, 128), R.linear(x.reshape(10, 192), codes, scales, bias)) <= 1e-5, f"seed {seed}"
+
+
+def test_wgmma_rejects_bad_inputs():
+    arrays, _ = prepare(*random_weight(np.random.default_rng(5), 64, 128))
+    a = (arrays["qweight"], arrays["scales"], arrays["flags"])
+    with pytest.raises(TypeError, match="bf16 activations"):
+        marlin.gemm_sm90(jnp.zeros((2, 128), jnp.float16), *a, block_m=64, consumers=1,
+                         out_dtype=jnp.float16)
+    with pytest.raises(ValueError, match="N % 128 == 0"):  # 64 weight rows, two consumers
+        marlin.gemm_sm90(jnp.zeros((2, 128), jnp.bfloat16), *a, block_m=64, consumers=2,
+                         out_dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match="not compiled"):
+        marlin.gemm_sm90(jnp.zeros((2, 128), jnp.bfloat16), *a, block_m=96, consumers=1,
+                         out_dtype=jnp.bfloat16)
+
+
+@pytest.mark.skipif(not _ffi.has_cuda_target(marlin.WGMMA_TARGET), reason="CUDA module not built")
+def test_wgmma_lowers_to_its_custom_call():
+    arrays, _ = prepare(*random_weight(np.random.default_rng(6), 128, 64))
+    x = jax.ShapeDtypeStruct((3, 64), jnp.bfloat16)
+    f = jax.jit(lambda x: marlin.gemm_sm90(x, arrays["qweight"], arrays["scales"], arrays["flags"],
+                                           block_m=128, consumers=2, out_dtype=jnp.bfloat16))
+    assert "jax_mxfp8_marlin_wgmma_cuda" in f.trace(x).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def run_wgmma(x, arrays, bias, *, config, out_dtype):
+    poison_device_memory(x.shape[0] * arrays["scales"].shape[1] * 4)
+    config = marlin.WgmmaConfig(*config)
+    f = jax.jit(lambda x, b: marlin.gemm_sm90(x, arrays["qweight"], arrays["scales"], arrays["flags"],
+                                              b, block_m=config.block_m, consumers=config.consumers,
+                                              out_dtype=out_dtype))
+    return np.asarray(f(x, bias).astype(jnp.float32))
+
+
+@needs_wgmma
+@pytest.mark.parametrize("config", marlin.WGMMA_CONFIGS)
+@pytest.mark.parametrize("m", [1, 5, 64, 100, 129, 256, 300, 1000])
+def test_wgmma_every_config_vs_float64(config, m):
+    """K = 1536 cycles every stage ring several times; M tails inside a block and across blocks."""
+    rng, seed = fresh_rng()
+    n, k = 384, 1536
+    codes, scales = random_weight(rng, n, k)
+    arrays, _ = prepare(codes, scales)
+    x = rng.standard_normal((m, k)).astype(ml_dtypes.bfloat16)
+    bias = rng.standard_normal(n).astype(np.float32)
+    y = run_wgmma(x, arrays, bias, config=config, out_dtype=jnp.float32)
+    assert rel_fro(y, R.linear(x, codes, scales, bias)) <= 1e-4, f"seed {seed}"
+
+
+@needs_wgmma
+@pytest.mark.parametrize("n,k,config", [(64, 64, (64, 1)), (128, 64, (256, 2)), (128, 128, (128, 2)),
+                                        (192, 320, (128, 1)), (4096, 1024, (256, 2))])
+@pytest.mark.parametrize("out_dtype,bias_dtype", [(jnp.bfloat16, ml_dtypes.bfloat16),
+                                                  (jnp.float16, np.float16),
+                                                  (jnp.bfloat16, None)])
+def test_wgmma_shapes_and_output_dtypes(n, k, config, out_dtype, bias_dtype):
+    rng, seed = fresh_rng()
+    codes, scales = random_weight(rng, n, k, spread=2)
+    arrays, _ = prepare(codes, scales)
+    m = 77
+    x = rng.standard_normal((m, k)).astype(ml_dtypes.bfloat16)
+    bias = None if bias_dtype is None else rng.standard_normal(n).astype(bias_dtype)
+    y = run_wgmma(x, arrays, bias, config=config, out_dtype=out_dtype)
+    assert np.all(np.isfinite(y)), f"seed {seed}"
+    assert rel_fro(y, R.linear(x, codes, scales, bias)) <= 1e-2, f"seed {seed}"
+
+
+@needs_wgmma
+@pytest.mark.parametrize("scale_bytes,general", [(SCALE_BYTES, 1), (SCALE_BYTES[:5], 0)])
+@pytest.mark.parametrize("config", [(64, 1), (256, 2)])
+def test_wgmma_exhaustive_through_the_gemm(scale_bytes, general, config):
+    """x = identity: y[m, n] = dequantize(W)[n, m] exactly, for all 256 codes x scale bytes
+    (bf16-subnormal results included; one NaN weight column on the general path)."""
+    codes, scales = exhaustive_weight(scale_bytes)
+    want_w = R.dequantize(codes, scales, np.float64)
+    codes = np.where(np.isfinite(want_w) & (np.abs(want_w) < 2.0**128), codes, 0).astype(np.uint8)
+    if general:
+        codes[:, 255] = np.where(np.arange(256) == 5, 0x7F, codes[:, 255])  # one NaN column
+    arrays, _ = prepare(codes, scales)
+    assert int(arrays["flags"][0]) == general
+    x = np.eye(256, dtype=ml_dtypes.bfloat16)
+    y = run_wgmma(x, arrays, None, config=config, out_dtype=jnp.float32)
+    want = R.dequantize(codes, scales, ml_dtypes.bfloat16).astype(np.float32).T
+    nan_cols = np.isnan(want).any(axis=0)
+    assert np.all(np.isnan(y[:, nan_cols])) and nan_cols.sum() == general
+    got, want = y[:, ~nan_cols], want[:, ~nan_cols]
+    normal = np.abs(want) >= 2.0**-126
+    np.testing.assert_array_equal(got[normal], want[normal])
+    np.testing.assert_array_equal(got[~normal], want[~normal],
+                                  err_msg="bf16-subnormal weights are not exact through wgmma")
+
+
+@needs_wgmma
+def test_wgmma_deterministic_and_equal_to_the_mma_sync_kernel():
+    """Run to run bitwise; and against the mma.sync kernel (same fp32 products, summed in
+    another order) within fp32 rounding."""
+    rng, seed = fresh_rng()
+    codes, scales = random_weight(rng, 1024, 4096)
+    arrays, _ = prepare(codes, scales)
+    x = rng.standard_normal((200, 4096)).astype(ml_dtypes.bfloat16)
+    runs = [run_wgmma(x, arrays, None, config=(256, 2), out_dtype=jnp.float32) for _ in range(3)]
+    assert all(np.array_equal(runs[0], r) for r in runs[1:])
+    mma = run_gemm(x, arrays, None, tile=(4, 2), splits=1, out_dtype=jnp.float32)
+    assert rel_fro(runs[0], mma.astype(np.float64)) <= 1e-5, f"seed {seed}"
+
+
+@needs_wgmma
+def test_linear_takes_the_wgmma_kernel_above_the_threshold():
+    rng, seed = fresh_rng()
+    n, k = 1024, 2048
+    codes, scales = random_weight(rng, n, k)
+    weight = mx.prepare_weight(jnp.asarray(codes.view(ml_dtypes.float8_e4m3fn)), jnp.asarray(scales),
+                               backend="marlin")
+    m = marlin.WGMMA_MIN_M + 1
+    x = rng.standard_normal((3, m, k)).astype(ml_dtypes.bfloat16)  # leading dims fold into M
+    assert marlin.choose_plan(3 * m, n, k, jnp.bfloat16).kind == "wgmma"
+    text = jax.jit(mx.linear).lower(x, weight).as_text()
+    assert marlin.WGMMA_TARGET in text
+    y = np.asarray(jax.jit(mx.linear)(x, weight).astype(jnp.float32)).reshape(3 * m, n)
+    assert rel_fro(y, R.linear(x.reshape(3 * m, k), codes, scales)) <= 1e-2, f"seed {seed}"

@@ -3,6 +3,7 @@
 # suite on the GPU, Marlin racecheck + memcheck, prepare time and memory analysis.
 # `bash tools/gpu_next.sh tune`: build, Marlin tests, sweep and large-M slice timings.
 # `bash tools/gpu_next.sh bench`: build, the issue's table (both timing methods) + plot.
+# `bash tools/gpu_next.sh wgmma`: build, the sm_90a kernel's tests, sanitizers and sweep.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-$PWD/gpu_out}"; mkdir -p "$out"
@@ -57,6 +58,15 @@ case "${1:-check}" in
   tests)  # just the named test files, then an optional sweep ($SWEEP_ARGS)
     TAIL=6 step tests 400 python3 -P -m pytest -q -p no:cacheprovider ${TEST_FILES:-tests}
     [ -n "${SWEEP_ARGS:-}" ] && TAIL=6 step sweep 120 python3 -P tools/marlin_dev.py sweep $SWEEP_ARGS ;;
+  wgmma)  # the sm_90a kernel: its tests (stop at the first failure), sanitizers, the sweep
+    TAIL=12 step tests_wgmma 200 python3 -P -m pytest -q -x -p no:cacheprovider tests/test_marlin.py -k wgmma
+    TAIL=4 step memcheck 100 compute-sanitizer --tool memcheck --kernel-name kns=Wgmma \
+      python3 -P tools/marlin_dev.py sanitize --ms 3 200 --wgmma --wgmma-only
+    TAIL=4 step racecheck 100 compute-sanitizer --tool racecheck --kernel-name kns=Wgmma \
+      python3 -P tools/marlin_dev.py sanitize --ms 3 200 --wgmma --wgmma-only
+    TAIL=40 step sweep90 ${SWEEP_S:-240} python3 -P tools/marlin_dev.py sweep90 --out "$out" \
+      --shapes ${SHAPES:-8192x8192 28672x8192} --ms ${MS:-128 256 1024 4096}
+    [ -n "${TEST_FILES:-}" ] && TAIL=6 step tests 200 python3 -P -m pytest -q -p no:cacheprovider $TEST_FILES ;;
   bench)
     TAIL=80 step bench 540 python3 -P tools/marlin_dev.py bench --out "$out" ;;
 esac

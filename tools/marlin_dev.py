@@ -3,6 +3,7 @@
   python tools/marlin_dev.py smoke            # every tile config vs float64 on small shapes
   python tools/marlin_dev.py sanitize         # tiny shapes, run under compute-sanitizer
   python tools/marlin_dev.py sweep  [--out D] # tile x split candidates per (shape, M) + peers
+  python tools/marlin_dev.py sweep90 [--out D] # the sm_90a wgmma kernel's configs + peers
   python tools/marlin_dev.py bench  [--out D] # linear(MARLIN) vs bf16 / emulation / scaled_matmul
   python tools/marlin_dev.py extras [--out D] # prepare time, memory analysis
   python tools/marlin_dev.py timeline --n N --k K --ms M..  # GPU activity of one unrolled jit
@@ -103,7 +104,7 @@ def sanitize(args) -> int:
     scales = jnp.asarray(rng.integers(100, 140, (n, k // 32), dtype=np.uint8))
     arrays, _ = marlin._prepare(values, scales)
     count = 0
-    for xt in (jnp.bfloat16,) if args.bf16_only else (jnp.bfloat16, jnp.float16):
+    for xt in () if args.wgmma_only else (jnp.bfloat16,) if args.bf16_only else (jnp.bfloat16, jnp.float16):
         for m in args.ms or (3, 33):
             x = jnp.asarray(rng.standard_normal((m, k)), xt)
             bias = jnp.asarray(rng.standard_normal(n), jnp.bfloat16)
@@ -115,6 +116,14 @@ def sanitize(args) -> int:
                                 m_blocks=tile.m_blocks, warps_n=tile.warps_n, splits=splits,
                                 cluster=cluster, out_dtype=jnp.bfloat16).block_until_ready()
                     count += 1
+    if args.wgmma and marlin.device_has_wgmma():
+        for m in args.ms or (3, 33):
+            x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+            for cfg in marlin.WGMMA_CONFIGS:
+                marlin.gemm_sm90(x, arrays["qweight"], arrays["scales"], arrays["flags"], bias,
+                                 block_m=cfg.block_m, consumers=cfg.consumers,
+                                 out_dtype=jnp.bfloat16).block_until_ready()
+                count += 1
     marlin.dequantize_packed(arrays["qweight"], arrays["scales"]).block_until_ready()
     marlin.dequantize_packed(arrays["qweight"], arrays["scales"], 64, 128).block_until_ready()
     log("sanitize: ran", count + 2, "kernels")
@@ -174,6 +183,8 @@ def _name(tile, splits, cluster=False):
 def plan_name(plan):
     if plan.kind == "dequant_dot":
         return "dequant_dot"
+    if plan.kind == "wgmma":
+        return f"w{plan.block_m}x{plan.consumers}"
     return _name(marlin.Tile(plan.m_blocks, plan.warps_n), plan.splits, plan.cluster)
 
 
@@ -227,6 +238,58 @@ def sweep(args) -> int:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "marlin_sweep.json"), "w") as fh:
             json.dump({"copy_bps": copy, "rows": rows}, fh, indent=1)
+    return 0
+
+
+def sweep90(args) -> int:
+    """The sm_90a wgmma kernel: every compiled config per (shape, M) by busy time, next to the
+    mma.sync plan, dequantize + cuBLAS, bf16 jnp.dot and the emulation path (same run)."""
+    repeats, nsets = 5, 4
+    copy = bench.copy_bandwidth(bench.Config(sets=nsets, repeats=repeats, profile=True))[1]
+    log(f"copy bandwidth {copy / 1e12:.3f} TB/s (profiler busy time)")
+    rows = []
+    shapes = SHAPES if not args.shapes else [tuple(map(int, s.split("x"))) for s in args.shapes]
+    for n, k in shapes:
+        wsets = packed_sets(n, k, nsets)
+        vsets = [marlin._unpack_padded(w["qweight"], w["scales"]) for w in wsets]
+        floor = n * k * (1 + 1 / 32) / copy * 1e6
+        for m in args.ms or [64, 128, 256, 512, 1024, 2048, 4096]:
+            xs = [jax.random.normal(jax.random.key(7 + i), (m, k), jnp.bfloat16) for i in range(nsets)]
+            sets = [(x, w, v) for x, w, v in zip(xs, wsets, vsets)]
+            res = {}
+            for cfg in marlin.WGMMA_CONFIGS:
+                if n % (64 * cfg.consumers):
+                    continue
+                res[f"w{cfg.block_m}x{cfg.consumers}"] = time_fn(
+                    lambda x, w, v, cfg=cfg: marlin.gemm_sm90(
+                        x, w["qweight"], w["scales"], w["flags"], block_m=cfg.block_m,
+                        consumers=cfg.consumers, out_dtype=jnp.bfloat16), sets, repeats, "busy")
+            old = marlin.choose_plan(m, n, k, jnp.bfloat16, wgmma=False)
+            if old.kind == "kernel":
+                res["mma:" + plan_name(old)] = time_fn(
+                    lambda x, w, v: marlin.gemm(x, w["qweight"], w["scales"], w["flags"],
+                                                m_blocks=old.m_blocks, warps_n=old.warps_n,
+                                                splits=old.splits, cluster=old.cluster,
+                                                out_dtype=jnp.bfloat16), sets, repeats, "busy")
+            res["dequant_dot"] = time_fn(lambda x, w, v: marlin._dequant_dot(x, w, None, jnp.bfloat16),
+                                         sets, repeats, "busy")
+            res["emulation"] = time_fn(lambda x, w, v: reference.linear(x, *v), sets, repeats, "busy")
+            res["bf16"] = time_fn(lambda x, w, v: jnp.dot(x, v[0].astype(jnp.bfloat16).T,
+                                                          preferred_element_type=jnp.bfloat16),
+                                  sets, repeats, "busy")
+            ours = {key: v for key, v in res.items() if key.startswith("w") and v == v}
+            best = min(ours.items(), key=lambda kv: kv[1], default=("-", float("nan")))
+            tf = 2 * m * n * k / (best[1] * 1e-6) / 1e12 if best[1] == best[1] else float("nan")
+            log(f"{n}x{k} M={m:5d} floor {floor:6.1f} best {best[0]} {best[1]:8.1f} us ({tf:4.0f} TFLOP/s) "
+                f"plan={plan_name(marlin.choose_plan(m, n, k, jnp.bfloat16))} "
+                + " ".join(f"{key}={v:.1f}" for key, v in res.items()))
+            rows.append({"n": n, "k": k, "m": m, "floor_us": floor, **res})
+            if args.out:
+                os.makedirs(args.out, exist_ok=True)
+                with open(os.path.join(args.out, "wgmma_sweep.json"), "w") as fh:
+                    json.dump({"copy_bps": copy, "rows": rows}, fh, indent=1)
+        del wsets, vsets
+        gc.collect()
     return 0
 
 
@@ -438,8 +501,8 @@ def timeline(args) -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("cmd", choices=["smoke", "probe", "sanitize", "sweep", "bench", "extras", "timeline",
-                                    "slices"])
+    ap.add_argument("cmd", choices=["smoke", "probe", "sanitize", "sweep", "sweep90", "bench", "extras",
+                                    "timeline", "slices"])
     ap.add_argument("--n", type=int, default=512)
     ap.add_argument("--k", type=int, default=1536)
     ap.add_argument("--m", type=int, default=1)
@@ -454,13 +517,16 @@ def main(argv=None) -> int:
     ap.add_argument("--bf16-only", action="store_true")
     ap.add_argument("--tiles", nargs="*", help="sanitize only these tiles (e.g. 41 22)")
     ap.add_argument("--no-scaled-matmul", action="store_true")
+    ap.add_argument("--wgmma", action="store_true", help="sanitize: the wgmma kernel's configs too")
+    ap.add_argument("--wgmma-only", action="store_true", help="sanitize: only the wgmma kernel")
     args = ap.parse_args(argv)
     # as the harness does: no command buffers (their host re-record cost grows with R)
     if ("xla_gpu_enable_command_buffer" not in os.environ.get("XLA_FLAGS", "")
             and not os.environ.get("MXFP8_KEEP_CMDBUF")):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
     log("devices:", jax.devices(), "core_count:", getattr(jax.devices()[0], "core_count", None))
-    return {"smoke": smoke, "probe": probe, "sanitize": sanitize, "sweep": sweep, "bench": bench_cmd,
+    return {"smoke": smoke, "probe": probe, "sanitize": sanitize, "sweep": sweep, "sweep90": sweep90,
+            "bench": bench_cmd,
             "extras": extras, "timeline": timeline, "slices": slices}[args.cmd](args)
 
 

@@ -46,23 +46,19 @@
 #include <type_traits>
 
 #include "jax_mxfp8/ffi_common.h"
+#include "marlin_common.cuh"
 
 namespace jax_mxfp8 {
 namespace {
+
+using namespace marlin;  // NOLINT: the shared dequantization and epilogue helpers
 
 constexpr int kThreads = 128;
 constexpr int kMaxClusterSplits = 8;     // the portable thread-block cluster size
 constexpr int kStageK = 64;              // K per pipeline stage
 constexpr int kSubTiles = kStageK / 16;  // k16 sub-tiles per stage
-constexpr uint32_t kTwo120 = 0x7B807B80u;  // bf16x2 (2^120, 2^120)
-
-enum DTypeCode : int { kBF16 = 0, kF16 = 1, kF32 = 2, kNone = 3 };
 
 // ---- PTX helpers ---------------------------------------------------------------------------
-
-__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
 
 // 16-byte async copy global -> shared, L2 only; src_size 0 zero-fills (rows past M).
 // (No L2 evict_first cache-policy operand on the weight loads: on H100 with nvcc 13.0 the
@@ -92,46 +88,6 @@ __device__ __forceinline__ void MmaBf16(float (&d)[4], const uint32_t (&a)[4], u
       "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// bf16x2 a * b with one RNE rounding; fma with -0 keeps the sign of zero products. There is
-// no .ftz form for bf16, so subnormal inputs and results are kept (the exhaustive test checks).
-__device__ __forceinline__ uint32_t MulBf16x2(uint32_t a, uint32_t b) {
-  uint32_t d;
-  asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(0x80008000u));
-  return d;
-}
-
-// ---- dequantization ------------------------------------------------------------------------
-
-// bf16x2 (s, s) for scale byte `byte` (0..3) of `word`.
-template <bool kGeneral>
-__device__ __forceinline__ uint32_t ScalePair(uint32_t word, int byte) {
-  const uint32_t t = __byte_perm(word, 0u, byte | 0x40 | (byte << 8) | 0x4000);  // e per half
-  if constexpr (!kGeneral) {
-    return (t + 0x00780078u) << 7;  // 2^(e - 7): folds the 2^120 of the bit trick in
-  } else {
-    // 2^(e - 127): exponent field e, except e = 0 -> 0x0040 (2^-127) and e = 255 -> NaN.
-    const uint32_t plus1 = t + 0x00010001u;
-    const uint32_t regular = ((plus1 & 0x00FE00FEu) + 0x00FF00FFu) & 0x01000100u;
-    return (t << 7) | ((regular ^ 0x01000100u) >> 2);
-  }
-}
-
-// One packed word (column n; rows 2c, 2c+8, 2c+1, 2c+9) -> the two bf16x2 B registers.
-template <bool kGeneral>
-__device__ __forceinline__ void Dequant(uint32_t q, uint32_t scale, uint32_t& r0, uint32_t& r1) {
-  uint32_t h1 = (q & 0x80008000u) | ((q >> 4) & 0x07F007F0u);         // bytes 1, 3
-  uint32_t h0 = ((q << 8) & 0x80008000u) | ((q << 4) & 0x07F007F0u);  // bytes 0, 2
-  if constexpr (kGeneral) {
-    const uint32_t nan = ((q & 0x7F7F7F7Fu) + 0x01010101u) & 0x80808080u;  // code 0x7F/0xFF
-    h1 |= ((nan & 0x80008000u) >> 8) * 0xFFu;  // exponent field all ones, mantissa nonzero
-    h0 |= (nan & 0x00800080u) * 0xFFu;
-    h1 = MulBf16x2(h1, kTwo120);
-    h0 = MulBf16x2(h0, kTwo120);
-  }
-  r0 = MulBf16x2(h0, scale);
-  r1 = MulBf16x2(h1, scale);
 }
 
 // fp16x2 -> exact bf16x2 hi + lo (x = hi + lo: an fp16 significand has 11 bits).
@@ -287,49 +243,6 @@ __device__ __forceinline__ void MainLoop(const GemmArgs& a, uint8_t* smem, float
     ComputeStage<MB, WN, STAGES, XT, kGeneral>(smem + read_slot * T::kStageBytes, acc);
     read_slot = read_slot + 1 == STAGES ? 0 : read_slot + 1;
     write_slot = write_slot + 1 == STAGES ? 0 : write_slot + 1;
-  }
-}
-
-__device__ __forceinline__ float4 LoadBias(const GemmArgs& a, int col) {
-  switch (a.bias_type) {
-    case kBF16: {
-      const uint2 raw = *reinterpret_cast<const uint2*>(static_cast<const __nv_bfloat16*>(a.bias) + col);
-      const float2 lo = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
-      const float2 hi = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y));
-      return make_float4(lo.x, lo.y, hi.x, hi.y);
-    }
-    case kF16: {
-      const uint2 raw = *reinterpret_cast<const uint2*>(static_cast<const __half*>(a.bias) + col);
-      const float2 lo = __half22float2(*reinterpret_cast<const __half2*>(&raw.x));
-      const float2 hi = __half22float2(*reinterpret_cast<const __half2*>(&raw.y));
-      return make_float4(lo.x, lo.y, hi.x, hi.y);
-    }
-    case kF32:
-      return *reinterpret_cast<const float4*>(static_cast<const float*>(a.bias) + col);
-    default:
-      return make_float4(0.f, 0.f, 0.f, 0.f);
-  }
-}
-
-// y[row, col .. col+3] = v + bias, rounded once to the output dtype.
-__device__ __forceinline__ void StoreOut(const GemmArgs& a, int row, int col, float4 v) {
-  const float4 b = LoadBias(a, col);
-  v.x += b.x; v.y += b.y; v.z += b.z; v.w += b.w;
-  const size_t off = static_cast<size_t>(row) * a.n + col;
-  if (a.out_type == kBF16) {
-    const __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y), hi = __floats2bfloat162_rn(v.z, v.w);
-    uint2 raw;
-    raw.x = *reinterpret_cast<const uint32_t*>(&lo);
-    raw.y = *reinterpret_cast<const uint32_t*>(&hi);
-    *reinterpret_cast<uint2*>(static_cast<__nv_bfloat16*>(a.y) + off) = raw;
-  } else if (a.out_type == kF16) {
-    const __half2 lo = __floats2half2_rn(v.x, v.y), hi = __floats2half2_rn(v.z, v.w);
-    uint2 raw;
-    raw.x = *reinterpret_cast<const uint32_t*>(&lo);
-    raw.y = *reinterpret_cast<const uint32_t*>(&hi);
-    *reinterpret_cast<uint2*>(static_cast<__half*>(a.y) + off) = raw;
-  } else {
-    *reinterpret_cast<float4*>(static_cast<float*>(a.y) + off) = v;
   }
 }
 
@@ -513,29 +426,6 @@ __global__ void __launch_bounds__(kThreads) MarlinDequantKernel(const uint8_t* w
 }
 
 // ---- host side -----------------------------------------------------------------------------
-
-int DTypeOf(ffi::DataType t) {
-  switch (t) {
-    case ffi::DataType::BF16: return kBF16;
-    case ffi::DataType::F16: return kF16;
-    case ffi::DataType::F32: return kF32;
-    default: return -1;
-  }
-}
-
-// Raise the dynamic shared-memory limit of `kernel` once per device; `done` must be a static
-// owned by that one kernel (a per-instantiation static in LaunchGemm).
-template <typename Kernel>
-cudaError_t AllowSmem(Kernel kernel, int bytes, std::atomic<uint64_t>& done) {
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  const uint64_t bit = 1ull << (device & 63);
-  if (done.load(std::memory_order_relaxed) & bit) return cudaSuccess;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  if (err == cudaSuccess) done.fetch_or(bit, std::memory_order_relaxed);
-  return err;
-}
 
 template <int MB, int WN, int STAGES, typename XT>
 ffi::Error LaunchGemm(cudaStream_t stream, const GemmArgs& args) {

@@ -35,6 +35,7 @@ from jax_mxfp8.primitives import base
 
 GEMM_TARGET = "jax_mxfp8_marlin_gemm_cuda"
 DEQUANT_TARGET = "jax_mxfp8_marlin_dequantize_cuda"
+WGMMA_TARGET = "jax_mxfp8_marlin_wgmma_cuda"  # sm_90a kernel (ffi/src/marlin_sm90.cu)
 TILE = 64            # N and K granularity of the packed layout and of a pipeline stage
 FAST_MAX_SCALE = 134  # largest e8m0 byte whose folded scale 2^(e-7) is a normal bf16
 META_TAG = "marlin-v1"
@@ -203,23 +204,87 @@ def _gemm_cuda(ctx, x, qweight, scales, flags, bias, *, m_blocks, warps_n, split
     return list(results)[:1]
 
 
-def _gemm_batch(args, dims, **params):
-    x, *rest = args
-    xd, *rest_dims = dims
-    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-    if all(d is None for d in rest_dims):  # weight shared: fold the batch into M
-        x = jnp.moveaxis(x, xd, 0)
-        b, m, k = x.shape
-        y = marlin_gemm_p.bind(x.reshape(b * m, k), *rest, **params)
-        return y.reshape(b, m, -1), 0
-    moved = [base.move_to_front(a, d, size) for a, d in zip(args, dims)]
-    ys = [marlin_gemm_p.bind(*(a[i] for a in moved), **params) for i in range(size)]
-    return jnp.stack(ys), 0
+def _batch_gemm(prim):
+    """vmap rule of a GEMM primitive (x first, then the weight arrays and bias)."""
+    def rule(args, dims, **params):
+        x, *rest = args
+        xd, *rest_dims = dims
+        size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+        if all(d is None for d in rest_dims):  # weight shared: fold the batch into M
+            x = jnp.moveaxis(x, xd, 0)
+            b, m, k = x.shape
+            y = prim.bind(x.reshape(b * m, k), *rest, **params)
+            return y.reshape(b, m, -1), 0
+        moved = [base.move_to_front(a, d, size) for a, d in zip(args, dims)]
+        ys = [prim.bind(*(a[i] for a in moved), **params) for i in range(size)]
+        return jnp.stack(ys), 0
+    return rule
 
 
 marlin_gemm_p = base.define_primitive(
     "mxfp8_marlin_gemm", abstract_eval=_gemm_abstract, reference=_gemm_reference,
-    batcher=_gemm_batch, multiple_results=False, lowerings={"cuda": _gemm_cuda})
+    batcher=lambda args, dims, **params: _batch_gemm(marlin_gemm_p)(args, dims, **params),
+    multiple_results=False, lowerings={"cuda": _gemm_cuda})
+
+
+# ---- the sm_90a wgmma kernel (ffi/src/marlin_sm90.cu): same packed weight, bf16 x only ----
+
+class WgmmaConfig(NamedTuple):
+    """A configuration compiled into marlin_sm90.cu (DispatchWgmma): a block computes block_m
+    rows of x against 64 * consumers weight rows (output columns)."""
+    block_m: int
+    consumers: int
+
+
+WGMMA_CONFIGS = (WgmmaConfig(64, 1), WgmmaConfig(128, 1), WgmmaConfig(64, 2), WgmmaConfig(128, 2),
+                 WgmmaConfig(256, 2))
+
+
+def _wgmma_abstract(x, qweight, scales, flags, bias, *, block_m, consumers, out_dtype, has_bias):
+    base.check_dtype("marlin wgmma x", x.dtype, (jnp.bfloat16,),
+                     "The wgmma kernel takes bf16 activations; fp16 uses the mma.sync kernel.")
+    if qweight.dtype != jnp.uint8 or scales.dtype != jnp.uint8 or flags.dtype != jnp.int32:
+        raise TypeError("marlin wgmma: qweight/scales must be uint8 and flags int32 (use prepare_weight)")
+    m, k = x.shape
+    n = scales.shape[1]
+    if (k % TILE or k == 0 or n % (64 * consumers) or qweight.shape != (k // 16, 16 * n)
+            or scales.shape != (k // 32, n)):
+        raise ValueError(f"marlin wgmma: x {x.shape}, qweight {qweight.shape}, scales {scales.shape} "
+                         f"do not form a packed problem with K % 64 == 0 and N % {64 * consumers} == 0")
+    if WgmmaConfig(block_m, consumers) not in WGMMA_CONFIGS:
+        raise ValueError(f"marlin wgmma: {WgmmaConfig(block_m, consumers)} is not compiled; use one "
+                         f"of {WGMMA_CONFIGS}")
+    if has_bias and bias.shape != (n,):
+        raise ValueError(f"marlin wgmma: bias shape {bias.shape} != ({n},)")
+    return ShapedArray((m, n), out_dtype)
+
+
+def _wgmma_reference(x, qweight, scales, flags, bias, *, block_m, consumers, out_dtype, has_bias):
+    values, s = _unpack_padded(qweight, scales)
+    return reference.linear(x, values, s, bias if has_bias else None, out_dtype=out_dtype)
+
+
+marlin_wgmma_p = base.define_primitive(
+    "mxfp8_marlin_wgmma_gemm", abstract_eval=_wgmma_abstract, reference=_wgmma_reference,
+    batcher=lambda args, dims, **params: _batch_gemm(marlin_wgmma_p)(args, dims, **params),
+    multiple_results=False,
+    lowerings={"cuda": base.cuda_ffi_lowering(
+        WGMMA_TARGET, _wgmma_reference, False,
+        attrs=lambda block_m, consumers, out_dtype, has_bias: {
+            "block_m": np.int32(block_m), "consumers": np.int32(consumers)})})
+
+
+def device_has_wgmma() -> bool:
+    """The wgmma kernel can run: a compute capability 9.0 GPU and a build with sm_90a code."""
+    from jax_mxfp8.backends import compute_capability  # the package imports this module first
+    if not _ffi.has_cuda_target(WGMMA_TARGET):
+        return False
+    try:
+        cc = compute_capability(jax.devices()[0])
+    except RuntimeError:  # no devices
+        return False
+    archs = str(_ffi.cuda_module().build_info().get("cuda_architectures", ""))
+    return cc == (9, 0) and "90a" in archs.split(",")
 
 
 def _dequant_abstract(qweight, scales, *, n_begin, rows):
@@ -266,6 +331,16 @@ def gemm(x, qweight, scales, flags, bias=None, *, m_blocks, warps_n, splits, out
                               out_dtype=jnp.dtype(out_dtype), has_bias=has_bias)
 
 
+def gemm_sm90(x, qweight, scales, flags, bias=None, *, block_m, consumers, out_dtype):
+    """One launch of the sm_90a wgmma kernel with an explicit configuration (tests, tuning)."""
+    has_bias = bias is not None
+    if bias is None:
+        bias = jnp.zeros((0,), x.dtype)
+    return marlin_wgmma_p.bind(x, qweight, scales, flags, bias, block_m=int(block_m),
+                               consumers=int(consumers), out_dtype=jnp.dtype(out_dtype),
+                               has_bias=has_bias)
+
+
 def dequantize_packed(qweight, scales, n_begin: int = 0, rows: int | None = None):
     """Packed weight -> bf16 [rows, Kp]: weight rows (output columns) [n_begin, n_begin + rows),
     all Np by default, multiples of 64 (exact dequantize of numerics.md)."""
@@ -277,11 +352,13 @@ def dequantize_packed(qweight, scales, n_begin: int = 0, rows: int | None = None
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    kind: str            # "kernel" or "dequant_dot"
+    kind: str            # "kernel" (mma.sync), "wgmma" (sm_90a) or "dequant_dot"
     m_blocks: int = 0
     warps_n: int = 0
     splits: int = 1
     cluster: bool = False  # K splits reduced in a thread-block cluster (SM90+)
+    block_m: int = 0       # wgmma: x rows per block
+    consumers: int = 0     # wgmma: consumer warpgroups (64 weight rows each) per block
 
 
 # Largest bf16 M that runs the fused kernel; above it "dequantize + cuBLAS bf16 (wgmma)" wins
@@ -339,20 +416,39 @@ def _rule_plan(m: int, n: int, k: int, sms: int, clusters: bool) -> Plan:
     return Plan("kernel", tile.m_blocks, tile.warps_n, splits, splits == 2 and clusters)
 
 
+# bf16 x on an sm_90a-capable GPU: above WGMMA_MIN_M rows the wgmma kernel replaces both the
+# mma.sync kernel and dequantize + cuBLAS (provisional, to be set from the H200 sweep).
+WGMMA_MIN_M = 64
+
+
+def _wgmma_plan(m: int, n: int, sms: int) -> Plan:
+    """x rows per block: 128 up to 128 rows, else 256 (two consumer warpgroups, 128 weight
+    rows per block) unless N / 128 leaves most SMs idle: then 64 weight rows per block."""
+    block_m = 128 if m <= 128 else 256
+    consumers = 2 if n % 128 == 0 and (n // 128) * -(-m // block_m) >= sms else 1
+    if consumers == 1:
+        block_m = 128
+    return Plan("wgmma", block_m=block_m, consumers=consumers)
+
+
 def choose_plan(m: int, n: int, k: int, x_dtype, sms: int | None = None,
-                clusters: bool | None = None) -> Plan:
+                clusters: bool | None = None, wgmma: bool | None = None) -> Plan:
     """The path for a [m, k] x [n, k]^T problem (n, k already padded to 64), chosen at trace
     time from static shapes.
 
-    fp32 x: dequantize + fp32 dot (the reference math). fp16 x: always the kernel (the
-    reference runs an fp32 GEMM for fp16, far slower than the kernel's two bf16 mma). bf16 x:
-    the kernel up to MAX_KERNEL_M rows, dequantize + bf16 cuBLAS above; the tile and K split
-    come from the H100 table for its shapes, else from _rule_plan.
+    fp32 x: dequantize + fp32 dot (the reference math). fp16 x: always the mma.sync kernel
+    (the reference runs an fp32 GEMM for fp16, far slower than the kernel's two bf16 mma).
+    bf16 x: on an sm_90a GPU (wgmma) above WGMMA_MIN_M rows the wgmma kernel; otherwise the
+    mma.sync kernel up to MAX_KERNEL_M rows, dequantize + bf16 cuBLAS above; the tile and K
+    split come from the H100 table for its shapes, else from _rule_plan.
     """
     x_dtype = jnp.dtype(x_dtype)
+    sms = sms or _sm_count()
+    if x_dtype == jnp.bfloat16 and m > WGMMA_MIN_M:
+        if device_has_wgmma() if wgmma is None else wgmma:
+            return _wgmma_plan(m, n, sms)
     if x_dtype not in KERNEL_DTYPES or (x_dtype == jnp.bfloat16 and m > MAX_KERNEL_M):
         return Plan("dequant_dot")
-    sms = sms or _sm_count()
     clusters = device_has_clusters() if clusters is None else clusters
     bucket = next((b for b in M_BUCKETS if m <= b), None)
     if sms == H100_SMS and clusters and bucket and (n, k) in H100_TABLE:
@@ -418,6 +514,9 @@ def _linear(x, weight, bias, out_dtype, quantize_activations):
     if plan.kind == "kernel":
         y = gemm(x, a["qweight"], a["scales"], a["flags"], bias, m_blocks=plan.m_blocks,
                  warps_n=plan.warps_n, splits=plan.splits, cluster=plan.cluster, out_dtype=out_dtype)
+    elif plan.kind == "wgmma":
+        y = gemm_sm90(x, a["qweight"], a["scales"], a["flags"], bias, block_m=plan.block_m,
+                      consumers=plan.consumers, out_dtype=out_dtype)
     else:
         y = _dequant_dot(x, a, bias, out_dtype)
     return y[:, :n] if n_pad != n else y

@@ -1,0 +1,428 @@
+// Hopper (sm_90a) W8A16 MXFP8 GEMM of the MARLIN backend, for the M where marlin.cu's mma.sync
+// loop is compute-bound: y[M, N] = x[M, K] . dequantize(W)[N, K]^T (+ bias), fp32 accumulation.
+//
+// It computes y^T = W . x^T with wgmma: the weight is operand A, taken from registers after
+// the same exact fp8 -> bf16 dequantization as marlin.cu (marlin_common.cuh), and x is
+// operand B, read by the tensor cores straight from shared memory. The packed weight needs
+// no second layout: the lane/word order that gives mma.sync its B fragments (marlin.cu's
+// header) is, two words at a time, the A fragment of wgmma m64nNk16 (warp w of a warpgroup
+// owns weight rows 16w + g and 16w + g + 8 of the 64: words 2w and 2w + 1 of each lane).
+// This is the "weight as the register operand, activations from shared memory" structure of
+// vLLM's Machete and CUTLASS's Hopper mixed-input GEMMs (described in shared/design/marlin.md);
+// the code is our own.
+//
+// Block: one producer warpgroup and C consumer warpgroups (setmaxnreg moves registers from the
+// first to the others). The producer's one thread keeps STAGES stages of K = 64 in flight, each
+// completing on one mbarrier: x by TMA (a [BM, 64] bf16 box, 128-byte swizzle, rows past M
+// zero-filled), the weight's C 64-row tiles and their scales by plain bulk copies (they are
+// contiguous in the packed layout). Consumer c computes weight rows [64c, 64c + 64) x BM tokens
+// as wgmma m64nBMk16 steps, dequantizing the next step's A fragment while the tensor cores run
+// the current one (two A buffers, at most two wgmma groups in flight). Epilogue: the fp32 tile is
+// transposed through shared memory and stored row by row with the bias, rounded once.
+#include <cuda.h>  // CUtensorMap; the encoder is fetched through the runtime (no -lcuda)
+#include <cudaTypedefs.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstdint>
+#include <string>
+
+#include "jax_mxfp8/ffi_common.h"
+#include "marlin_common.cuh"
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define JAX_MXFP8_WGMMA 1  // wgmma and setmaxnreg exist only in sm_90a code
+#endif
+
+namespace jax_mxfp8 {
+namespace {
+
+using namespace marlin;  // NOLINT: the shared dequantization and epilogue helpers
+
+constexpr int kBK = 64;  // K per stage: one 128-byte swizzled row of x per token
+constexpr int kProducerRegs = 40;
+
+template <int BM, int C, int STAGES>
+struct WgTile {
+  static constexpr int kThreads = 128 * (C + 1);
+  static constexpr int kBN = 64 * C;             // weight rows (output columns) per block
+  static constexpr int kXBytes = BM * kBK * 2;   // bf16 x tile
+  static constexpr int kWBytes = 4 * C * 1024;   // 4 k16 rows x C packed 64-row tiles
+  static constexpr int kSBytes = 2 * kBN;        // 2 scale groups x kBN rows
+  static constexpr int kXOff = 0;
+  static constexpr int kWOff = STAGES * kXBytes;
+  static constexpr int kSOff = kWOff + STAGES * kWBytes;
+  static constexpr int kBarOff = kSOff + STAGES * kSBytes;
+  static constexpr int kStageTx = kXBytes + kWBytes + kSBytes;
+  static constexpr int kOutStride = kBN + 4;     // floats; the pad makes the transposing stores conflict-free
+  static constexpr int kOutBytes = BM * kOutStride * 4;
+  static constexpr int kSmemBytes = kBarOff + 2 * STAGES * 8 + 1024;  // + slack to align to 1024
+  // One consumer: two blocks per SM (each 256 threads x <= 128 registers at launch).
+  static constexpr int kMinBlocks = C == 1 ? 2 : 1;
+  static constexpr int kConsumerRegs = C == 1 ? 208 : 232;
+  static_assert(kOutBytes <= kBarOff, "the epilogue tile reuses the pipeline buffers");
+  static_assert(kXBytes % 1024 == 0 && kBarOff % 8 == 0, "alignment");
+  static_assert(BM % 64 == 0 && BM <= 256, "wgmma N and the TMA box");
+  static_assert(128 * kProducerRegs + 128 * C * kConsumerRegs <= 65536 / kMinBlocks, "registers");
+};
+
+struct WgmmaArgs {
+  const uint8_t* w;      // packed values [K/16, 16N]
+  const uint8_t* s;      // packed scales [K/32, N]
+  const int32_t* flags;  // [1]
+  const void* bias;      // [N] or null
+  void* y;               // [M, N]
+  int m, n, k;
+  int bias_type, out_type;
+  int m_tiles;
+};
+
+#if JAX_MXFP8_WGMMA
+#include "wgmma_rs.inc"
+
+__device__ __forceinline__ void MbarInit(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void MbarExpectTx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void MbarArrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+
+__device__ __forceinline__ void MbarWait(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        " selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+
+__device__ __forceinline__ void TmaLoad2d(uint32_t dst, const CUtensorMap* map, int c0, int c1,
+                                          uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
+      : "memory");
+}
+
+__device__ __forceinline__ void BulkLoad(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+      "l"(src), "r"(bytes), "r"(bar)
+      : "memory");
+}
+
+// wgmma shared-memory descriptor of a K-major bf16 tile with 128-byte rows, 128-byte swizzle
+// (TMA's layout): stride between 8-row groups 1024 B; the leading offset is unused.
+__device__ __forceinline__ uint64_t XDesc(uint32_t addr) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (1ull << 16) | (64ull << 32) | (1ull << 62);
+}
+
+__device__ __forceinline__ void WgmmaFence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void WgmmaCommit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void WgmmaWait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Keeps the compiler from moving accumulator accesses across the waits above.
+template <int N>
+__device__ __forceinline__ void FenceAcc(float (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+template <int R>
+__device__ __forceinline__ void SetMaxNRegDec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(R));
+}
+template <int R>
+__device__ __forceinline__ void SetMaxNRegInc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(R));
+}
+
+__device__ __forceinline__ void ConsumerBarrier(int threads) {
+  asm volatile("bar.sync 1, %0;\n" ::"r"(threads) : "memory");
+}
+
+template <int BM, int C, int STAGES>
+__device__ __forceinline__ void Produce(const CUtensorMap* x_map, const WgmmaArgs& a, uint32_t sbase,
+                                        uint32_t full0, uint32_t empty0, int num_kt, int n_tile,
+                                        int m0) {
+  using T = WgTile<BM, C, STAGES>;
+  const size_t tiles64 = static_cast<size_t>(a.n) / 64;
+  for (int kt = 0; kt < num_kt; ++kt) {
+    const int s = kt % STAGES;
+    if (kt >= STAGES) MbarWait(empty0 + 8 * s, ((kt / STAGES) - 1) & 1);  // consumers freed it
+    const uint32_t full = full0 + 8 * s;
+    MbarExpectTx(full, T::kStageTx);
+    TmaLoad2d(sbase + T::kXOff + s * T::kXBytes, x_map, kt * kBK, m0, full);
+#pragma unroll
+    for (int i = 0; i < 4; ++i)  // k16 row kt*4 + i: this block's C tiles are contiguous
+      BulkLoad(sbase + T::kWOff + s * T::kWBytes + i * C * 1024,
+               a.w + (static_cast<size_t>(kt * 4 + i) * tiles64 + static_cast<size_t>(n_tile) * C) * 1024,
+               C * 1024, full);
+#pragma unroll
+    for (int g = 0; g < 2; ++g)
+      BulkLoad(sbase + T::kSOff + s * T::kSBytes + g * T::kBN,
+               a.s + static_cast<size_t>(kt * 2 + g) * a.n + static_cast<size_t>(n_tile) * T::kBN,
+               T::kBN, full);
+  }
+}
+
+template <int BM, int C, int STAGES, bool kGeneral>
+__device__ __forceinline__ void Consume(float (&acc)[BM / 2], const uint8_t* smem, uint32_t sbase,
+                                        uint32_t full0, uint32_t empty0, int num_kt, int c,
+                                        int wi, int lane) {
+  using T = WgTile<BM, C, STAGES>;
+  // This thread's A words: rows 16wi + g and 16wi + g + 8 of tile c are words 2wi, 2wi + 1 of
+  // its lane, at byte 8 (wi & 1) of half wi >> 1; their scales are bytes 2 (wi & 1) + {0, 1}
+  // of the 4-byte word at 8g + 4 (wi >> 1) of the tile's 64 scale bytes.
+  const int w_off = c * 1024 + (wi >> 1) * 512 + lane * 16 + (wi & 1) * 8;
+  const int s_off = c * 64 + 8 * (lane >> 2) + 4 * (wi >> 1);
+  const int sbyte = 2 * (wi & 1);
+  uint32_t afr[2][4];
+  for (int kt = 0; kt < num_kt; ++kt) {
+    const int s = kt % STAGES;
+    MbarWait(full0 + 8 * s, (kt / STAGES) & 1);
+    const uint8_t* wst = smem + T::kWOff + s * T::kWBytes + w_off;
+    const uint8_t* sst = smem + T::kSOff + s * T::kSBytes + s_off;
+    const uint32_t sw[2] = {*reinterpret_cast<const uint32_t*>(sst),
+                            *reinterpret_cast<const uint32_t*>(sst + T::kBN)};
+    const uint32_t x_tile = sbase + T::kXOff + s * T::kXBytes;
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) {
+      const uint2 q = *reinterpret_cast<const uint2*>(wst + ks * C * 1024);
+      uint32_t(&f)[4] = afr[ks & 1];
+      Dequant<kGeneral>(q.x, ScalePair<kGeneral>(sw[ks >> 1], sbyte), f[0], f[2]);
+      Dequant<kGeneral>(q.y, ScalePair<kGeneral>(sw[ks >> 1], sbyte + 1), f[1], f[3]);
+      WgmmaFence();
+      WgmmaRS<BM>::Mma(acc, f, XDesc(x_tile + ks * 32));  // k16 step: 32 bytes along the row
+      WgmmaCommit();
+      WgmmaWait<1>();  // the previous step is done: its A buffer and (at ks = 0) stage kt - 1
+      if (ks == 0 && kt > 0 && lane == 0) MbarArrive(empty0 + 8 * ((kt - 1) % STAGES));
+    }
+  }
+  WgmmaWait<0>();
+  FenceAcc(acc);
+}
+#endif  // JAX_MXFP8_WGMMA
+
+template <int BM, int C, int STAGES>
+__global__ void __launch_bounds__(WgTile<BM, C, STAGES>::kThreads, WgTile<BM, C, STAGES>::kMinBlocks)
+    MarlinWgmmaKernel(const __grid_constant__ CUtensorMap x_map, const WgmmaArgs a) {
+#if JAX_MXFP8_WGMMA
+  using T = WgTile<BM, C, STAGES>;
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = smem_raw + ((1024 - (SmemAddr(smem_raw) & 1023)) & 1023);  // swizzle atoms
+  const uint32_t sbase = SmemAddr(smem);
+  const uint32_t full0 = sbase + T::kBarOff, empty0 = full0 + 8 * STAGES;
+  const int tid = threadIdx.x, wg = tid >> 7, lane = tid & 31;
+  const int m_tile = blockIdx.x % a.m_tiles, n_tile = blockIdx.x / a.m_tiles;  // M fastest:
+  const int m0 = m_tile * BM, num_kt = a.k / kBK;  // neighbours share the weight tile in L2
+  if (tid == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      MbarInit(full0 + 8 * s, 1);           // the producer's expect_tx arrival (+ bytes)
+      MbarInit(empty0 + 8 * s, 4 * C);      // one arrival per consumer warp
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+  if (wg == 0) {
+    SetMaxNRegDec<kProducerRegs>();
+    if (tid == 0) Produce<BM, C, STAGES>(&x_map, a, sbase, full0, empty0, num_kt, n_tile, m0);
+    return;
+  }
+  SetMaxNRegInc<T::kConsumerRegs>();
+  const int c = wg - 1, wi = (tid >> 5) & 3;
+  float acc[BM / 2];
+#pragma unroll
+  for (int i = 0; i < BM / 2; ++i) acc[i] = 0.f;
+  if (__ldg(a.flags) & 1)
+    Consume<BM, C, STAGES, true>(acc, smem, sbase, full0, empty0, num_kt, c, wi, lane);
+  else
+    Consume<BM, C, STAGES, false>(acc, smem, sbase, full0, empty0, num_kt, c, wi, lane);
+
+  // ---- epilogue: transpose through shared memory, then whole output rows ----
+  ConsumerBarrier(128 * C);  // every consumer's wgmma reads of the pipeline buffers are done
+  float* st = reinterpret_cast<float*>(smem);
+  const int nl = 64 * c + 16 * wi + (lane >> 2);
+#pragma unroll
+  for (int i = 0; i < BM / 8; ++i) {  // wgmma D: rows 16wi + g (+8), token columns 8i + 2(l%4) (+1)
+    const int m = 8 * i + 2 * (lane & 3);
+    st[m * T::kOutStride + nl] = acc[4 * i];
+    st[(m + 1) * T::kOutStride + nl] = acc[4 * i + 1];
+    st[m * T::kOutStride + nl + 8] = acc[4 * i + 2];
+    st[(m + 1) * T::kOutStride + nl + 8] = acc[4 * i + 3];
+  }
+  ConsumerBarrier(128 * C);
+  constexpr int kVecs = T::kBN / 4;
+  const int rows = min(BM, a.m - m0);
+  for (int idx = tid - 128; idx < rows * kVecs; idx += 128 * C) {
+    const int row = idx / kVecs, v = idx % kVecs;
+    StoreOut(a, m0 + row, n_tile * T::kBN + 4 * v,
+             *reinterpret_cast<const float4*>(st + row * T::kOutStride + 4 * v));
+  }
+#else
+  __trap();  // unreachable: the host launches this kernel only from an sm_90a build on SM 9.0
+#endif
+}
+
+// ---- host side -----------------------------------------------------------------------------
+
+PFN_cuTensorMapEncodeTiled_v12000 TensorMapEncoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = []() -> PFN_cuTensorMapEncodeTiled_v12000 {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+#if CUDART_VERSION >= 12050
+    const cudaError_t err =
+        cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &found);
+#else
+    const cudaError_t err = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &ptr, cudaEnableDefault, &found);
+#endif
+    if (err != cudaSuccess || found != cudaDriverEntryPointSuccess) {
+      (void)cudaGetLastError();
+      return nullptr;
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
+  }();
+  return fn;
+}
+
+// x [M, K] bf16 row-major as [BM, 64] boxes with the 128-byte swizzle wgmma reads.
+ffi::Error EncodeX(CUtensorMap* map, const void* x, int64_t m, int64_t k, int block_m) {
+  const auto encode = TensorMapEncoder();
+  if (encode == nullptr)
+    return ffi::Error::Internal("marlin wgmma: the CUDA driver has no cuTensorMapEncodeTiled");
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(k), static_cast<cuuint64_t>(m)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(k) * 2};
+  const cuuint32_t box[2] = {kBK, static_cast<cuuint32_t>(block_m)};
+  const cuuint32_t unit[2] = {1, 1};
+  const CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(x), dims,
+                            strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS)
+    return ffi::Error::Internal("marlin wgmma: cuTensorMapEncodeTiled failed with CUresult " +
+                                std::to_string(static_cast<int>(r)) + " (x must be 16-byte aligned)");
+  return ffi::Error::Success();
+}
+
+template <int BM, int C, int STAGES>
+ffi::Error LaunchWgmma(cudaStream_t stream, const CUtensorMap& map, WgmmaArgs args) {
+  using T = WgTile<BM, C, STAGES>;
+  if (args.n % T::kBN != 0)
+    return ffi::Error::InvalidArgument("marlin wgmma: N=" + std::to_string(args.n) +
+                                       " is not a multiple of the block width " + std::to_string(T::kBN));
+  auto kernel = MarlinWgmmaKernel<BM, C, STAGES>;
+  static std::atomic<uint64_t> smem_raised{0};  // one per instantiation
+  JAX_MXFP8_CUDA_RETURN_IF_ERROR(AllowSmem(kernel, T::kSmemBytes, smem_raised));
+  args.m_tiles = (args.m + BM - 1) / BM;
+  const long long blocks = static_cast<long long>(args.n / T::kBN) * args.m_tiles;
+  if (blocks > 0x7FFFFFFF) return ffi::Error::InvalidArgument("marlin wgmma: grid too large");
+  kernel<<<static_cast<unsigned>(blocks), T::kThreads, T::kSmemBytes, stream>>>(map, args);
+  return CheckLaunch("marlin wgmma kernel");
+}
+
+// The configurations jax_mxfp8/backends/marlin.py may ask for (WGMMA_CONFIGS there).
+ffi::Error DispatchWgmma(cudaStream_t stream, const CUtensorMap& map, const WgmmaArgs& args, int bm,
+                         int c) {
+  switch (bm * 10 + c) {
+    case 641: return LaunchWgmma<64, 1, 8>(stream, map, args);
+    case 1281: return LaunchWgmma<128, 1, 5>(stream, map, args);
+    case 642: return LaunchWgmma<64, 2, 8>(stream, map, args);
+    case 1282: return LaunchWgmma<128, 2, 8>(stream, map, args);
+    case 2562: return LaunchWgmma<256, 2, 5>(stream, map, args);
+    default:
+      return ffi::Error::InvalidArgument("marlin wgmma: no compiled configuration for block_m=" +
+                                         std::to_string(bm) + ", consumers=" + std::to_string(c));
+  }
+}
+
+bool BuiltForSm90a() {
+  return std::string(JAX_MXFP8_CUDA_ARCHS).find("90a") != std::string::npos;
+}
+
+ffi::Error MarlinWgmmaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U8> qweight,
+                           ffi::Buffer<ffi::U8> scales, ffi::Buffer<ffi::S32> flags,
+                           ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> y, int32_t block_m,
+                           int32_t consumers) {
+  const auto xd = x.dimensions();
+  const auto wd = qweight.dimensions();
+  const auto sd = scales.dimensions();
+  const auto yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || sd.size() != 2 || yd.size() != 2)
+    return ffi::Error::InvalidArgument("marlin wgmma: x, qweight, scales and y must be 2-D");
+  const int64_t m = xd[0], k = xd[1], n = yd[1];
+  if (yd[0] != m) return ffi::Error::InvalidArgument("marlin wgmma: y rows != x rows");
+  if (k % kBK != 0 || n % 64 != 0 || k == 0)
+    return ffi::Error::InvalidArgument("marlin wgmma: K and N must be positive multiples of 64 (got K=" +
+                                       std::to_string(k) + ", N=" + std::to_string(n) + ")");
+  if (wd[0] != k / 16 || wd[1] != 16 * n || sd[0] != k / 32 || sd[1] != n)
+    return ffi::Error::InvalidArgument("marlin wgmma: packed weight shapes do not match x and y");
+  if (flags.element_count() < 1) return ffi::Error::InvalidArgument("marlin wgmma: flags is empty");
+  if (x.element_type() != ffi::DataType::BF16)
+    return ffi::Error::InvalidArgument("marlin wgmma: x must be bfloat16 (fp16 x uses the mma.sync kernel)");
+  const int out_type = DTypeOf(y->element_type());
+  if (out_type < 0) return ffi::Error::InvalidArgument("marlin wgmma: y must be bf16, fp16 or fp32");
+  const bool has_bias = bias.element_count() > 0;
+  if (has_bias && (bias.element_count() != static_cast<size_t>(n) || DTypeOf(bias.element_type()) < 0))
+    return ffi::Error::InvalidArgument("marlin wgmma: bias must be [N] bf16, fp16 or fp32");
+  if (m == 0) return ffi::Error::Success();
+  if (m > 0x7FFFFFFF || n > 0x7FFFFFFF || k > 0x7FFFFFFF)
+    return ffi::Error::InvalidArgument("marlin wgmma: dimensions exceed 2^31 - 1");
+  int device = 0, major = 0, minor = 0;
+  JAX_MXFP8_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  JAX_MXFP8_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  JAX_MXFP8_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  if (major != 9 || minor != 0 || !BuiltForSm90a())
+    return ffi::Error::InvalidArgument(
+        "marlin wgmma: needs a compute capability 9.0 GPU (H100/H200) and a build whose "
+        "CMAKE_CUDA_ARCHITECTURES include 90a (this GPU: " + std::to_string(major) + "." +
+        std::to_string(minor) + ", built for " + JAX_MXFP8_CUDA_ARCHS + "); use the mma.sync kernel");
+
+  WgmmaArgs args{};
+  args.w = qweight.typed_data();
+  args.s = scales.typed_data();
+  args.flags = flags.typed_data();
+  args.bias = has_bias ? bias.untyped_data() : nullptr;
+  args.y = y->untyped_data();
+  args.m = static_cast<int>(m);
+  args.n = static_cast<int>(n);
+  args.k = static_cast<int>(k);
+  args.bias_type = has_bias ? DTypeOf(bias.element_type()) : kNone;
+  args.out_type = out_type;
+  CUtensorMap map;
+  JAX_MXFP8_RETURN_IF_ERROR(EncodeX(&map, x.untyped_data(), m, k, block_m));
+  return DispatchWgmma(stream, map, args, block_m, consumers);
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MarlinWgmmaHandler, MarlinWgmmaImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()         // x [M, K] bf16
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // qweight [K/16, 16N]
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // scales [K/32, N]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // flags [1]
+                                  .Arg<ffi::AnyBuffer>()         // bias [N] or [0]
+                                  .Ret<ffi::AnyBuffer>()         // y [M, N]
+                                  .Attr<int32_t>("block_m")
+                                  .Attr<int32_t>("consumers"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+JAX_MXFP8_REGISTER_CUDA_TARGET("jax_mxfp8_marlin_wgmma_cuda", MarlinWgmmaHandler);
+
+}  // namespace jax_mxfp8
