@@ -407,6 +407,22 @@ def test_deterministic_run_to_run(tile):
 
 
 @needs_kernels
+@pytest.mark.skipif(not (KERNELS and marlin.device_has_clusters()), reason="needs an SM90+ GPU")
+def test_cluster_and_plain_launches_of_one_tile_interleave():
+    """One tile launched with a cluster (larger shared memory), then plainly, then with a
+    cluster again: the plain launch must not lower the kernel's shared-memory limit under the
+    cluster launch's (seen on an H200: 'invalid argument' on the third launch)."""
+    rng, seed = fresh_rng()
+    codes, scales = random_weight(rng, 256, 1024)
+    arrays, _ = prepare(codes, scales)
+    x = rng.standard_normal((100, 1024)).astype(ml_dtypes.bfloat16)
+    want = R.linear(x, codes, scales)
+    for cluster in (True, False, True):
+        y = run_gemm(x, arrays, None, tile=(4, 2), splits=2, cluster=cluster, out_dtype=jnp.float32)
+        assert rel_fro(y, want) <= 1e-4, f"cluster={cluster}, seed {seed}"
+
+
+@needs_kernels
 def test_fp32_activations_take_the_dequantize_path():
     rng, seed = fresh_rng()
     codes, scales = random_weight(rng, 128, 256)

@@ -67,6 +67,15 @@ case "${1:-check}" in
     TAIL=40 step sweep90 ${SWEEP_S:-240} python3 -P tools/marlin_dev.py sweep90 --out "$out" \
       --shapes ${SHAPES:-8192x8192 28672x8192} --ms ${MS:-128 256 1024 4096}
     [ -n "${TEST_FILES:-}" ] && TAIL=6 step tests 200 python3 -P -m pytest -q -p no:cacheprovider $TEST_FILES ;;
+  tune90)  # after a wgmma change: Marlin tests, wgmma sanitizers, both sweeps on this GPU
+    TAIL=6 step tests 150 python3 -P -m pytest -q -x -p no:cacheprovider tests/test_marlin.py
+    TAIL=4 step memcheck 40 compute-sanitizer --tool memcheck --kernel-name kns=Wgmma \
+      python3 -P tools/marlin_dev.py sanitize --ms 3 200 --wgmma --wgmma-only
+    TAIL=4 step racecheck 40 compute-sanitizer --tool racecheck --kernel-name kns=Wgmma \
+      python3 -P tools/marlin_dev.py sanitize --ms 3 200 --wgmma --wgmma-only
+    TAIL=30 step sweep90 130 python3 -P tools/marlin_dev.py sweep90 --out "$out" \
+      --ms ${MS90:-64 128 256 512 1024 2048 4096}
+    TAIL=20 step sweep 160 python3 -P tools/marlin_dev.py sweep --out "$out" --ms ${MS:-1 16 32 64} ;;
   bench)
     TAIL=80 step bench 540 python3 -P tools/marlin_dev.py bench --out "$out" ;;
 esac

@@ -117,6 +117,7 @@ def sanitize(args) -> int:
                                 cluster=cluster, out_dtype=jnp.bfloat16).block_until_ready()
                     count += 1
     if args.wgmma and marlin.device_has_wgmma():
+        bias = jnp.asarray(rng.standard_normal(n), jnp.bfloat16)
         for m in args.ms or (3, 33):
             x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
             for cfg in marlin.WGMMA_CONFIGS:

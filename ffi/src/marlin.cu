@@ -40,7 +40,6 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cstdint>
 #include <string>
 #include <type_traits>
@@ -437,10 +436,9 @@ ffi::Error LaunchGemm(cudaStream_t stream, const GemmArgs& args) {
   auto kernel = MarlinGemmKernel<MB, WN, STAGES, XT>;
   // Raised only as far as each kind of launch needs: SM86/SM89 allow 99 KiB per block, which
   // every tile's plain launch fits; cluster launches (SM90+, 227 KiB) need the receive buffer.
-  static std::atomic<uint64_t> smem_raised{0}, cluster_smem_raised{0};  // one per instantiation
+  static SmemLimit smem_limit;  // one per instantiation
   JAX_MXFP8_CUDA_RETURN_IF_ERROR(
-      args.cluster ? AllowSmem(kernel, T::kClusterSmemBytes, cluster_smem_raised)
-                   : AllowSmem(kernel, T::kSmemBytes, smem_raised));
+      AllowSmem(kernel, args.cluster ? T::kClusterSmemBytes : T::kSmemBytes, smem_limit));
   const long long blocks = static_cast<long long>(args.n / T::kCols) * args.splits * args.m_chunks;
   if (blocks > 0x7FFFFFFF) return ffi::Error::InvalidArgument("marlin: grid too large");
   if (!args.cluster) {

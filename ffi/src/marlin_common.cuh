@@ -7,8 +7,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cstdint>
+#include <mutex>
 
 #include "jax_mxfp8/ffi_common.h"
 
@@ -124,17 +124,27 @@ inline int DTypeOf(ffi::DataType t) {
   }
 }
 
-// Raise the dynamic shared-memory limit of `kernel` once per device; `done` must be a static
-// owned by that one kernel (a per-instantiation static in the launcher).
+// The dynamic shared-memory limit one kernel has been raised to, per device (a static of that
+// kernel's launcher).
+struct SmemLimit {
+  static constexpr int kDevices = 64;
+  std::mutex mu;
+  int bytes[kDevices] = {};
+};
+
+// Raise `kernel`'s dynamic shared-memory limit on the current device to at least `bytes`. Never
+// lowers it: one kernel is launched with several sizes (marlin.cu: plain and cluster launches),
+// and a lowered limit would make the larger launch fail.
 template <typename Kernel>
-cudaError_t AllowSmem(Kernel kernel, int bytes, std::atomic<uint64_t>& done) {
+cudaError_t AllowSmem(Kernel kernel, int bytes, SmemLimit& limit) {
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
-  const uint64_t bit = 1ull << (device & 63);
-  if (done.load(std::memory_order_relaxed) & bit) return cudaSuccess;
+  std::lock_guard<std::mutex> lock(limit.mu);
+  const bool tracked = device >= 0 && device < SmemLimit::kDevices;
+  if (tracked && limit.bytes[device] >= bytes) return cudaSuccess;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  if (err == cudaSuccess) done.fetch_or(bit, std::memory_order_relaxed);
+  if (err == cudaSuccess && tracked) limit.bytes[device] = bytes;
   return err;
 }
 

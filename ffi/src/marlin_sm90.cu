@@ -24,7 +24,6 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cstdint>
 #include <string>
 
@@ -326,8 +325,8 @@ ffi::Error LaunchWgmma(cudaStream_t stream, const CUtensorMap& map, WgmmaArgs ar
     return ffi::Error::InvalidArgument("marlin wgmma: N=" + std::to_string(args.n) +
                                        " is not a multiple of the block width " + std::to_string(T::kBN));
   auto kernel = MarlinWgmmaKernel<BM, C, STAGES>;
-  static std::atomic<uint64_t> smem_raised{0};  // one per instantiation
-  JAX_MXFP8_CUDA_RETURN_IF_ERROR(AllowSmem(kernel, T::kSmemBytes, smem_raised));
+  static SmemLimit smem_limit;  // one per instantiation
+  JAX_MXFP8_CUDA_RETURN_IF_ERROR(AllowSmem(kernel, T::kSmemBytes, smem_limit));
   args.m_tiles = (args.m + BM - 1) / BM;
   const long long blocks = static_cast<long long>(args.n / T::kBN) * args.m_tiles;
   if (blocks > 0x7FFFFFFF) return ffi::Error::InvalidArgument("marlin wgmma: grid too large");
