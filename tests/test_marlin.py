@@ -108,7 +108,8 @@ def test_flags_select_the_general_dequantization(poke, general):
 def test_plans_use_compiled_tiles(m, n, k):
     assert marlin.choose_plan(m, n, k, jnp.float32, sms=132).kind == "dequant_dot"
     for x_dtype in (jnp.bfloat16, jnp.float16):
-        plan = marlin.choose_plan(m, n, k, x_dtype, sms=132, clusters=True, wgmma=False)
+        plan = marlin.choose_plan(m, n, k, x_dtype, sms=132, clusters=True, wgmma=False,
+                                  device_kind="NVIDIA H100 80GB HBM3")
         if x_dtype == jnp.bfloat16 and m > marlin.MAX_KERNEL_M:
             assert plan.kind == "dequant_dot"
             continue
@@ -120,8 +121,16 @@ def test_plans_use_compiled_tiles(m, n, k):
         assert n % (64 * plan.warps_n) == 0 and 1 <= plan.splits <= k // 64
 
 
-def test_h100_table_entries_are_compiled_and_fit():
-    for (n, k), row in marlin.H100_TABLE.items():
+@pytest.mark.parametrize("kind", ["NVIDIA H100 80GB HBM3", "NVIDIA H200"])
+def test_measured_tables_are_used_and_their_entries_compiled_and_fit(kind):
+    table = marlin.measured_table(132, kind)
+    assert table is (marlin.H200_TABLE if "H200" in kind else marlin.H100_TABLE)
+    assert marlin.measured_table(108, kind) is None
+    for (n, k), row in table.items():
+        for m, bucket in ((1, 16), (17, 32), (64, 64), (100, 128)):
+            plan = marlin.choose_plan(m, n, k, jnp.float16, sms=132, clusters=True, device_kind=kind)
+            assert (plan.m_blocks, plan.warps_n, plan.splits, plan.cluster) == row[bucket]
+    for (n, k), row in table.items():
         assert set(row) == set(marlin.M_BUCKETS)
         for entry in filter(None, row.values()):
             mb, wn, splits, cluster = entry

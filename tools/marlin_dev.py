@@ -253,6 +253,7 @@ def sweep90(args) -> int:
     for n, k in shapes:
         wsets = packed_sets(n, k, nsets)
         vsets = [marlin._unpack_padded(w["qweight"], w["scales"]) for w in wsets]
+        vsets = [(v, s_, reference.dequantize(v, s_, jnp.bfloat16)) for v, s_ in vsets]  # + bf16 W
         floor = n * k * (1 + 1 / 32) / copy * 1e6
         for m in args.ms or [64, 128, 256, 512, 1024, 2048, 4096]:
             xs = [jax.random.normal(jax.random.key(7 + i), (m, k), jnp.bfloat16) for i in range(nsets)]
@@ -274,9 +275,8 @@ def sweep90(args) -> int:
                                                 out_dtype=jnp.bfloat16), sets, repeats, "busy")
             res["dequant_dot"] = time_fn(lambda x, w, v: marlin._dequant_dot(x, w, None, jnp.bfloat16),
                                          sets, repeats, "busy")
-            res["emulation"] = time_fn(lambda x, w, v: reference.linear(x, *v), sets, repeats, "busy")
-            res["bf16"] = time_fn(lambda x, w, v: jnp.dot(x, v[0].astype(jnp.bfloat16).T,
-                                                          preferred_element_type=jnp.bfloat16),
+            res["emulation"] = time_fn(lambda x, w, v: reference.linear(x, v[0], v[1]), sets, repeats, "busy")
+            res["bf16"] = time_fn(lambda x, w, v: jnp.dot(x, v[2].T, preferred_element_type=jnp.bfloat16),
                                   sets, repeats, "busy")
             ours = {key: v for key, v in res.items() if key.startswith("w") and v == v}
             best = min(ours.items(), key=lambda kv: kv[1], default=("-", float("nan")))

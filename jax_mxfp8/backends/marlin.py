@@ -384,6 +384,30 @@ H100_TABLE = {
 }
 
 
+# The same sweep on an H200 (132 SMs, faster memory): other winners at M <= 64 (RESULTS.md,
+# 2026-11-30); the 128 and 256 buckets (fp16 x on the mma.sync kernel) keep the H100's.
+H200_TABLE = {
+    shape: {**row, **small} for (shape, row), small in zip(H100_TABLE.items(), (
+        {16: (1, 1, 4, False), 32: (2, 2, 8, True), 64: (4, 1, 2, True)},     # 4096 x 4096
+        {16: (1, 4, 4, True), 32: (2, 4, 4, True), 64: (4, 2, 2, True)},      # 14336 x 4096
+        {16: (1, 2, 4, False), 32: (2, 1, 2, True), 64: (4, 1, 2, True)},     # 8192 x 8192
+        {16: (1, 4, 2, True), 32: (2, 4, 2, True), 64: (4, 2, 1, False)}))}  # 28672 x 8192
+
+
+def _device_kind() -> str:
+    try:
+        return str(jax.devices()[0].device_kind)
+    except Exception:  # noqa: BLE001 - no devices while tracing for another platform
+        return ""
+
+
+def measured_table(sms: int, device_kind: str) -> dict | None:
+    """The sweep table for this GPU (a 132-SM H100 or H200), None elsewhere."""
+    if sms != H100_SMS:
+        return None
+    return H200_TABLE if "H200" in device_kind else H100_TABLE
+
+
 def _sm_count() -> int:
     try:
         return int(getattr(jax.devices()[0], "core_count", 0)) or H100_SMS
@@ -426,18 +450,20 @@ def _wgmma_plan(m: int, n: int, sms: int) -> Plan:
     """The largest block (x rows x weight rows) that still gives ~one block per SM: larger
     blocks dequantize each weight tile for more rows of x and feed wgmma longer instructions;
     fewer blocks than SMs leave tensor cores idle. Blocks wider than M (rounded to 64) only
-    add zero rows. H200 sweep: within 1.1x of the best configuration on every swept case."""
+    add zero rows. On the H200 sweeps this picks the fastest configuration for every swept
+    shape and M (`python tools/check_wgmma_rule.py <wgmma_sweep.json>`)."""
     fits = [c for c in WGMMA_CONFIGS if n % (64 * c.consumers) == 0 and c.block_m <= max(64, _round_up(m, 64))]
     fits.sort(key=lambda c: (-c.block_m * c.consumers, -c.block_m))
     for c in fits:
-        if (n // (64 * c.consumers)) * -(-m // c.block_m) >= 0.9 * sms:
+        if (n // (64 * c.consumers)) * -(-m // c.block_m) >= 0.8 * sms:
             return Plan("wgmma", block_m=c.block_m, consumers=c.consumers)
     c = fits[-1]  # the smallest block: the most parallel
     return Plan("wgmma", block_m=c.block_m, consumers=c.consumers)
 
 
 def choose_plan(m: int, n: int, k: int, x_dtype, sms: int | None = None,
-                clusters: bool | None = None, wgmma: bool | None = None) -> Plan:
+                clusters: bool | None = None, wgmma: bool | None = None,
+                device_kind: str | None = None) -> Plan:
     """The path for a [m, k] x [n, k]^T problem (n, k already padded to 64), chosen at trace
     time from static shapes.
 
@@ -445,7 +471,7 @@ def choose_plan(m: int, n: int, k: int, x_dtype, sms: int | None = None,
     (the reference runs an fp32 GEMM for fp16, far slower than the kernel's two bf16 mma).
     bf16 x: on an sm_90a GPU (wgmma) above WGMMA_MIN_M rows the wgmma kernel; otherwise the
     mma.sync kernel up to MAX_KERNEL_M rows, dequantize + bf16 cuBLAS above; the tile and K
-    split come from the H100 table for its shapes, else from _rule_plan.
+    split come from the H100 or H200 table for their shapes, else from _rule_plan.
     """
     x_dtype = jnp.dtype(x_dtype)
     sms = sms or _sm_count()
@@ -456,8 +482,9 @@ def choose_plan(m: int, n: int, k: int, x_dtype, sms: int | None = None,
         return Plan("dequant_dot")
     clusters = device_has_clusters() if clusters is None else clusters
     bucket = next((b for b in M_BUCKETS if m <= b), None)
-    if sms == H100_SMS and clusters and bucket and (n, k) in H100_TABLE:
-        entry = H100_TABLE[(n, k)][bucket]
+    table = measured_table(sms, _device_kind() if device_kind is None else device_kind)
+    if table and clusters and bucket and (n, k) in table:
+        entry = table[(n, k)][bucket]
         if entry is None:
             if x_dtype == jnp.bfloat16:
                 return Plan("dequant_dot")
