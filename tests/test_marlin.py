@@ -460,13 +460,22 @@ def test_unprepare_on_device_round_trip():
 @pytest.mark.parametrize("n,k", [(4096, 4096), (14336, 4096), (8192, 8192), (28672, 8192), (192, 320),
                                  (64, 64)])
 def test_wgmma_plans_use_compiled_configs(n, k):
-    for m in (65, 100, 128, 129, 256, 1024, 4096, 16384):
+    for m in (33, 64, 65, 100, 128, 129, 256, 1024, 4096, 16384):
         plan = marlin.choose_plan(m, n, k, jnp.bfloat16, sms=132, wgmma=True)
-        assert plan.kind == "wgmma"
-        assert marlin.WgmmaConfig(plan.block_m, plan.consumers) in marlin.WGMMA_CONFIGS
-        assert n % (64 * plan.consumers) == 0
+        # above 128 rows always; from 33 rows where N / 128 x (M / 64) blocks fill the SMs
+        wide = (n // 128) * -(-m // 64) >= 0.8 * 132
+        assert plan.kind == ("wgmma" if m > 128 or wide else "kernel"), (m, plan)
+        if plan.kind == "wgmma":
+            assert marlin.WgmmaConfig(plan.block_m, plan.consumers) in marlin.WGMMA_CONFIGS
+            assert n % (64 * plan.consumers) == 0
     for m in (1, 16, marlin.WGMMA_MIN_M):  # small M stays on the mma.sync kernel
         assert marlin.choose_plan(m, n, k, jnp.bfloat16, sms=132, wgmma=True).kind == "kernel"
+    # the measured crossovers (H200): 28672 and 14336 columns take wgmma from M = 64, 8192 from
+    # M = 65, 4096 above 128
+    first = {28672: 33, 14336: 33, 8192: 65, 4096: 129}.get(n)
+    if first:
+        assert marlin.choose_plan(first - 1, n, k, jnp.bfloat16, sms=132, wgmma=True).kind == "kernel"
+        assert marlin.choose_plan(first, n, k, jnp.bfloat16, sms=132, wgmma=True).kind == "wgmma"
     for dtype in (jnp.float16, jnp.float32):  # wgmma takes bf16 x only
         assert marlin.choose_plan(512, n, k, dtype, sms=132, wgmma=True).kind != "wgmma"
     assert marlin.choose_plan(512, n, k, jnp.bfloat16, sms=132, wgmma=False).kind != "wgmma"
@@ -600,7 +609,7 @@ def test_linear_takes_the_wgmma_kernel_above_the_threshold():
     codes, scales = random_weight(rng, n, k)
     weight = mx.prepare_weight(jnp.asarray(codes.view(ml_dtypes.float8_e4m3fn)), jnp.asarray(scales),
                                backend="marlin")
-    m = marlin.WGMMA_MIN_M + 1
+    m = 50
     x = rng.standard_normal((3, m, k)).astype(ml_dtypes.bfloat16)  # leading dims fold into M
     assert marlin.choose_plan(3 * m, n, k, jnp.bfloat16).kind == "wgmma"
     text = jax.jit(mx.linear).lower(x, weight).as_text()

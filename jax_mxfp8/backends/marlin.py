@@ -440,10 +440,19 @@ def _rule_plan(m: int, n: int, k: int, sms: int, clusters: bool) -> Plan:
     return Plan("kernel", tile.m_blocks, tile.warps_n, splits, splits == 2 and clusters)
 
 
-# bf16 x on an sm_90a GPU (H100/H200): above WGMMA_MIN_M rows the wgmma kernel replaces both
-# the mma.sync kernel and dequantize + cuBLAS (H200 sweep, RESULTS.md: 1.3-3.7x faster than the
-# emulation path and 0.9-1.19x the speed of bf16 cuBLAS from M = 128 to 4096).
-WGMMA_MIN_M = 64
+# bf16 x on an sm_90a GPU (H100/H200): the wgmma kernel replaces dequantize + cuBLAS at every
+# M and the mma.sync kernel above 128 rows, and from WGMMA_MIN_M rows where N gives most SMs a
+# 128-column block per 64 rows of x. H200 sweeps (RESULTS.md, 2026-11-30): 1.1-2.3x faster than
+# the emulation path from M = 128 up; below 128 rows the mma.sync kernel wins on narrow weights
+# (4096 x 4096 at M <= 128, 8192 x 8192 at M = 64) and loses on wide ones (14336 and 28672
+# columns at M = 64).
+WGMMA_MIN_M = 32
+
+
+def wgmma_wins(m: int, n: int, sms: int) -> bool:
+    if m > 128:
+        return True
+    return m > WGMMA_MIN_M and (n // 128) * -(-m // 64) >= 0.8 * sms
 
 
 def _wgmma_plan(m: int, n: int, sms: int) -> Plan:
@@ -469,13 +478,13 @@ def choose_plan(m: int, n: int, k: int, x_dtype, sms: int | None = None,
 
     fp32 x: dequantize + fp32 dot (the reference math). fp16 x: always the mma.sync kernel
     (the reference runs an fp32 GEMM for fp16, far slower than the kernel's two bf16 mma).
-    bf16 x: on an sm_90a GPU (wgmma) above WGMMA_MIN_M rows the wgmma kernel; otherwise the
-    mma.sync kernel up to MAX_KERNEL_M rows, dequantize + bf16 cuBLAS above; the tile and K
+    bf16 x: on an sm_90a GPU the wgmma kernel where wgmma_wins; otherwise the mma.sync
+    kernel up to MAX_KERNEL_M rows, dequantize + bf16 cuBLAS above; the tile and K
     split come from the H100 or H200 table for their shapes, else from _rule_plan.
     """
     x_dtype = jnp.dtype(x_dtype)
     sms = sms or _sm_count()
-    if x_dtype == jnp.bfloat16 and m > WGMMA_MIN_M:
+    if x_dtype == jnp.bfloat16 and wgmma_wins(m, n, sms):
         if device_has_wgmma() if wgmma is None else wgmma:
             return _wgmma_plan(m, n, sms)
     if x_dtype not in KERNEL_DTYPES or (x_dtype == jnp.bfloat16 and m > MAX_KERNEL_M):
