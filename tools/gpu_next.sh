@@ -76,6 +76,10 @@ case "${1:-check}" in
     TAIL=30 step sweep90 130 python3 -P tools/marlin_dev.py sweep90 --out "$out" \
       --ms ${MS90:-64 128 256 512 1024 2048 4096}
     TAIL=20 step sweep 160 python3 -P tools/marlin_dev.py sweep --out "$out" --ms ${MS:-1 16 32 64} ;;
+  table90)  # the table on this GPU (rows saved as they finish), then prepare/memory extras
+    TAIL=70 step bench ${BENCH_S:-470} python3 -P tools/marlin_dev.py bench --out "$out" \
+      --shapes 28672x8192 8192x8192 14336x4096 4096x4096
+    TAIL=12 step extras 70 python3 -P tools/marlin_dev.py extras ;;
   bench)
     TAIL=80 step bench 540 python3 -P tools/marlin_dev.py bench --out "$out" ;;
 esac
