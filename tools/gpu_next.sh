@@ -80,6 +80,14 @@ case "${1:-check}" in
     TAIL=70 step bench ${BENCH_S:-470} python3 -P tools/marlin_dev.py bench --out "$out" \
       --shapes 28672x8192 8192x8192 14336x4096 4096x4096
     TAIL=12 step extras 70 python3 -P tools/marlin_dev.py extras ;;
+  ncu)  # where the wgmma kernel's time goes: one launch per case, ncu's stall and throughput sections
+    for case in "28672 8192 64 64 2" "28672 8192 1024 256 2"; do
+      set -- $case
+      TAIL=60 step "ncu_$3_$4x$5" 120 ncu --clock-control none --kernel-name regex:MarlinWgmma \
+        --launch-skip 2 --launch-count 1 --section SpeedOfLight --section WarpStateStats \
+        --section SchedulerStats --section MemoryWorkloadAnalysis --section Occupancy \
+        python3 -P tools/ncu_wgmma.py $case
+    done ;;
   bench)
     TAIL=80 step bench 540 python3 -P tools/marlin_dev.py bench --out "$out" ;;
 esac

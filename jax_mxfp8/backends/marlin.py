@@ -183,8 +183,8 @@ def _gemm_abstract(x, qweight, scales, flags, bias, *, m_blocks, warps_n, splits
     return ShapedArray((m, n), out_dtype)
 
 
-def _gemm_reference(x, qweight, scales, flags, bias, *, m_blocks, warps_n, splits, cluster,
-                    out_dtype, has_bias):
+def _gemm_reference(x, qweight, scales, flags, bias, *, out_dtype, has_bias, **config):
+    """The jnp lowering of both GEMM primitives (config: their kernel parameters, unused)."""
     values, s = _unpack_padded(qweight, scales)
     return reference.linear(x, values, s, bias if has_bias else None, out_dtype=out_dtype)
 
@@ -262,17 +262,12 @@ def _wgmma_abstract(x, qweight, scales, flags, bias, *, block_m, consumers, out_
     return ShapedArray((m, n), out_dtype)
 
 
-def _wgmma_reference(x, qweight, scales, flags, bias, *, block_m, consumers, out_dtype, has_bias):
-    values, s = _unpack_padded(qweight, scales)
-    return reference.linear(x, values, s, bias if has_bias else None, out_dtype=out_dtype)
-
-
 marlin_wgmma_p = base.define_primitive(
-    "mxfp8_marlin_wgmma_gemm", abstract_eval=_wgmma_abstract, reference=_wgmma_reference,
+    "mxfp8_marlin_wgmma_gemm", abstract_eval=_wgmma_abstract, reference=_gemm_reference,
     batcher=lambda args, dims, **params: _batch_gemm(marlin_wgmma_p)(args, dims, **params),
     multiple_results=False,
     lowerings={"cuda": base.cuda_ffi_lowering(
-        WGMMA_TARGET, _wgmma_reference, False,
+        WGMMA_TARGET, _gemm_reference, False,
         attrs=lambda block_m, consumers, out_dtype, has_bias: {
             "block_m": np.int32(block_m), "consumers": np.int32(consumers)})})
 
@@ -364,9 +359,10 @@ class Plan:
     consumers: int = 0     # wgmma: consumer warpgroups (64 weight rows each) per block
 
 
-# Largest bf16 M that runs the fused kernel; above it "dequantize + cuBLAS bf16 (wgmma)" wins
-# on every measured shape (H100 sweeps in RESULTS.md: at M = 1024 the best tile is 1.5-2.2x
-# slower than dequant_dot; at M = 256 the kernel wins by 1.02-1.34x).
+# Largest bf16 M that runs the mma.sync kernel where the wgmma kernel cannot (GPUs other than
+# sm_90a); above it "dequantize + cuBLAS bf16" wins on every measured shape (H100 sweeps in
+# RESULTS.md: at M = 1024 the best tile is 1.5-2.2x slower than dequant_dot; at M = 256 the
+# kernel wins by 1.02-1.34x).
 MAX_KERNEL_M = 256
 M_BUCKETS = (16, 32, 64, 128, 256)
 
@@ -453,6 +449,7 @@ WGMMA_MIN_M = 32
 
 
 def wgmma_wins(m: int, n: int, sms: int) -> bool:
+    """Whether the wgmma kernel beats the mma.sync kernel for bf16 x (rule from the sweeps)."""
     if m > 128:
         return True
     return m > WGMMA_MIN_M and (n // 128) * -(-m // 64) >= 0.8 * sms
@@ -464,7 +461,8 @@ def _wgmma_plan(m: int, n: int, sms: int) -> Plan:
     fewer blocks than SMs leave tensor cores idle. Blocks wider than M (rounded to 64) only
     add zero rows. On the H200 sweeps this picks the fastest configuration for every swept
     shape and M (`python tools/check_wgmma_rule.py <wgmma_sweep.json>`)."""
-    fits = [c for c in WGMMA_CONFIGS if n % (64 * c.consumers) == 0 and c.block_m <= max(64, _round_up(m, 64))]
+    fits = [c for c in WGMMA_CONFIGS
+            if n % (64 * c.consumers) == 0 and c.block_m <= max(64, _round_up(m, 64))]
     fits.sort(key=lambda c: (-c.block_m * c.consumers, -c.block_m))
     for c in fits:
         if (n // (64 * c.consumers)) * -(-m // c.block_m) >= 0.8 * sms:
