@@ -373,11 +373,10 @@ def test_dequantize_kernel_column_slices_are_exact():
         np.testing.assert_array_equal(got.view(np.uint16)[~nan], want.view(np.uint16)[~nan])
 
 
-@needs_kernels
-@pytest.mark.parametrize("scale_bytes,general", [(SCALE_BYTES, 1), (SCALE_BYTES[:5], 0)])
-@pytest.mark.parametrize("tile", [(1, 1), (4, 4)])
-def test_exhaustive_through_the_gemm(scale_bytes, general, tile):
-    """x = identity picks every weight element alone: y[m, n] = dequantize(W)[n, m] exactly."""
+def check_exhaustive_through(run, scale_bytes, general, kernel):
+    """x = identity picks every weight element alone: run(x, arrays)[m, n] must equal
+    dequantize(W)[n, m] bit for bit, for all 256 codes x the scale bytes (bf16-subnormal
+    weights included); one NaN weight column on the general path."""
     codes, scales = exhaustive_weight(scale_bytes)
     want_w = R.dequantize(codes, scales, np.float64)
     # Non-finite weights would turn whole output columns into NaN (0 * Inf): checked below.
@@ -386,8 +385,7 @@ def test_exhaustive_through_the_gemm(scale_bytes, general, tile):
         codes[:, 255] = np.where(np.arange(256) == 5, 0x7F, codes[:, 255])  # one NaN column
     arrays, _ = prepare(codes, scales)
     assert int(arrays["flags"][0]) == general
-    x = np.eye(256, dtype=ml_dtypes.bfloat16)
-    y = run_gemm(x, arrays, None, tile=tile, splits=1, out_dtype=jnp.bfloat16)
+    y = run(np.eye(256, dtype=ml_dtypes.bfloat16), arrays)
     want = R.dequantize(codes, scales, ml_dtypes.bfloat16).astype(np.float32).T
     nan_cols = np.isnan(want).any(axis=0)
     assert np.all(np.isnan(y[:, nan_cols])) and nan_cols.sum() == general
@@ -395,7 +393,16 @@ def test_exhaustive_through_the_gemm(scale_bytes, general, tile):
     normal = np.abs(want) >= 2.0**-126
     np.testing.assert_array_equal(got[normal], want[normal])
     np.testing.assert_array_equal(got[~normal], want[~normal],
-                                  err_msg="bf16-subnormal weights are not exact through the mma")
+                                  err_msg=f"bf16-subnormal weights are not exact through {kernel}")
+
+
+@needs_kernels
+@pytest.mark.parametrize("scale_bytes,general", [(SCALE_BYTES, 1), (SCALE_BYTES[:5], 0)])
+@pytest.mark.parametrize("tile", [(1, 1), (4, 4)])
+def test_exhaustive_through_the_gemm(scale_bytes, general, tile):
+    check_exhaustive_through(
+        lambda x, arrays: run_gemm(x, arrays, None, tile=tile, splits=1, out_dtype=jnp.bfloat16),
+        scale_bytes, general, "mma.sync")
 
 
 @needs_kernels
@@ -567,25 +574,9 @@ def test_wgmma_shapes_and_output_dtypes(n, k, config, out_dtype, bias_dtype):
 @pytest.mark.parametrize("scale_bytes,general", [(SCALE_BYTES, 1), (SCALE_BYTES[:5], 0)])
 @pytest.mark.parametrize("config", [(64, 1), (256, 2)])
 def test_wgmma_exhaustive_through_the_gemm(scale_bytes, general, config):
-    """x = identity: y[m, n] = dequantize(W)[n, m] exactly, for all 256 codes x scale bytes
-    (bf16-subnormal results included; one NaN weight column on the general path)."""
-    codes, scales = exhaustive_weight(scale_bytes)
-    want_w = R.dequantize(codes, scales, np.float64)
-    codes = np.where(np.isfinite(want_w) & (np.abs(want_w) < 2.0**128), codes, 0).astype(np.uint8)
-    if general:
-        codes[:, 255] = np.where(np.arange(256) == 5, 0x7F, codes[:, 255])  # one NaN column
-    arrays, _ = prepare(codes, scales)
-    assert int(arrays["flags"][0]) == general
-    x = np.eye(256, dtype=ml_dtypes.bfloat16)
-    y = run_wgmma(x, arrays, None, config=config, out_dtype=jnp.float32)
-    want = R.dequantize(codes, scales, ml_dtypes.bfloat16).astype(np.float32).T
-    nan_cols = np.isnan(want).any(axis=0)
-    assert np.all(np.isnan(y[:, nan_cols])) and nan_cols.sum() == general
-    got, want = y[:, ~nan_cols], want[:, ~nan_cols]
-    normal = np.abs(want) >= 2.0**-126
-    np.testing.assert_array_equal(got[normal], want[normal])
-    np.testing.assert_array_equal(got[~normal], want[~normal],
-                                  err_msg="bf16-subnormal weights are not exact through wgmma")
+    check_exhaustive_through(
+        lambda x, arrays: run_wgmma(x, arrays, None, config=config, out_dtype=jnp.float32),
+        scale_bytes, general, "wgmma")
 
 
 @needs_wgmma

@@ -494,31 +494,14 @@ ffi::Error MarlinGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi
                           ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> y,
                           ffi::Result<ffi::Buffer<ffi::U8>> workspace, int32_t m_blocks,
                           int32_t warps_n, int32_t splits, int32_t cluster) {
-  const auto xd = x.dimensions();
-  const auto wd = qweight.dimensions();
-  const auto sd = scales.dimensions();
-  const auto yd = y->dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || sd.size() != 2 || yd.size() != 2)
-    return ffi::Error::InvalidArgument("marlin: x, qweight, scales and y must be 2-D");
-  const int64_t m = xd[0], k = xd[1], n = yd[1];
-  if (yd[0] != m) return ffi::Error::InvalidArgument("marlin: y rows != x rows");
-  if (k % kStageK != 0 || n % 64 != 0)
-    return ffi::Error::InvalidArgument("marlin: K must be a multiple of 64 and N of 64 (got K=" +
-                                       std::to_string(k) + ", N=" + std::to_string(n) + ")");
-  if (wd[0] != k / 16 || wd[1] != 16 * n || sd[0] != k / 32 || sd[1] != n)
-    return ffi::Error::InvalidArgument("marlin: packed weight shapes do not match x and y");
-  if (flags.element_count() < 1) return ffi::Error::InvalidArgument("marlin: flags is empty");
-  const int x_type = DTypeOf(x.element_type());
-  const int out_type = DTypeOf(y->element_type());
-  if (x_type != kBF16 && x_type != kF16)
+  PackedGemm g;
+  JAX_MXFP8_RETURN_IF_ERROR(CheckPackedGemm("marlin", x, qweight, scales, flags, bias, *y, g));
+  if (g.x_type != kBF16 && g.x_type != kF16)
     return ffi::Error::InvalidArgument("marlin: x must be bfloat16 or float16");
-  if (out_type < 0) return ffi::Error::InvalidArgument("marlin: y must be bf16, fp16 or fp32");
-  const bool has_bias = bias.element_count() > 0;
-  if (has_bias && (bias.element_count() != static_cast<size_t>(n) || DTypeOf(bias.element_type()) < 0))
-    return ffi::Error::InvalidArgument("marlin: bias must be [N] bf16, fp16 or fp32");
+  const int64_t m = g.m, k = g.k, n = g.n;
+  const bool has_bias = g.bias_type != kNone;
   if (m == 0) return ffi::Error::Success();
-  if (m_blocks < 1 || splits < 1 || m > 0x7FFFFFFF || n > 0x7FFFFFFF || k > 0x7FFFFFFF)
-    return ffi::Error::InvalidArgument("marlin: bad launch parameters");
+  if (m_blocks < 1 || splits < 1) return ffi::Error::InvalidArgument("marlin: bad launch parameters");
 
   GemmArgs args{};
   args.x = x.untyped_data();
@@ -536,8 +519,8 @@ ffi::Error MarlinGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi
   args.splits = (kt_total + args.kt_per_split - 1) / args.kt_per_split;  // no empty splits
   const int rows = 16 * m_blocks;
   args.m_chunks = static_cast<int>((m + rows - 1) / rows);
-  args.bias_type = has_bias ? DTypeOf(bias.element_type()) : kNone;
-  args.out_type = out_type;
+  args.bias_type = g.bias_type;
+  args.out_type = g.out_type;
   if (cluster && args.splits > 1) {
     int device = 0, major = 0;
     JAX_MXFP8_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
@@ -562,7 +545,7 @@ ffi::Error MarlinGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi
     args.partial = reinterpret_cast<float*>(ws + counter_bytes);
     JAX_MXFP8_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(ws, 0, counter_bytes, stream));
   }
-  if (x_type == kBF16) return DispatchTile<__nv_bfloat16>(stream, args, m_blocks, warps_n);
+  if (g.x_type == kBF16) return DispatchTile<__nv_bfloat16>(stream, args, m_blocks, warps_n);
   return DispatchTile<__half>(stream, args, m_blocks, warps_n);
 }
 

@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <mutex>
+#include <string>
 
 #include "jax_mxfp8/ffi_common.h"
 
@@ -122,6 +123,49 @@ inline int DTypeOf(ffi::DataType t) {
     case ffi::DataType::F32: return kF32;
     default: return -1;
   }
+}
+
+// The problem both GEMM handlers take: x [M, K], the packed qweight [K/16, 16N] and scales
+// [K/32, N], flags [>= 1], bias [N] or empty, y [M, N] in bf16, fp16 or fp32.
+struct PackedGemm {
+  int64_t m = 0, k = 0, n = 0;
+  int x_type = -1, out_type = -1, bias_type = kNone;
+};
+
+// Fills `g`, or returns the first thing that does not fit (messages start with `what`). The
+// x dtype is left to the caller (the kernels take different ones).
+inline ffi::Error CheckPackedGemm(const std::string& what, const ffi::AnyBuffer& x,
+                                  const ffi::Buffer<ffi::U8>& qweight,
+                                  const ffi::Buffer<ffi::U8>& scales,
+                                  const ffi::Buffer<ffi::S32>& flags, const ffi::AnyBuffer& bias,
+                                  const ffi::AnyBuffer& y, PackedGemm& g) {
+  const auto xd = x.dimensions();
+  const auto wd = qweight.dimensions();
+  const auto sd = scales.dimensions();
+  const auto yd = y.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || sd.size() != 2 || yd.size() != 2)
+    return ffi::Error::InvalidArgument(what + ": x, qweight, scales and y must be 2-D");
+  g.m = xd[0];
+  g.k = xd[1];
+  g.n = yd[1];
+  if (yd[0] != g.m) return ffi::Error::InvalidArgument(what + ": y rows != x rows");
+  if (g.k % 64 != 0 || g.n % 64 != 0 || g.k == 0)
+    return ffi::Error::InvalidArgument(what + ": K and N must be positive multiples of 64 (got K=" +
+                                       std::to_string(g.k) + ", N=" + std::to_string(g.n) + ")");
+  if (wd[0] != g.k / 16 || wd[1] != 16 * g.n || sd[0] != g.k / 32 || sd[1] != g.n)
+    return ffi::Error::InvalidArgument(what + ": packed weight shapes do not match x and y");
+  if (g.m > 0x7FFFFFFF || g.n > 0x7FFFFFFF || g.k > 0x7FFFFFFF)
+    return ffi::Error::InvalidArgument(what + ": dimensions exceed 2^31 - 1");
+  if (flags.element_count() < 1) return ffi::Error::InvalidArgument(what + ": flags is empty");
+  g.x_type = DTypeOf(x.element_type());
+  g.out_type = DTypeOf(y.element_type());
+  if (g.out_type < 0) return ffi::Error::InvalidArgument(what + ": y must be bf16, fp16 or fp32");
+  if (bias.element_count() > 0) {
+    g.bias_type = DTypeOf(bias.element_type());
+    if (bias.element_count() != static_cast<size_t>(g.n) || g.bias_type < 0)
+      return ffi::Error::InvalidArgument(what + ": bias must be [N] bf16, fp16 or fp32");
+  }
+  return ffi::Error::Success();
 }
 
 // The dynamic shared-memory limit one kernel has been raised to, per device (a static of that

@@ -407,30 +407,12 @@ ffi::Error MarlinWgmmaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ff
                            ffi::Buffer<ffi::U8> scales, ffi::Buffer<ffi::S32> flags,
                            ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> y, int32_t block_m,
                            int32_t consumers) {
-  const auto xd = x.dimensions();
-  const auto wd = qweight.dimensions();
-  const auto sd = scales.dimensions();
-  const auto yd = y->dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || sd.size() != 2 || yd.size() != 2)
-    return ffi::Error::InvalidArgument("marlin wgmma: x, qweight, scales and y must be 2-D");
-  const int64_t m = xd[0], k = xd[1], n = yd[1];
-  if (yd[0] != m) return ffi::Error::InvalidArgument("marlin wgmma: y rows != x rows");
-  if (k % kBK != 0 || n % 64 != 0 || k == 0)
-    return ffi::Error::InvalidArgument("marlin wgmma: K and N must be positive multiples of 64 (got K=" +
-                                       std::to_string(k) + ", N=" + std::to_string(n) + ")");
-  if (wd[0] != k / 16 || wd[1] != 16 * n || sd[0] != k / 32 || sd[1] != n)
-    return ffi::Error::InvalidArgument("marlin wgmma: packed weight shapes do not match x and y");
-  if (flags.element_count() < 1) return ffi::Error::InvalidArgument("marlin wgmma: flags is empty");
-  if (x.element_type() != ffi::DataType::BF16)
+  PackedGemm g;
+  JAX_MXFP8_RETURN_IF_ERROR(CheckPackedGemm("marlin wgmma", x, qweight, scales, flags, bias, *y, g));
+  if (g.x_type != kBF16)
     return ffi::Error::InvalidArgument("marlin wgmma: x must be bfloat16 (fp16 x uses the mma.sync kernel)");
-  const int out_type = DTypeOf(y->element_type());
-  if (out_type < 0) return ffi::Error::InvalidArgument("marlin wgmma: y must be bf16, fp16 or fp32");
-  const bool has_bias = bias.element_count() > 0;
-  if (has_bias && (bias.element_count() != static_cast<size_t>(n) || DTypeOf(bias.element_type()) < 0))
-    return ffi::Error::InvalidArgument("marlin wgmma: bias must be [N] bf16, fp16 or fp32");
+  const int64_t m = g.m, k = g.k, n = g.n;
   if (m == 0) return ffi::Error::Success();
-  if (m > 0x7FFFFFFF || n > 0x7FFFFFFF || k > 0x7FFFFFFF)
-    return ffi::Error::InvalidArgument("marlin wgmma: dimensions exceed 2^31 - 1");
   int device = 0, major = 0, minor = 0;
   JAX_MXFP8_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
   JAX_MXFP8_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
@@ -445,13 +427,13 @@ ffi::Error MarlinWgmmaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ff
   args.w = qweight.typed_data();
   args.s = scales.typed_data();
   args.flags = flags.typed_data();
-  args.bias = has_bias ? bias.untyped_data() : nullptr;
+  args.bias = g.bias_type != kNone ? bias.untyped_data() : nullptr;
   args.y = y->untyped_data();
   args.m = static_cast<int>(m);
   args.n = static_cast<int>(n);
   args.k = static_cast<int>(k);
-  args.bias_type = has_bias ? DTypeOf(bias.element_type()) : kNone;
-  args.out_type = out_type;
+  args.bias_type = g.bias_type;
+  args.out_type = g.out_type;
   CUtensorMap map;
   JAX_MXFP8_RETURN_IF_ERROR(EncodeX(&map, x.untyped_data(), m, k, block_m));
   return DispatchWgmma(stream, map, args, block_m, consumers);

@@ -160,23 +160,30 @@ def workspace_bytes(m: int, n: int, k: int, m_blocks: int, warps_n: int, splits:
     return counters + s * m_chunks * rows * n * 4
 
 
+def _check_packed(what, x, qweight, scales, flags, bias, has_bias, n_multiple):
+    """(m, k, n) of a GEMM on a packed weight, or an error naming what does not fit."""
+    if qweight.dtype != jnp.uint8 or scales.dtype != jnp.uint8 or flags.dtype != jnp.int32:
+        raise TypeError(f"{what}: qweight/scales must be uint8 and flags int32 (use prepare_weight)")
+    m, k = x.shape
+    n = scales.shape[1]
+    if (k % TILE or k == 0 or n % n_multiple or qweight.shape != (k // 16, 16 * n)
+            or scales.shape != (k // 32, n)):
+        raise ValueError(f"{what}: x {x.shape}, qweight {qweight.shape}, scales {scales.shape} do "
+                         f"not form a packed problem with K % 64 == 0 and N % {n_multiple} == 0")
+    if has_bias and bias.shape != (n,):
+        raise ValueError(f"{what}: bias shape {bias.shape} != ({n},)")
+    return m, k, n
+
+
 def _gemm_abstract(x, qweight, scales, flags, bias, *, m_blocks, warps_n, splits, cluster,
                    out_dtype, has_bias):
     base.check_dtype("marlin gemm x", x.dtype, KERNEL_DTYPES,
                      "The Marlin kernel takes bf16 or fp16 activations; linear() routes fp32 to "
                      "the dequantize path.")
-    if qweight.dtype != jnp.uint8 or scales.dtype != jnp.uint8 or flags.dtype != jnp.int32:
-        raise TypeError("marlin gemm: qweight/scales must be uint8 and flags int32 (use prepare_weight)")
-    m, k = x.shape
-    n = scales.shape[1]
-    if k % TILE or n % (64 * warps_n) or qweight.shape != (k // 16, 16 * n) or scales.shape != (k // 32, n):
-        raise ValueError(f"marlin gemm: x {x.shape}, qweight {qweight.shape}, scales {scales.shape} "
-                         f"do not form a packed problem with K % 64 == 0 and N % {64 * warps_n} == 0")
+    m, k, n = _check_packed("marlin gemm", x, qweight, scales, flags, bias, has_bias, 64 * warps_n)
     if Tile(m_blocks, warps_n) not in TILE_CONFIGS:
         raise ValueError(f"marlin gemm: {Tile(m_blocks, warps_n)} is not compiled; use one of "
                          f"{TILE_CONFIGS}")
-    if has_bias and bias.shape != (n,):
-        raise ValueError(f"marlin gemm: bias shape {bias.shape} != ({n},)")
     if cluster and effective_splits(k, splits) > MAX_CLUSTER_SPLITS:
         raise ValueError(f"marlin gemm: cluster=True takes at most {MAX_CLUSTER_SPLITS} K splits "
                          f"(got {effective_splits(k, splits)}); use cluster=False")
@@ -246,19 +253,10 @@ WGMMA_CONFIGS = (WgmmaConfig(64, 1), WgmmaConfig(128, 1), WgmmaConfig(64, 2), Wg
 def _wgmma_abstract(x, qweight, scales, flags, bias, *, block_m, consumers, out_dtype, has_bias):
     base.check_dtype("marlin wgmma x", x.dtype, (jnp.bfloat16,),
                      "The wgmma kernel takes bf16 activations; fp16 uses the mma.sync kernel.")
-    if qweight.dtype != jnp.uint8 or scales.dtype != jnp.uint8 or flags.dtype != jnp.int32:
-        raise TypeError("marlin wgmma: qweight/scales must be uint8 and flags int32 (use prepare_weight)")
-    m, k = x.shape
-    n = scales.shape[1]
-    if (k % TILE or k == 0 or n % (64 * consumers) or qweight.shape != (k // 16, 16 * n)
-            or scales.shape != (k // 32, n)):
-        raise ValueError(f"marlin wgmma: x {x.shape}, qweight {qweight.shape}, scales {scales.shape} "
-                         f"do not form a packed problem with K % 64 == 0 and N % {64 * consumers} == 0")
+    m, _, n = _check_packed("marlin wgmma", x, qweight, scales, flags, bias, has_bias, 64 * consumers)
     if WgmmaConfig(block_m, consumers) not in WGMMA_CONFIGS:
         raise ValueError(f"marlin wgmma: {WgmmaConfig(block_m, consumers)} is not compiled; use one "
                          f"of {WGMMA_CONFIGS}")
-    if has_bias and bias.shape != (n,):
-        raise ValueError(f"marlin wgmma: bias shape {bias.shape} != ({n},)")
     return ShapedArray((m, n), out_dtype)
 
 
