@@ -4,6 +4,8 @@
 # `bash tools/gpu_next.sh tune`: build, Marlin tests, sweep and large-M slice timings.
 # `bash tools/gpu_next.sh bench`: build, the issue's table (both timing methods) + plot.
 # `bash tools/gpu_next.sh wgmma`: build, the sm_90a kernel's tests, sanitizers and sweep.
+# `tune90`: Marlin tests, wgmma sanitizers, both sweeps; `table90`: the issue's table + memory
+# extras; `ncu`: ncu sections of one wgmma launch at M = 64 and M = 1024.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-$PWD/gpu_out}"; mkdir -p "$out"
