@@ -5,7 +5,8 @@
 # `bash tools/gpu_next.sh bench`: build, the issue's table (both timing methods) + plot.
 # `bash tools/gpu_next.sh wgmma`: build, the sm_90a kernel's tests, sanitizers and sweep.
 # `tune90`: Marlin tests, wgmma sanitizers, both sweeps; `table90`: the issue's table + memory
-# extras; `ncu`: ncu sections of one wgmma launch at M = 64 and M = 1024.
+# extras; `ncu`: ncu sections of one wgmma launch at M = 64 and M = 1024. `split90`: the wgmma
+# tests, memcheck, and the sweep of configs x K splits at small M.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-$PWD/gpu_out}"; mkdir -p "$out"
@@ -89,6 +90,16 @@ case "${1:-check}" in
         --launch-skip 2 --launch-count 1 --section SpeedOfLight --section WarpStateStats \
         --section SchedulerStats --section MemoryWorkloadAnalysis --section Occupancy \
         python3 -P tools/ncu_wgmma.py $case
+    done ;;
+  split90)  # wgmma tests + memcheck, then configs x K splits (cluster) at small M, bf16 + mma.sync peers
+    TAIL=8 step tests_wgmma 150 python3 -P -m pytest -q -x -p no:cacheprovider tests/test_marlin.py -k wgmma
+    TAIL=4 step memcheck 60 compute-sanitizer --tool memcheck --kernel-name kns=Wgmma \
+      python3 -P tools/marlin_dev.py sanitize --ms 3 200 --wgmma --wgmma-only
+    for case in ${SPLIT_CASES:-28672x8192:16,64,128 8192x8192:16,64,128 14336x4096:64,128 4096x4096:64,128}; do
+      shape=${case%%:*} ms=${case#*:}
+      TAIL=10 step "sweep90_$shape" ${SPLIT_S:-100} python3 -P tools/marlin_dev.py sweep90 \
+        --out "$out/$shape" --shapes "$shape" --ms ${ms//,/ } --few-peers \
+        --wgmma-splits ${SPLITS:-1 2 3 4 6 8}
     done ;;
   bench)
     TAIL=80 step bench 540 python3 -P tools/marlin_dev.py bench --out "$out" ;;

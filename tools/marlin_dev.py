@@ -121,10 +121,12 @@ def sanitize(args) -> int:
         for m in args.ms or (3, 33):
             x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
             for cfg in marlin.WGMMA_CONFIGS:
-                marlin.gemm_sm90(x, arrays["qweight"], arrays["scales"], arrays["flags"], bias,
-                                 block_m=cfg.block_m, consumers=cfg.consumers,
-                                 out_dtype=jnp.bfloat16).block_until_ready()
-                count += 1
+                for splits in (1, 3):  # 3: K splits reduced in a cluster
+                    marlin.gemm_sm90(x, arrays["qweight"], arrays["scales"], arrays["flags"], bias,
+                                     block_m=cfg.block_m, consumers=cfg.consumers,
+                                     blocks_per_sm=cfg.blocks_per_sm, splits=splits,
+                                     out_dtype=jnp.bfloat16).block_until_ready()
+                    count += 1
     marlin.dequantize_packed(arrays["qweight"], arrays["scales"]).block_until_ready()
     marlin.dequantize_packed(arrays["qweight"], arrays["scales"], 64, 128).block_until_ready()
     log("sanitize: ran", count + 2, "kernels")
@@ -185,8 +187,13 @@ def plan_name(plan):
     if plan.kind == "dequant_dot":
         return "dequant_dot"
     if plan.kind == "wgmma":
-        return f"w{plan.block_m}x{plan.consumers}"
+        return wgmma_name(marlin.wgmma_config(plan.block_m, plan.consumers, plan.blocks_per_sm),
+                          plan.splits)
     return _name(marlin.Tile(plan.m_blocks, plan.warps_n), plan.splits, plan.cluster)
+
+
+def wgmma_name(cfg, splits=1):
+    return cfg.name + (f"s{splits}" if splits > 1 else "")
 
 
 def sweep(args) -> int:
@@ -259,13 +266,16 @@ def sweep90(args) -> int:
             xs = [jax.random.normal(jax.random.key(7 + i), (m, k), jnp.bfloat16) for i in range(nsets)]
             sets = [(x, w, v) for x, w, v in zip(xs, wsets, vsets)]
             res = {}
-            for cfg in marlin.WGMMA_CONFIGS:
-                if n % (64 * cfg.consumers):
+            for cfg in marlin.WGMMA_CONFIGS:  # blocks wider than M only add zero rows
+                if n % (64 * cfg.consumers) or cfg.block_m > max(64, -(-m // 64) * 64):
                     continue
-                res[f"w{cfg.block_m}x{cfg.consumers}"] = time_fn(
-                    lambda x, w, v, cfg=cfg: marlin.gemm_sm90(
-                        x, w["qweight"], w["scales"], w["flags"], block_m=cfg.block_m,
-                        consumers=cfg.consumers, out_dtype=jnp.bfloat16), sets, repeats, "busy")
+                for splits in args.wgmma_splits:
+                    if splits <= k // 64:
+                        res[wgmma_name(cfg, splits)] = time_fn(
+                            lambda x, w, v, cfg=cfg, splits=splits: marlin.gemm_sm90(
+                                x, w["qweight"], w["scales"], w["flags"], block_m=cfg.block_m,
+                                consumers=cfg.consumers, blocks_per_sm=cfg.blocks_per_sm,
+                                splits=splits, out_dtype=jnp.bfloat16), sets, repeats, "busy")
             old = marlin.choose_plan(m, n, k, jnp.bfloat16, wgmma=False)
             if old.kind == "kernel":
                 res["mma:" + plan_name(old)] = time_fn(
@@ -273,9 +283,11 @@ def sweep90(args) -> int:
                                                 m_blocks=old.m_blocks, warps_n=old.warps_n,
                                                 splits=old.splits, cluster=old.cluster,
                                                 out_dtype=jnp.bfloat16), sets, repeats, "busy")
-            res["dequant_dot"] = time_fn(lambda x, w, v: marlin._dequant_dot(x, w, None, jnp.bfloat16),
-                                         sets, repeats, "busy")
-            res["emulation"] = time_fn(lambda x, w, v: reference.linear(x, v[0], v[1]), sets, repeats, "busy")
+            if not args.few_peers:
+                res["dequant_dot"] = time_fn(lambda x, w, v: marlin._dequant_dot(x, w, None, jnp.bfloat16),
+                                             sets, repeats, "busy")
+                res["emulation"] = time_fn(lambda x, w, v: reference.linear(x, v[0], v[1]), sets,
+                                           repeats, "busy")
             res["bf16"] = time_fn(lambda x, w, v: jnp.dot(x, v[2].T, preferred_element_type=jnp.bfloat16),
                                   sets, repeats, "busy")
             ours = {key: v for key, v in res.items() if key.startswith("w") and v == v}
@@ -520,6 +532,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-scaled-matmul", action="store_true")
     ap.add_argument("--wgmma", action="store_true", help="sanitize: the wgmma kernel's configs too")
     ap.add_argument("--wgmma-only", action="store_true", help="sanitize: only the wgmma kernel")
+    ap.add_argument("--wgmma-splits", type=int, nargs="*", default=[1],
+                    help="sweep90: K splits to time for every wgmma configuration")
+    ap.add_argument("--few-peers", action="store_true", help="sweep90: only bf16 and mma.sync")
     args = ap.parse_args(argv)
     # as the harness does: no command buffers (their host re-record cost grows with R)
     if ("xla_gpu_enable_command_buffer" not in os.environ.get("XLA_FLAGS", "")

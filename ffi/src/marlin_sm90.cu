@@ -42,10 +42,11 @@ namespace {
 using namespace marlin;  // NOLINT: the shared dequantization and epilogue helpers
 
 constexpr int kBK = 64;  // K per stage: one 128-byte swizzled row of x per token
-constexpr int kProducerRegs = 40;
+constexpr int kMaxSplits = 8;  // K splits form a thread-block cluster: the portable size
 
-template <int BM, int C, int STAGES>
+template <int BM, int C, int STAGES, int BLOCKS>
 struct WgTile {
+  static constexpr int kBM = BM, kC = C, kStages = STAGES;
   static constexpr int kThreads = 128 * (C + 1);
   static constexpr int kBN = 64 * C;             // weight rows (output columns) per block
   static constexpr int kXBytes = BM * kBK * 2;   // bf16 x tile
@@ -59,13 +60,17 @@ struct WgTile {
   static constexpr int kOutStride = kBN + 4;     // floats; the pad makes the transposing stores conflict-free
   static constexpr int kOutBytes = BM * kOutStride * 4;
   static constexpr int kSmemBytes = kBarOff + 2 * STAGES * 8 + 1024;  // + slack to align to 1024
-  // One consumer: two blocks per SM (each 256 threads x <= 128 registers at launch).
-  static constexpr int kMinBlocks = C == 1 ? 2 : 1;
-  static constexpr int kConsumerRegs = C == 1 ? 208 : 232;
+  // BLOCKS blocks per SM. setmaxnreg moves registers inside the block: the producer's and
+  // consumers' budgets together stay within what the block got at launch (kThreads x the
+  // per-thread count __launch_bounds__ allows, a multiple of 8).
+  static constexpr int kLaunchRegs = (65536 / (BLOCKS * kThreads)) / 8 * 8;
+  static constexpr int kProducerRegs = BLOCKS == 1 || C == 1 ? 40 : 32;
+  static constexpr int kConsumerRegs = C == 1 ? 208 : BLOCKS == 1 ? 232 : 104;
   static_assert(kOutBytes <= kBarOff, "the epilogue tile reuses the pipeline buffers");
   static_assert(kXBytes % 1024 == 0 && kBarOff % 8 == 0, "alignment");
   static_assert(BM % 64 == 0 && BM <= 256, "wgmma N and the TMA box");
-  static_assert(128 * kProducerRegs + 128 * C * kConsumerRegs <= 65536 / kMinBlocks, "registers");
+  static_assert(128 * kProducerRegs + 128 * C * kConsumerRegs <= kLaunchRegs * kThreads, "registers");
+  static_assert(BLOCKS * (kSmemBytes + 1024) <= 233472, "shared memory per SM (228 KiB, 1 KiB reserved per block)");
 };
 
 struct WgmmaArgs {
@@ -77,6 +82,7 @@ struct WgmmaArgs {
   int m, n, k;
   int bias_type, out_type;
   int m_tiles;
+  int splits;  // K splits of each output tile (one cluster; 1: no split)
 };
 
 #if JAX_MXFP8_WGMMA
@@ -163,22 +169,47 @@ __device__ __forceinline__ void ConsumerBarrier(int threads) {
   asm volatile("bar.sync 1, %0;\n" ::"r"(threads) : "memory");
 }
 
-template <int BM, int C, int STAGES>
+// Every thread of every block of the cluster (the unaligned form: a warp need not be
+// converged); release/acquire makes the shared-memory writes before it visible to peers.
+__device__ __forceinline__ void ClusterSync() {
+  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
+}
+
+// Sum of the float4 at shared address `addr` in the blocks of ranks 0 .. splits - 1, in rank
+// order (the same order every run: deterministic).
+__device__ __forceinline__ float4 ClusterSum(uint32_t addr, int splits) {
+  float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int r = 0; r < splits; ++r) {
+    uint32_t peer;
+    float4 u;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(peer) : "r"(addr), "r"(r));
+    asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=f"(u.x), "=f"(u.y), "=f"(u.z), "=f"(u.w)
+                 : "r"(peer)
+                 : "memory");
+    v.x += u.x; v.y += u.y; v.z += u.z; v.w += u.w;
+  }
+  return v;
+}
+
+// Stages kt_begin .. kt_begin + num_kt - 1 of this block's K range; ring slot and phase count
+// from the first.
+template <typename T>
 __device__ __forceinline__ void Produce(const CUtensorMap* x_map, const WgmmaArgs& a, uint32_t sbase,
-                                        uint32_t full0, uint32_t empty0, int num_kt, int n_tile,
-                                        int m0) {
-  using T = WgTile<BM, C, STAGES>;
+                                        uint32_t full0, uint32_t empty0, int kt_begin, int num_kt,
+                                        int n_tile, int m0) {
+  constexpr int C = T::kC, STAGES = T::kStages;
   const size_t tiles64 = static_cast<size_t>(a.n) / 64;
-  for (int kt = 0; kt < num_kt; ++kt) {
-    const int s = kt % STAGES;
-    if (kt >= STAGES) MbarWait(empty0 + 8 * s, ((kt / STAGES) - 1) & 1);  // consumers freed it
+  for (int i = 0; i < num_kt; ++i) {
+    const int s = i % STAGES, kt = kt_begin + i;
+    if (i >= STAGES) MbarWait(empty0 + 8 * s, ((i / STAGES) - 1) & 1);  // consumers freed it
     const uint32_t full = full0 + 8 * s;
     MbarExpectTx(full, T::kStageTx);
     TmaLoad2d(sbase + T::kXOff + s * T::kXBytes, x_map, kt * kBK, m0, full);
 #pragma unroll
-    for (int i = 0; i < 4; ++i)  // k16 row kt*4 + i: this block's C tiles are contiguous
-      BulkLoad(sbase + T::kWOff + s * T::kWBytes + i * C * 1024,
-               a.w + (static_cast<size_t>(kt * 4 + i) * tiles64 + static_cast<size_t>(n_tile) * C) * 1024,
+    for (int j = 0; j < 4; ++j)  // k16 row kt*4 + j: this block's C tiles are contiguous
+      BulkLoad(sbase + T::kWOff + s * T::kWBytes + j * C * 1024,
+               a.w + (static_cast<size_t>(kt * 4 + j) * tiles64 + static_cast<size_t>(n_tile) * C) * 1024,
                C * 1024, full);
 #pragma unroll
     for (int g = 0; g < 2; ++g)
@@ -200,15 +231,15 @@ struct ConsumerView {
         sbyte(2 * (wi & 1)) {}
 };
 
-// One stage kt: dequantize its four k16 A fragments into `frag` (free: the group that read it,
+// One stage kt (counted from the block's first): dequantize its four k16 A fragments into `frag` (free: the group that read it,
 // stage kt - 2, was retired by the previous stage's wait), then issue its four wgmmas as one
 // group, which runs while the next stage is dequantized.
-template <int BM, int C, int STAGES, bool kGeneral>
-__device__ __forceinline__ void ConsumeStage(float (&acc)[BM / 2], uint32_t (&frag)[4][4],
+template <typename T, bool kGeneral>
+__device__ __forceinline__ void ConsumeStage(float (&acc)[T::kBM / 2], uint32_t (&frag)[4][4],
                                              const uint8_t* smem, uint32_t sbase, uint32_t full0,
                                              uint32_t empty0, int kt, const ConsumerView& v,
                                              int lane) {
-  using T = WgTile<BM, C, STAGES>;
+  constexpr int C = T::kC, STAGES = T::kStages;
   const int s = kt % STAGES;
   MbarWait(full0 + 8 * s, (kt / STAGES) & 1);
   const uint8_t* wst = smem + T::kWOff + s * T::kWBytes + v.w_off;
@@ -236,7 +267,7 @@ __device__ __forceinline__ void ConsumeStage(float (&acc)[BM / 2], uint32_t (&fr
   }
   WgmmaFence();
 #pragma unroll
-  for (int ks = 0; ks < 4; ++ks) WgmmaRS<BM>::Mma(acc, frag[ks], desc[ks]);
+  for (int ks = 0; ks < 4; ++ks) WgmmaRS<T::kBM>::Mma(acc, frag[ks], desc[ks]);
   WgmmaCommit();
   WgmmaWait<1>();  // stage kt - 1's group is done: its register buffer and its slot are free
   if (kt >= 1) {
@@ -248,8 +279,8 @@ __device__ __forceinline__ void ConsumeStage(float (&acc)[BM / 2], uint32_t (&fr
   }
 }
 
-template <int BM, int C, int STAGES, bool kGeneral>
-__device__ __forceinline__ void Consume(float (&acc)[BM / 2], const uint8_t* smem, uint32_t sbase,
+template <typename T, bool kGeneral>
+__device__ __forceinline__ void Consume(float (&acc)[T::kBM / 2], const uint8_t* smem, uint32_t sbase,
                                         uint32_t full0, uint32_t empty0, int num_kt, int c,
                                         int wi, int lane) {
   const ConsumerView v(c, wi, lane);
@@ -258,28 +289,35 @@ __device__ __forceinline__ void Consume(float (&acc)[BM / 2], const uint8_t* sme
   // second stage ptxas cannot count the groups in flight and serializes every wgmma.
   uint32_t frag0[4][4], frag1[4][4];
   int kt = 0;
-  if (num_kt & 1) ConsumeStage<BM, C, STAGES, kGeneral>(acc, frag1, smem, sbase, full0, empty0, kt++, v, lane);
+  if (num_kt & 1) ConsumeStage<T, kGeneral>(acc, frag1, smem, sbase, full0, empty0, kt++, v, lane);
   for (; kt < num_kt; kt += 2) {
-    ConsumeStage<BM, C, STAGES, kGeneral>(acc, frag0, smem, sbase, full0, empty0, kt, v, lane);
-    ConsumeStage<BM, C, STAGES, kGeneral>(acc, frag1, smem, sbase, full0, empty0, kt + 1, v, lane);
+    ConsumeStage<T, kGeneral>(acc, frag0, smem, sbase, full0, empty0, kt, v, lane);
+    ConsumeStage<T, kGeneral>(acc, frag1, smem, sbase, full0, empty0, kt + 1, v, lane);
   }
   WgmmaWait<0>();
   FenceAcc(acc);
 }
 #endif  // JAX_MXFP8_WGMMA
 
-template <int BM, int C, int STAGES>
-__global__ void __launch_bounds__(WgTile<BM, C, STAGES>::kThreads, WgTile<BM, C, STAGES>::kMinBlocks)
+// Grid: output tiles (M fastest: neighbours share the weight tile in L2) x K splits (fastest:
+// the splits of a tile are one cluster, rank = split). Each split reduces a contiguous K range;
+// the cluster then sums its partial tiles through distributed shared memory, every rank storing
+// 1/splits of the output rows.
+template <int BM, int C, int STAGES, int BLOCKS>
+__global__ void __launch_bounds__(WgTile<BM, C, STAGES, BLOCKS>::kThreads, BLOCKS)
     MarlinWgmmaKernel(const __grid_constant__ CUtensorMap x_map, const WgmmaArgs a) {
 #if JAX_MXFP8_WGMMA
-  using T = WgTile<BM, C, STAGES>;
+  using T = WgTile<BM, C, STAGES, BLOCKS>;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - (SmemAddr(smem_raw) & 1023)) & 1023);  // swizzle atoms
   const uint32_t sbase = SmemAddr(smem);
   const uint32_t full0 = sbase + T::kBarOff, empty0 = full0 + 8 * STAGES;
   const int tid = threadIdx.x, wg = tid >> 7, lane = tid & 31;
-  const int m_tile = blockIdx.x % a.m_tiles, n_tile = blockIdx.x / a.m_tiles;  // M fastest:
-  const int m0 = m_tile * BM, num_kt = a.k / kBK;  // neighbours share the weight tile in L2
+  const int split = blockIdx.x % a.splits, tile = blockIdx.x / a.splits;
+  const int m_tile = tile % a.m_tiles, n_tile = tile / a.m_tiles;
+  const int m0 = m_tile * BM, kt_total = a.k / kBK;
+  const int kt_begin = split * kt_total / a.splits;  // near-equal ranges, none empty (host)
+  const int num_kt = (split + 1) * kt_total / a.splits - kt_begin;
   if (tid == 0) {
     for (int s = 0; s < STAGES; ++s) {
       MbarInit(full0 + 8 * s, 1);           // the producer's expect_tx arrival (+ bytes)
@@ -289,8 +327,12 @@ __global__ void __launch_bounds__(WgTile<BM, C, STAGES>::kThreads, WgTile<BM, C,
   }
   __syncthreads();
   if (wg == 0) {
-    SetMaxNRegDec<kProducerRegs>();
-    if (tid == 0) Produce<BM, C, STAGES>(&x_map, a, sbase, full0, empty0, num_kt, n_tile, m0);
+    SetMaxNRegDec<T::kProducerRegs>();
+    if (tid == 0) Produce<T>(&x_map, a, sbase, full0, empty0, kt_begin, num_kt, n_tile, m0);
+    if (a.splits > 1) {  // the consumers' two cluster barriers count every thread
+      ClusterSync();
+      ClusterSync();
+    }
     return;
   }
   SetMaxNRegInc<T::kConsumerRegs>();
@@ -299,9 +341,9 @@ __global__ void __launch_bounds__(WgTile<BM, C, STAGES>::kThreads, WgTile<BM, C,
 #pragma unroll
   for (int i = 0; i < BM / 2; ++i) acc[i] = 0.f;
   if (__ldg(a.flags) & 1)
-    Consume<BM, C, STAGES, true>(acc, smem, sbase, full0, empty0, num_kt, c, wi, lane);
+    Consume<T, true>(acc, smem, sbase, full0, empty0, num_kt, c, wi, lane);
   else
-    Consume<BM, C, STAGES, false>(acc, smem, sbase, full0, empty0, num_kt, c, wi, lane);
+    Consume<T, false>(acc, smem, sbase, full0, empty0, num_kt, c, wi, lane);
 
   // ---- epilogue: transpose through shared memory, then whole output rows ----
   ConsumerBarrier(128 * C);  // every consumer's wgmma reads of the pipeline buffers are done
@@ -315,14 +357,25 @@ __global__ void __launch_bounds__(WgTile<BM, C, STAGES>::kThreads, WgTile<BM, C,
     st[m * T::kOutStride + nl + 8] = acc[4 * i + 2];
     st[(m + 1) * T::kOutStride + nl + 8] = acc[4 * i + 3];
   }
-  ConsumerBarrier(128 * C);
   constexpr int kVecs = T::kBN / 4;
   const int rows = min(BM, a.m - m0);
-  for (int idx = tid - 128; idx < rows * kVecs; idx += 128 * C) {
+  if (a.splits == 1) {
+    ConsumerBarrier(128 * C);
+    for (int idx = tid - 128; idx < rows * kVecs; idx += 128 * C) {
+      const int row = idx / kVecs, v = idx % kVecs;
+      StoreOut(a, m0 + row, n_tile * T::kBN + 4 * v,
+               *reinterpret_cast<const float4*>(st + row * T::kOutStride + 4 * v));
+    }
+    return;
+  }
+  ClusterSync();  // every rank's partial tile is in its shared memory
+  const int per = (rows * kVecs + a.splits - 1) / a.splits, end = min(rows * kVecs, (split + 1) * per);
+  for (int idx = split * per + tid - 128; idx < end; idx += 128 * C) {
     const int row = idx / kVecs, v = idx % kVecs;
     StoreOut(a, m0 + row, n_tile * T::kBN + 4 * v,
-             *reinterpret_cast<const float4*>(st + row * T::kOutStride + 4 * v));
+             ClusterSum(SmemAddr(st + row * T::kOutStride + 4 * v), a.splits));
   }
+  ClusterSync();  // no rank leaves (freeing its shared memory) while another still reads it
 #else
   __trap();  // unreachable: the host launches this kernel only from an sm_90a build on SM 9.0
 #endif
@@ -368,34 +421,53 @@ ffi::Error EncodeX(CUtensorMap* map, const void* x, int64_t m, int64_t k, int bl
   return ffi::Error::Success();
 }
 
-template <int BM, int C, int STAGES>
+template <int BM, int C, int STAGES, int BLOCKS>
 ffi::Error LaunchWgmma(cudaStream_t stream, const CUtensorMap& map, WgmmaArgs args) {
-  using T = WgTile<BM, C, STAGES>;
+  using T = WgTile<BM, C, STAGES, BLOCKS>;
   if (args.n % T::kBN != 0)
     return ffi::Error::InvalidArgument("marlin wgmma: N=" + std::to_string(args.n) +
                                        " is not a multiple of the block width " + std::to_string(T::kBN));
-  auto kernel = MarlinWgmmaKernel<BM, C, STAGES>;
+  auto kernel = MarlinWgmmaKernel<BM, C, STAGES, BLOCKS>;
   static SmemLimit smem_limit;  // one per instantiation
   JAX_MXFP8_CUDA_RETURN_IF_ERROR(AllowSmem(kernel, T::kSmemBytes, smem_limit));
   args.m_tiles = (args.m + BM - 1) / BM;
-  const long long blocks = static_cast<long long>(args.n / T::kBN) * args.m_tiles;
+  const long long blocks = static_cast<long long>(args.n / T::kBN) * args.m_tiles * args.splits;
   if (blocks > 0x7FFFFFFF) return ffi::Error::InvalidArgument("marlin wgmma: grid too large");
-  kernel<<<static_cast<unsigned>(blocks), T::kThreads, T::kSmemBytes, stream>>>(map, args);
-  return CheckLaunch("marlin wgmma kernel");
+  if (args.splits == 1) {
+    kernel<<<static_cast<unsigned>(blocks), T::kThreads, T::kSmemBytes, stream>>>(map, args);
+    return CheckLaunch("marlin wgmma kernel");
+  }
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(blocks));
+  config.blockDim = dim3(T::kThreads);
+  config.dynamicSmemBytes = T::kSmemBytes;
+  config.stream = stream;
+  cudaLaunchAttribute cluster;
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = static_cast<unsigned>(args.splits);  // divides the grid
+  cluster.val.clusterDim.y = 1;
+  cluster.val.clusterDim.z = 1;
+  config.attrs = &cluster;
+  config.numAttrs = 1;
+  JAX_MXFP8_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&config, kernel, map, args));
+  return CheckLaunch("marlin wgmma kernel (K splits in a cluster)");
 }
 
-// The configurations jax_mxfp8/backends/marlin.py may ask for (WGMMA_CONFIGS there).
+// The configurations jax_mxfp8/backends/marlin.py may ask for (WGMMA_CONFIGS there): x rows
+// per block, consumer warpgroups, blocks per SM.
 ffi::Error DispatchWgmma(cudaStream_t stream, const CUtensorMap& map, const WgmmaArgs& args, int bm,
-                         int c) {
-  switch (bm * 10 + c) {
-    case 641: return LaunchWgmma<64, 1, 8>(stream, map, args);
-    case 1281: return LaunchWgmma<128, 1, 5>(stream, map, args);
-    case 642: return LaunchWgmma<64, 2, 8>(stream, map, args);
-    case 1282: return LaunchWgmma<128, 2, 8>(stream, map, args);
-    case 2562: return LaunchWgmma<256, 2, 5>(stream, map, args);
+                         int c, int blocks_per_sm) {
+  switch (bm * 100 + c * 10 + blocks_per_sm) {
+    case 6412: return LaunchWgmma<64, 1, 8, 2>(stream, map, args);
+    case 12812: return LaunchWgmma<128, 1, 5, 2>(stream, map, args);
+    case 6421: return LaunchWgmma<64, 2, 8, 1>(stream, map, args);
+    case 6422: return LaunchWgmma<64, 2, 6, 2>(stream, map, args);
+    case 12821: return LaunchWgmma<128, 2, 8, 1>(stream, map, args);
+    case 25621: return LaunchWgmma<256, 2, 5, 1>(stream, map, args);
     default:
       return ffi::Error::InvalidArgument("marlin wgmma: no compiled configuration for block_m=" +
-                                         std::to_string(bm) + ", consumers=" + std::to_string(c));
+                                         std::to_string(bm) + ", consumers=" + std::to_string(c) +
+                                         ", blocks_per_sm=" + std::to_string(blocks_per_sm));
   }
 }
 
@@ -406,13 +478,16 @@ bool BuiltForSm90a() {
 ffi::Error MarlinWgmmaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U8> qweight,
                            ffi::Buffer<ffi::U8> scales, ffi::Buffer<ffi::S32> flags,
                            ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> y, int32_t block_m,
-                           int32_t consumers) {
+                           int32_t consumers, int32_t blocks_per_sm, int32_t splits) {
   PackedGemm g;
   JAX_MXFP8_RETURN_IF_ERROR(CheckPackedGemm("marlin wgmma", x, qweight, scales, flags, bias, *y, g));
   if (g.x_type != kBF16)
     return ffi::Error::InvalidArgument("marlin wgmma: x must be bfloat16 (fp16 x uses the mma.sync kernel)");
   const int64_t m = g.m, k = g.k, n = g.n;
   if (m == 0) return ffi::Error::Success();
+  if (splits < 1 || splits > kMaxSplits || splits > k / kBK)
+    return ffi::Error::InvalidArgument("marlin wgmma: splits=" + std::to_string(splits) +
+                                       " must be in [1, min(8, K/64 = " + std::to_string(k / kBK) + ")]");
   int device = 0, major = 0, minor = 0;
   JAX_MXFP8_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
   JAX_MXFP8_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
@@ -434,9 +509,10 @@ ffi::Error MarlinWgmmaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ff
   args.k = static_cast<int>(k);
   args.bias_type = g.bias_type;
   args.out_type = g.out_type;
+  args.splits = splits;
   CUtensorMap map;
   JAX_MXFP8_RETURN_IF_ERROR(EncodeX(&map, x.untyped_data(), m, k, block_m));
-  return DispatchWgmma(stream, map, args, block_m, consumers);
+  return DispatchWgmma(stream, map, args, block_m, consumers, blocks_per_sm);
 }
 
 }  // namespace
@@ -451,7 +527,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MarlinWgmmaHandler, MarlinWgmmaImpl,
                                   .Arg<ffi::AnyBuffer>()         // bias [N] or [0]
                                   .Ret<ffi::AnyBuffer>()         // y [M, N]
                                   .Attr<int32_t>("block_m")
-                                  .Attr<int32_t>("consumers"),
+                                  .Attr<int32_t>("consumers")
+                                  .Attr<int32_t>("blocks_per_sm")
+                                  .Attr<int32_t>("splits"),     // K splits, one cluster per tile
                               {ffi::Traits::kCmdBufferCompatible});
 
 JAX_MXFP8_REGISTER_CUDA_TARGET("jax_mxfp8_marlin_wgmma_cuda", MarlinWgmmaHandler);

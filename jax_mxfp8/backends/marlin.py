@@ -241,22 +241,41 @@ marlin_gemm_p = base.define_primitive(
 
 class WgmmaConfig(NamedTuple):
     """A configuration compiled into marlin_sm90.cu (DispatchWgmma): a block computes block_m
-    rows of x against 64 * consumers weight rows (output columns)."""
+    rows of x against 64 * consumers weight rows (output columns); blocks_per_sm blocks share
+    an SM (their register and shared-memory budgets are sized for it)."""
     block_m: int
     consumers: int
+    blocks_per_sm: int
+
+    @property
+    def name(self) -> str:
+        return f"w{self.block_m}x{self.consumers}" + ("o2" if self == WgmmaConfig(64, 2, 2) else "")
 
 
-WGMMA_CONFIGS = (WgmmaConfig(64, 1), WgmmaConfig(128, 1), WgmmaConfig(64, 2), WgmmaConfig(128, 2),
-                 WgmmaConfig(256, 2))
+WGMMA_CONFIGS = (WgmmaConfig(64, 1, 2), WgmmaConfig(128, 1, 2), WgmmaConfig(64, 2, 1),
+                 WgmmaConfig(64, 2, 2), WgmmaConfig(128, 2, 1), WgmmaConfig(256, 2, 1))
+MAX_WGMMA_SPLITS = 8  # K splits of a tile form one thread-block cluster (portable size)
 
 
-def _wgmma_abstract(x, qweight, scales, flags, bias, *, block_m, consumers, out_dtype, has_bias):
+def wgmma_config(block_m: int, consumers: int, blocks_per_sm: int | None = None) -> WgmmaConfig:
+    """The compiled configuration with these parameters (the first listed when blocks_per_sm
+    is None); ValueError naming the compiled ones otherwise."""
+    for c in WGMMA_CONFIGS:
+        if (c.block_m, c.consumers) == (block_m, consumers) and blocks_per_sm in (None, c.blocks_per_sm):
+            return c
+    raise ValueError(f"marlin wgmma: block_m={block_m}, consumers={consumers}, blocks_per_sm="
+                     f"{blocks_per_sm} is not compiled; use one of {WGMMA_CONFIGS}")
+
+
+def _wgmma_abstract(x, qweight, scales, flags, bias, *, block_m, consumers, blocks_per_sm, splits,
+                    out_dtype, has_bias):
     base.check_dtype("marlin wgmma x", x.dtype, (jnp.bfloat16,),
                      "The wgmma kernel takes bf16 activations; fp16 uses the mma.sync kernel.")
-    m, _, n = _check_packed("marlin wgmma", x, qweight, scales, flags, bias, has_bias, 64 * consumers)
-    if WgmmaConfig(block_m, consumers) not in WGMMA_CONFIGS:
-        raise ValueError(f"marlin wgmma: {WgmmaConfig(block_m, consumers)} is not compiled; use one "
-                         f"of {WGMMA_CONFIGS}")
+    m, k, n = _check_packed("marlin wgmma", x, qweight, scales, flags, bias, has_bias, 64 * consumers)
+    wgmma_config(block_m, consumers, blocks_per_sm)
+    if not 1 <= splits <= min(MAX_WGMMA_SPLITS, k // TILE):
+        raise ValueError(f"marlin wgmma: splits={splits} must be in [1, min({MAX_WGMMA_SPLITS}, "
+                         f"K/64 = {k // TILE})]")
     return ShapedArray((m, n), out_dtype)
 
 
@@ -266,8 +285,9 @@ marlin_wgmma_p = base.define_primitive(
     multiple_results=False,
     lowerings={"cuda": base.cuda_ffi_lowering(
         WGMMA_TARGET, _gemm_reference, False,
-        attrs=lambda block_m, consumers, out_dtype, has_bias: {
-            "block_m": np.int32(block_m), "consumers": np.int32(consumers)})})
+        attrs=lambda block_m, consumers, blocks_per_sm, splits, out_dtype, has_bias: {
+            "block_m": np.int32(block_m), "consumers": np.int32(consumers),
+            "blocks_per_sm": np.int32(blocks_per_sm), "splits": np.int32(splits)})})
 
 
 def device_has_wgmma() -> bool:
@@ -327,13 +347,17 @@ def gemm(x, qweight, scales, flags, bias=None, *, m_blocks, warps_n, splits, out
                               out_dtype=jnp.dtype(out_dtype), has_bias=has_bias)
 
 
-def gemm_sm90(x, qweight, scales, flags, bias=None, *, block_m, consumers, out_dtype):
-    """One launch of the sm_90a wgmma kernel with an explicit configuration (tests, tuning)."""
+def gemm_sm90(x, qweight, scales, flags, bias=None, *, block_m, consumers, out_dtype,
+              blocks_per_sm=None, splits=1):
+    """One launch of the sm_90a wgmma kernel with an explicit configuration (tests, tuning);
+    splits > 1 divides K among the blocks of a thread-block cluster, summed in the cluster."""
+    config = wgmma_config(int(block_m), int(consumers), blocks_per_sm)
     has_bias = bias is not None
     if bias is None:
         bias = jnp.zeros((0,), x.dtype)
-    return marlin_wgmma_p.bind(x, qweight, scales, flags, bias, block_m=int(block_m),
-                               consumers=int(consumers), out_dtype=jnp.dtype(out_dtype),
+    return marlin_wgmma_p.bind(x, qweight, scales, flags, bias, block_m=config.block_m,
+                               consumers=config.consumers, blocks_per_sm=config.blocks_per_sm,
+                               splits=int(splits), out_dtype=jnp.dtype(out_dtype),
                                has_bias=has_bias)
 
 
@@ -355,6 +379,7 @@ class Plan:
     cluster: bool = False  # K splits reduced in a thread-block cluster (SM90+)
     block_m: int = 0       # wgmma: x rows per block
     consumers: int = 0     # wgmma: consumer warpgroups (64 weight rows each) per block
+    blocks_per_sm: int = 0  # wgmma: which compiled occupancy of (block_m, consumers)
 
 
 # Largest bf16 M that runs the mma.sync kernel where the wgmma kernel cannot (GPUs other than
@@ -464,9 +489,10 @@ def _wgmma_plan(m: int, n: int, sms: int) -> Plan:
     fits.sort(key=lambda c: (-c.block_m * c.consumers, -c.block_m))
     for c in fits:
         if (n // (64 * c.consumers)) * -(-m // c.block_m) >= 0.8 * sms:
-            return Plan("wgmma", block_m=c.block_m, consumers=c.consumers)
+            return Plan("wgmma", block_m=c.block_m, consumers=c.consumers,
+                        blocks_per_sm=c.blocks_per_sm)
     c = fits[-1]  # the smallest block: the most parallel
-    return Plan("wgmma", block_m=c.block_m, consumers=c.consumers)
+    return Plan("wgmma", block_m=c.block_m, consumers=c.consumers, blocks_per_sm=c.blocks_per_sm)
 
 
 def choose_plan(m: int, n: int, k: int, x_dtype, sms: int | None = None,
@@ -556,7 +582,8 @@ def _linear(x, weight, bias, out_dtype, quantize_activations):
                  warps_n=plan.warps_n, splits=plan.splits, cluster=plan.cluster, out_dtype=out_dtype)
     elif plan.kind == "wgmma":
         y = gemm_sm90(x, a["qweight"], a["scales"], a["flags"], bias, block_m=plan.block_m,
-                      consumers=plan.consumers, out_dtype=out_dtype)
+                      consumers=plan.consumers, blocks_per_sm=plan.blocks_per_sm,
+                      splits=plan.splits, out_dtype=out_dtype)
     else:
         y = _dequant_dot(x, a, bias, out_dtype)
     return y[:, :n] if n_pad != n else y
