@@ -509,6 +509,8 @@ def test_wgmma_reference_lowering_and_vmap_match_float64():
 def test_wgmma_rejects_bad_inputs():
     arrays, _ = prepare(*random_weight(np.random.default_rng(5), 64, 128))
     a = (arrays["qweight"], arrays["scales"], arrays["flags"])
+    deep, _ = prepare(*random_weight(np.random.default_rng(5), 64, 1024))
+    wide = (deep["qweight"], deep["scales"], deep["flags"])
     with pytest.raises(TypeError, match="bf16 activations"):
         marlin.gemm_sm90(jnp.zeros((2, 128), jnp.float16), *a, block_m=64, consumers=1,
                          out_dtype=jnp.float16)
@@ -521,10 +523,13 @@ def test_wgmma_rejects_bad_inputs():
     with pytest.raises(ValueError, match="not compiled"):
         marlin.gemm_sm90(jnp.zeros((2, 128), jnp.bfloat16), *a, block_m=64, consumers=1,
                          blocks_per_sm=3, out_dtype=jnp.bfloat16)
-    for splits in (0, 3, 9):  # K = 128: two 64-deep stages to split at most
+    for splits in (0, 3):  # K = 128: two 64-deep stages to split at most
         with pytest.raises(ValueError, match=f"splits={splits} must be in"):
             marlin.gemm_sm90(jnp.zeros((2, 128), jnp.bfloat16), *a, block_m=64, consumers=1,
                              splits=splits, out_dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match="splits=9 must be in .* with cluster=True"):  # cluster size
+        marlin.gemm_sm90(jnp.zeros((2, 1024), jnp.bfloat16), *wide, block_m=64, consumers=1,
+                         splits=9, cluster=True, out_dtype=jnp.bfloat16)
 
 
 @pytest.mark.skipif(not _ffi.has_cuda_target(marlin.WGMMA_TARGET), reason="CUDA module not built")
@@ -536,13 +541,13 @@ def test_wgmma_lowers_to_its_custom_call():
     assert "jax_mxfp8_marlin_wgmma_cuda" in f.trace(x).lower(lowering_platforms=("cuda",)).as_text()
 
 
-def run_wgmma(x, arrays, bias, *, config, out_dtype, splits=1):
+def run_wgmma(x, arrays, bias, *, config, out_dtype, splits=1, cluster=False):
     poison_device_memory(x.shape[0] * arrays["scales"].shape[1] * 4)
     config = marlin.wgmma_config(*config)
     f = jax.jit(lambda x, b: marlin.gemm_sm90(x, arrays["qweight"], arrays["scales"], arrays["flags"],
                                               b, block_m=config.block_m, consumers=config.consumers,
                                               blocks_per_sm=config.blocks_per_sm, splits=splits,
-                                              out_dtype=out_dtype))
+                                              cluster=cluster, out_dtype=out_dtype))
     return np.asarray(f(x, bias).astype(jnp.float32))
 
 
@@ -563,10 +568,12 @@ def test_wgmma_every_config_vs_float64(config, m):
 
 @needs_wgmma
 @pytest.mark.parametrize("config", marlin.WGMMA_CONFIGS)
-@pytest.mark.parametrize("splits", [2, 3, 8])
-def test_wgmma_k_splits_vs_float64(config, splits):
-    """K split among the blocks of a cluster (24 stages: 12 each; 8 each; 3 each), summed
-    through distributed shared memory; M tails inside a block and across blocks."""
+@pytest.mark.parametrize("splits,cluster", [(2, True), (3, True), (8, True), (2, False), (5, False),
+                                            (24, False)])
+def test_wgmma_k_splits_vs_float64(config, splits, cluster):
+    """K split among blocks (24 stages: 12 each; 8 each; 3 each; 5 uneven; 1 each), summed in
+    a cluster through distributed shared memory or by the last block through the workspace;
+    M tails inside a block and across blocks."""
     rng, seed = fresh_rng()
     n, k = 384, 1536
     codes, scales = random_weight(rng, n, k)
@@ -574,7 +581,8 @@ def test_wgmma_k_splits_vs_float64(config, splits):
     for m in (1, 100, 300):
         x = rng.standard_normal((m, k)).astype(ml_dtypes.bfloat16)
         bias = rng.standard_normal(n).astype(np.float32)
-        y = run_wgmma(x, arrays, bias, config=config, splits=splits, out_dtype=jnp.float32)
+        y = run_wgmma(x, arrays, bias, config=config, splits=splits, cluster=cluster,
+                      out_dtype=jnp.float32)
         assert rel_fro(y, R.linear(x, codes, scales, bias)) <= 1e-4, f"seed {seed} m {m}"
 
 
@@ -598,11 +606,12 @@ def test_wgmma_shapes_and_output_dtypes(n, k, config, out_dtype, bias_dtype):
 
 @needs_wgmma
 @pytest.mark.parametrize("scale_bytes,general", [(SCALE_BYTES, 1), (SCALE_BYTES[:5], 0)])
-@pytest.mark.parametrize("config,splits", [((64, 1), 1), ((256, 2), 1), ((64, 2, 2), 2)])
-def test_wgmma_exhaustive_through_the_gemm(scale_bytes, general, config, splits):
+@pytest.mark.parametrize("config,splits,cluster", [((64, 1), 1, False), ((256, 2), 1, False),
+                                                  ((64, 2, 2), 2, True), ((128, 1), 3, False)])
+def test_wgmma_exhaustive_through_the_gemm(scale_bytes, general, config, splits, cluster):
     check_exhaustive_through(
         lambda x, arrays: run_wgmma(x, arrays, None, config=config, splits=splits,
-                                    out_dtype=jnp.float32),
+                                    cluster=cluster, out_dtype=jnp.float32),
         scale_bytes, general, "wgmma")
 
 
@@ -616,10 +625,11 @@ def test_wgmma_deterministic_and_equal_to_the_mma_sync_kernel():
     x = rng.standard_normal((200, 4096)).astype(ml_dtypes.bfloat16)
     runs = [run_wgmma(x, arrays, None, config=(256, 2), out_dtype=jnp.float32) for _ in range(3)]
     assert all(np.array_equal(runs[0], r) for r in runs[1:])
-    split = [run_wgmma(x, arrays, None, config=(64, 2, 2), splits=4, out_dtype=jnp.float32)
-             for _ in range(3)]  # the cluster sums its partials in rank order
-    assert all(np.array_equal(split[0], r) for r in split[1:])
-    assert rel_fro(split[0], runs[0].astype(np.float64)) <= 1e-5, f"seed {seed}"
+    for cluster in (True, False):  # partials summed in split order, in the cluster or the workspace
+        split = [run_wgmma(x, arrays, None, config=(64, 2, 2), splits=4, cluster=cluster,
+                           out_dtype=jnp.float32) for _ in range(3)]
+        assert all(np.array_equal(split[0], r) for r in split[1:])
+        assert rel_fro(split[0], runs[0].astype(np.float64)) <= 1e-5, f"seed {seed}"
     mma = run_gemm(x, arrays, None, tile=(4, 2), splits=1, out_dtype=jnp.float32)
     assert rel_fro(runs[0], mma.astype(np.float64)) <= 1e-5, f"seed {seed}"
 

@@ -121,11 +121,11 @@ def sanitize(args) -> int:
         for m in args.ms or (3, 33):
             x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
             for cfg in marlin.WGMMA_CONFIGS:
-                for splits in (1, 3):  # 3: K splits reduced in a cluster
+                for splits, cluster in ((1, False), (3, True), (3, False)):  # K splits: both sums
                     marlin.gemm_sm90(x, arrays["qweight"], arrays["scales"], arrays["flags"], bias,
                                      block_m=cfg.block_m, consumers=cfg.consumers,
                                      blocks_per_sm=cfg.blocks_per_sm, splits=splits,
-                                     out_dtype=jnp.bfloat16).block_until_ready()
+                                     cluster=cluster, out_dtype=jnp.bfloat16).block_until_ready()
                     count += 1
     marlin.dequantize_packed(arrays["qweight"], arrays["scales"]).block_until_ready()
     marlin.dequantize_packed(arrays["qweight"], arrays["scales"], 64, 128).block_until_ready()
@@ -188,12 +188,12 @@ def plan_name(plan):
         return "dequant_dot"
     if plan.kind == "wgmma":
         return wgmma_name(marlin.wgmma_config(plan.block_m, plan.consumers, plan.blocks_per_sm),
-                          plan.splits)
+                          plan.splits, plan.cluster)
     return _name(marlin.Tile(plan.m_blocks, plan.warps_n), plan.splits, plan.cluster)
 
 
-def wgmma_name(cfg, splits=1):
-    return cfg.name + (f"s{splits}" if splits > 1 else "")
+def wgmma_name(cfg, splits=1, cluster=False):
+    return cfg.name + (f"s{splits}{'c' if cluster else ''}" if splits > 1 else "")
 
 
 def sweep(args) -> int:
@@ -270,12 +270,15 @@ def sweep90(args) -> int:
                 if n % (64 * cfg.consumers) or cfg.block_m > max(64, -(-m // 64) * 64):
                     continue
                 for splits in args.wgmma_splits:
-                    if splits <= k // 64:
-                        res[wgmma_name(cfg, splits)] = time_fn(
-                            lambda x, w, v, cfg=cfg, splits=splits: marlin.gemm_sm90(
+                    for cluster in (False, True) if splits > 1 else (False,):
+                        if splits > k // 64 or (cluster and splits > marlin.MAX_CLUSTER_SPLITS):
+                            continue
+                        res[wgmma_name(cfg, splits, cluster)] = time_fn(
+                            lambda x, w, v, cfg=cfg, splits=splits, cluster=cluster: marlin.gemm_sm90(
                                 x, w["qweight"], w["scales"], w["flags"], block_m=cfg.block_m,
                                 consumers=cfg.consumers, blocks_per_sm=cfg.blocks_per_sm,
-                                splits=splits, out_dtype=jnp.bfloat16), sets, repeats, "busy")
+                                splits=splits, cluster=cluster, out_dtype=jnp.bfloat16),
+                            sets, repeats, "busy")
             old = marlin.choose_plan(m, n, k, jnp.bfloat16, wgmma=False)
             if old.kind == "kernel":
                 res["mma:" + plan_name(old)] = time_fn(

@@ -42,7 +42,11 @@ namespace {
 using namespace marlin;  // NOLINT: the shared dequantization and epilogue helpers
 
 constexpr int kBK = 64;  // K per stage: one 128-byte swizzled row of x per token
-constexpr int kMaxSplits = 8;  // K splits form a thread-block cluster: the portable size
+constexpr int kMaxClusterSplits = 8;  // K splits in one thread-block cluster: the portable size
+constexpr int kMaxSplits = 64;        // through the workspace
+
+// How the K splits of an output tile are summed (one kernel instantiation each).
+enum class Reduce { kNone, kCluster, kWorkspace };
 
 template <int BM, int C, int STAGES, int BLOCKS>
 struct WgTile {
@@ -59,7 +63,8 @@ struct WgTile {
   static constexpr int kStageTx = kXBytes + kWBytes + kSBytes;
   static constexpr int kOutStride = kBN + 4;     // floats; the pad makes the transposing stores conflict-free
   static constexpr int kOutBytes = BM * kOutStride * 4;
-  static constexpr int kSmemBytes = kBarOff + 2 * STAGES * 8 + 1024;  // + slack to align to 1024
+  static constexpr int kFlagOff = kBarOff + 2 * STAGES * 8;  // kWorkspace: "last block" flag
+  static constexpr int kSmemBytes = kFlagOff + 16 + 1024;      // + slack to align to 1024
   // BLOCKS blocks per SM. setmaxnreg moves registers inside the block: the producer's and
   // consumers' budgets together stay within what the block got at launch (kThreads x the
   // per-thread count __launch_bounds__ allows, a multiple of 8).
@@ -82,7 +87,9 @@ struct WgmmaArgs {
   int m, n, k;
   int bias_type, out_type;
   int m_tiles;
-  int splits;  // K splits of each output tile (one cluster; 1: no split)
+  int splits;        // K splits of each output tile (1: no split)
+  float* partial;    // kWorkspace: [splits][tiles][BM * kBN] fp32 partial tiles
+  int32_t* counters;  // kWorkspace: [tiles] blocks done, zeroed before the launch
 };
 
 #if JAX_MXFP8_WGMMA
@@ -299,13 +306,15 @@ __device__ __forceinline__ void Consume(float (&acc)[T::kBM / 2], const uint8_t*
 }
 #endif  // JAX_MXFP8_WGMMA
 
-// Grid: output tiles (M fastest: neighbours share the weight tile in L2) x K splits (fastest:
-// the splits of a tile are one cluster, rank = split). Each split reduces a contiguous K range;
-// the cluster then sums its partial tiles through distributed shared memory, every rank storing
-// 1/splits of the output rows. The split kernel is its own instantiation (kSplitK): the
-// cluster barriers mark a kernel for cluster launches, and the unsplit kernel without them ran
-// ~1.2x faster on the H200 (RESULTS.md, fifth session).
-template <int BM, int C, int STAGES, int BLOCKS, bool kSplitK>
+// Grid: output tiles (M fastest: neighbours share the weight tile in L2) x K splits (fastest).
+// Each split reduces a contiguous K range; the partial tiles are summed in split order, so
+// the result is the same every run: kCluster - the splits of a tile are one cluster (rank =
+// split) and sum through distributed shared memory, every rank storing 1/splits of the rows;
+// kWorkspace - each block stores its partial to global memory and the last block of the tile
+// (atomic counter) sums them (marlin.cu's two schemes). Each scheme is its own instantiation:
+// the cluster barriers mark a kernel for cluster launches, and with them the unsplit kernel ran
+// ~1.2x slower on the H200 (RESULTS.md, fifth session).
+template <int BM, int C, int STAGES, int BLOCKS, Reduce kReduce>
 __global__ void __launch_bounds__(WgTile<BM, C, STAGES, BLOCKS>::kThreads, BLOCKS)
     MarlinWgmmaKernel(const __grid_constant__ CUtensorMap x_map, const WgmmaArgs a) {
 #if JAX_MXFP8_WGMMA
@@ -331,14 +340,14 @@ __global__ void __launch_bounds__(WgTile<BM, C, STAGES, BLOCKS>::kThreads, BLOCK
   if (wg == 0) {
     SetMaxNRegDec<T::kProducerRegs>();
     if (tid == 0) Produce<T>(&x_map, a, sbase, full0, empty0, kt_begin, num_kt, n_tile, m0);
-    if constexpr (kSplitK) {  // the consumers' two cluster barriers count every thread
+    if constexpr (kReduce == Reduce::kCluster) {  // the consumers' cluster barriers count every thread
       ClusterSync();
       ClusterSync();
     }
     return;
   }
   SetMaxNRegInc<T::kConsumerRegs>();
-  const int c = wg - 1, wi = (tid >> 5) & 3;
+  const int c = wg - 1, wi = (tid >> 5) & 3, ct = tid - 128;
   float acc[BM / 2];
 #pragma unroll
   for (int i = 0; i < BM / 2; ++i) acc[i] = 0.f;
@@ -346,6 +355,34 @@ __global__ void __launch_bounds__(WgTile<BM, C, STAGES, BLOCKS>::kThreads, BLOCK
     Consume<T, true>(acc, smem, sbase, full0, empty0, num_kt, c, wi, lane);
   else
     Consume<T, false>(acc, smem, sbase, full0, empty0, num_kt, c, wi, lane);
+
+  if constexpr (kReduce == Reduce::kWorkspace) {
+    // Partials in accumulator order (float4 i of consumer thread ct at [i][ct]: coalesced).
+    constexpr int kTileFloats = BM * T::kBN, kQuads = BM / 8;
+    const size_t tiles = gridDim.x / a.splits;
+    float4* mine = reinterpret_cast<float4*>(a.partial + (split * tiles + tile) * kTileFloats);
+#pragma unroll
+    for (int i = 0; i < kQuads; ++i)
+      __stcg(mine + i * 128 * C + ct, make_float4(acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3]));
+    __threadfence();
+    ConsumerBarrier(128 * C);
+    int* last = reinterpret_cast<int*>(smem + T::kFlagOff);
+    if (ct == 0) *last = atomicAdd(a.counters + tile, 1) == a.splits - 1;
+    ConsumerBarrier(128 * C);
+    if (!*last) return;
+    __threadfence();
+#pragma unroll
+    for (int i = 0; i < kQuads; ++i) {  // in place: quad i's own partial is read before it is replaced
+      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+      for (int sp = 0; sp < a.splits; ++sp) {  // split order, whichever block is last
+        const float4 u = sp == split ? make_float4(acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3])
+                                     : __ldcg(reinterpret_cast<const float4*>(a.partial + (sp * tiles + tile) * kTileFloats) +
+                                              i * 128 * C + ct);
+        v.x += u.x; v.y += u.y; v.z += u.z; v.w += u.w;
+      }
+      acc[4 * i] = v.x; acc[4 * i + 1] = v.y; acc[4 * i + 2] = v.z; acc[4 * i + 3] = v.w;
+    }
+  }
 
   // ---- epilogue: transpose through shared memory, then whole output rows ----
   ConsumerBarrier(128 * C);  // every consumer's wgmma reads of the pipeline buffers are done
@@ -361,9 +398,9 @@ __global__ void __launch_bounds__(WgTile<BM, C, STAGES, BLOCKS>::kThreads, BLOCK
   }
   constexpr int kVecs = T::kBN / 4;
   const int rows = min(BM, a.m - m0);
-  if constexpr (!kSplitK) {
+  if constexpr (kReduce != Reduce::kCluster) {
     ConsumerBarrier(128 * C);
-    for (int idx = tid - 128; idx < rows * kVecs; idx += 128 * C) {
+    for (int idx = ct; idx < rows * kVecs; idx += 128 * C) {
       const int row = idx / kVecs, v = idx % kVecs;
       StoreOut(a, m0 + row, n_tile * T::kBN + 4 * v,
                *reinterpret_cast<const float4*>(st + row * T::kOutStride + 4 * v));
@@ -372,7 +409,7 @@ __global__ void __launch_bounds__(WgTile<BM, C, STAGES, BLOCKS>::kThreads, BLOCK
     ClusterSync();  // every rank's partial tile is in its shared memory
     const int per = (rows * kVecs + a.splits - 1) / a.splits;
     const int end = min(rows * kVecs, (split + 1) * per);
-    for (int idx = split * per + tid - 128; idx < end; idx += 128 * C) {
+    for (int idx = split * per + ct; idx < end; idx += 128 * C) {
       const int row = idx / kVecs, v = idx % kVecs;
       StoreOut(a, m0 + row, n_tile * T::kBN + 4 * v,
                ClusterSum(SmemAddr(st + row * T::kOutStride + 4 * v), a.splits));
@@ -424,27 +461,15 @@ ffi::Error EncodeX(CUtensorMap* map, const void* x, int64_t m, int64_t k, int bl
   return ffi::Error::Success();
 }
 
-template <int BM, int C, int STAGES, int BLOCKS>
-ffi::Error LaunchWgmma(cudaStream_t stream, const CUtensorMap& map, WgmmaArgs args) {
+template <int BM, int C, int STAGES, int BLOCKS, Reduce kReduce>
+ffi::Error LaunchWgmmaKernel(cudaStream_t stream, const CUtensorMap& map, const WgmmaArgs& args,
+                             unsigned blocks) {
   using T = WgTile<BM, C, STAGES, BLOCKS>;
-  if (args.n % T::kBN != 0)
-    return ffi::Error::InvalidArgument("marlin wgmma: N=" + std::to_string(args.n) +
-                                       " is not a multiple of the block width " + std::to_string(T::kBN));
-  args.m_tiles = (args.m + BM - 1) / BM;
-  const long long blocks = static_cast<long long>(args.n / T::kBN) * args.m_tiles * args.splits;
-  if (blocks > 0x7FFFFFFF) return ffi::Error::InvalidArgument("marlin wgmma: grid too large");
-  if (args.splits == 1) {
-    auto kernel = MarlinWgmmaKernel<BM, C, STAGES, BLOCKS, false>;
-    static SmemLimit smem_limit;  // one per instantiation
-    JAX_MXFP8_CUDA_RETURN_IF_ERROR(AllowSmem(kernel, T::kSmemBytes, smem_limit));
-    kernel<<<static_cast<unsigned>(blocks), T::kThreads, T::kSmemBytes, stream>>>(map, args);
-    return CheckLaunch("marlin wgmma kernel");
-  }
-  auto kernel = MarlinWgmmaKernel<BM, C, STAGES, BLOCKS, true>;
-  static SmemLimit smem_limit;
+  auto kernel = MarlinWgmmaKernel<BM, C, STAGES, BLOCKS, kReduce>;
+  static SmemLimit smem_limit;  // one per instantiation
   JAX_MXFP8_CUDA_RETURN_IF_ERROR(AllowSmem(kernel, T::kSmemBytes, smem_limit));
   cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(static_cast<unsigned>(blocks));
+  config.gridDim = dim3(blocks);
   config.blockDim = dim3(T::kThreads);
   config.dynamicSmemBytes = T::kSmemBytes;
   config.stream = stream;
@@ -454,22 +479,50 @@ ffi::Error LaunchWgmma(cudaStream_t stream, const CUtensorMap& map, WgmmaArgs ar
   cluster.val.clusterDim.y = 1;
   cluster.val.clusterDim.z = 1;
   config.attrs = &cluster;
-  config.numAttrs = 1;
+  config.numAttrs = kReduce == Reduce::kCluster ? 1 : 0;
   JAX_MXFP8_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&config, kernel, map, args));
-  return CheckLaunch("marlin wgmma kernel (K splits in a cluster)");
+  return CheckLaunch("marlin wgmma kernel");
+}
+
+template <int BM, int C, int STAGES, int BLOCKS>
+ffi::Error LaunchWgmma(cudaStream_t stream, const CUtensorMap& map, WgmmaArgs args, bool cluster,
+                       ffi::Result<ffi::Buffer<ffi::U8>>& workspace) {
+  using T = WgTile<BM, C, STAGES, BLOCKS>;
+  if (args.n % T::kBN != 0)
+    return ffi::Error::InvalidArgument("marlin wgmma: N=" + std::to_string(args.n) +
+                                       " is not a multiple of the block width " + std::to_string(T::kBN));
+  args.m_tiles = (args.m + BM - 1) / BM;
+  const long long tiles = static_cast<long long>(args.n / T::kBN) * args.m_tiles;
+  if (tiles * args.splits > 0x7FFFFFFF) return ffi::Error::InvalidArgument("marlin wgmma: grid too large");
+  const unsigned blocks = static_cast<unsigned>(tiles * args.splits);
+  if (args.splits == 1) return LaunchWgmmaKernel<BM, C, STAGES, BLOCKS, Reduce::kNone>(stream, map, args, blocks);
+  if (cluster) return LaunchWgmmaKernel<BM, C, STAGES, BLOCKS, Reduce::kCluster>(stream, map, args, blocks);
+  // Counters, then the partial tiles (WgmmaWorkspaceBytes; marlin.py's wgmma_workspace_bytes).
+  const size_t counter_bytes = (static_cast<size_t>(tiles) * 4 + 255) / 256 * 256;
+  const size_t partial_bytes = static_cast<size_t>(tiles) * args.splits * BM * T::kBN * 4;
+  if (workspace->element_count() < counter_bytes + partial_bytes)
+    return ffi::Error::InvalidArgument("marlin wgmma: workspace of " +
+                                       std::to_string(workspace->element_count()) + " bytes < the " +
+                                       std::to_string(counter_bytes + partial_bytes) + " needed");
+  uint8_t* ws = workspace->typed_data();
+  args.counters = reinterpret_cast<int32_t*>(ws);
+  args.partial = reinterpret_cast<float*>(ws + counter_bytes);
+  JAX_MXFP8_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(ws, 0, counter_bytes, stream));
+  return LaunchWgmmaKernel<BM, C, STAGES, BLOCKS, Reduce::kWorkspace>(stream, map, args, blocks);
 }
 
 // The configurations jax_mxfp8/backends/marlin.py may ask for (WGMMA_CONFIGS there): x rows
 // per block, consumer warpgroups, blocks per SM.
 ffi::Error DispatchWgmma(cudaStream_t stream, const CUtensorMap& map, const WgmmaArgs& args, int bm,
-                         int c, int blocks_per_sm) {
+                         int c, int blocks_per_sm, bool cluster,
+                         ffi::Result<ffi::Buffer<ffi::U8>>& ws) {
   switch (bm * 100 + c * 10 + blocks_per_sm) {
-    case 6412: return LaunchWgmma<64, 1, 8, 2>(stream, map, args);
-    case 12812: return LaunchWgmma<128, 1, 5, 2>(stream, map, args);
-    case 6421: return LaunchWgmma<64, 2, 8, 1>(stream, map, args);
-    case 6422: return LaunchWgmma<64, 2, 6, 2>(stream, map, args);
-    case 12821: return LaunchWgmma<128, 2, 8, 1>(stream, map, args);
-    case 25621: return LaunchWgmma<256, 2, 5, 1>(stream, map, args);
+    case 6412: return LaunchWgmma<64, 1, 8, 2>(stream, map, args, cluster, ws);
+    case 12812: return LaunchWgmma<128, 1, 5, 2>(stream, map, args, cluster, ws);
+    case 6421: return LaunchWgmma<64, 2, 8, 1>(stream, map, args, cluster, ws);
+    case 6422: return LaunchWgmma<64, 2, 6, 2>(stream, map, args, cluster, ws);
+    case 12821: return LaunchWgmma<128, 2, 8, 1>(stream, map, args, cluster, ws);
+    case 25621: return LaunchWgmma<256, 2, 5, 1>(stream, map, args, cluster, ws);
     default:
       return ffi::Error::InvalidArgument("marlin wgmma: no compiled configuration for block_m=" +
                                          std::to_string(bm) + ", consumers=" + std::to_string(c) +
@@ -483,17 +536,19 @@ bool BuiltForSm90a() {
 
 ffi::Error MarlinWgmmaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U8> qweight,
                            ffi::Buffer<ffi::U8> scales, ffi::Buffer<ffi::S32> flags,
-                           ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> y, int32_t block_m,
-                           int32_t consumers, int32_t blocks_per_sm, int32_t splits) {
+                           ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> y,
+                           ffi::Result<ffi::Buffer<ffi::U8>> workspace, int32_t block_m,
+                           int32_t consumers, int32_t blocks_per_sm, int32_t splits, int32_t cluster) {
   PackedGemm g;
   JAX_MXFP8_RETURN_IF_ERROR(CheckPackedGemm("marlin wgmma", x, qweight, scales, flags, bias, *y, g));
   if (g.x_type != kBF16)
     return ffi::Error::InvalidArgument("marlin wgmma: x must be bfloat16 (fp16 x uses the mma.sync kernel)");
   const int64_t m = g.m, k = g.k, n = g.n;
   if (m == 0) return ffi::Error::Success();
-  if (splits < 1 || splits > kMaxSplits || splits > k / kBK)
-    return ffi::Error::InvalidArgument("marlin wgmma: splits=" + std::to_string(splits) +
-                                       " must be in [1, min(8, K/64 = " + std::to_string(k / kBK) + ")]");
+  const int max_splits = cluster ? kMaxClusterSplits : kMaxSplits;
+  if (splits < 1 || splits > max_splits || splits > k / kBK)
+    return ffi::Error::InvalidArgument("marlin wgmma: splits=" + std::to_string(splits) + " must be in [1, min(" +
+                                       std::to_string(max_splits) + ", K/64 = " + std::to_string(k / kBK) + ")]");
   int device = 0, major = 0, minor = 0;
   JAX_MXFP8_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
   JAX_MXFP8_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
@@ -518,7 +573,7 @@ ffi::Error MarlinWgmmaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ff
   args.splits = splits;
   CUtensorMap map;
   JAX_MXFP8_RETURN_IF_ERROR(EncodeX(&map, x.untyped_data(), m, k, block_m));
-  return DispatchWgmma(stream, map, args, block_m, consumers, blocks_per_sm);
+  return DispatchWgmma(stream, map, args, block_m, consumers, blocks_per_sm, cluster != 0, workspace);
 }
 
 }  // namespace
@@ -532,10 +587,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MarlinWgmmaHandler, MarlinWgmmaImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()  // flags [1]
                                   .Arg<ffi::AnyBuffer>()         // bias [N] or [0]
                                   .Ret<ffi::AnyBuffer>()         // y [M, N]
+                                  .Ret<ffi::Buffer<ffi::U8>>()   // workspace (K splits, cluster = 0)
                                   .Attr<int32_t>("block_m")
                                   .Attr<int32_t>("consumers")
                                   .Attr<int32_t>("blocks_per_sm")
-                                  .Attr<int32_t>("splits"),     // K splits, one cluster per tile
+                                  .Attr<int32_t>("splits")       // K splits of each output tile
+                                  .Attr<int32_t>("cluster"),     // 1: summed in a cluster (<= 8 splits)
                               {ffi::Traits::kCmdBufferCompatible});
 
 JAX_MXFP8_REGISTER_CUDA_TARGET("jax_mxfp8_marlin_wgmma_cuda", MarlinWgmmaHandler);

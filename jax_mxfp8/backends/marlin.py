@@ -254,7 +254,7 @@ class WgmmaConfig(NamedTuple):
 
 WGMMA_CONFIGS = (WgmmaConfig(64, 1, 2), WgmmaConfig(128, 1, 2), WgmmaConfig(64, 2, 1),
                  WgmmaConfig(64, 2, 2), WgmmaConfig(128, 2, 1), WgmmaConfig(256, 2, 1))
-MAX_WGMMA_SPLITS = 8  # K splits of a tile form one thread-block cluster (portable size)
+MAX_WGMMA_SPLITS = 64  # K splits summed through the workspace (8 in a cluster: MAX_CLUSTER_SPLITS)
 
 
 def wgmma_config(block_m: int, consumers: int, blocks_per_sm: int | None = None) -> WgmmaConfig:
@@ -268,26 +268,50 @@ def wgmma_config(block_m: int, consumers: int, blocks_per_sm: int | None = None)
 
 
 def _wgmma_abstract(x, qweight, scales, flags, bias, *, block_m, consumers, blocks_per_sm, splits,
-                    out_dtype, has_bias):
+                    cluster, out_dtype, has_bias):
     base.check_dtype("marlin wgmma x", x.dtype, (jnp.bfloat16,),
                      "The wgmma kernel takes bf16 activations; fp16 uses the mma.sync kernel.")
     m, k, n = _check_packed("marlin wgmma", x, qweight, scales, flags, bias, has_bias, 64 * consumers)
     wgmma_config(block_m, consumers, blocks_per_sm)
-    if not 1 <= splits <= min(MAX_WGMMA_SPLITS, k // TILE):
-        raise ValueError(f"marlin wgmma: splits={splits} must be in [1, min({MAX_WGMMA_SPLITS}, "
-                         f"K/64 = {k // TILE})]")
+    most = MAX_CLUSTER_SPLITS if cluster else MAX_WGMMA_SPLITS
+    if not 1 <= splits <= min(most, k // TILE):
+        raise ValueError(f"marlin wgmma: splits={splits} must be in [1, min({most}, K/64 = "
+                         f"{k // TILE})]" + (" with cluster=True" if cluster else ""))
     return ShapedArray((m, n), out_dtype)
+
+
+def wgmma_workspace_bytes(m: int, n: int, block_m: int, consumers: int, splits: int,
+                          cluster: bool) -> int:
+    """The wgmma kernel's hidden scratch output (mirrors LaunchWgmma): K splits summed through
+    global memory need a counter per output tile and every split's fp32 partial tile."""
+    if splits == 1 or cluster or m == 0:
+        return 256
+    tiles = -(-m // block_m) * (n // (64 * consumers))
+    return _round_up(tiles * 4, 256) + splits * tiles * block_m * 64 * consumers * 4
+
+
+def _wgmma_cuda(ctx, x, qweight, scales, flags, bias, *, block_m, consumers, blocks_per_sm, splits,
+                cluster, out_dtype, has_bias):
+    if not _ffi.has_cuda_target(WGMMA_TARGET):
+        return mlir.lower_fun(functools.partial(_gemm_reference, out_dtype=out_dtype,
+                                                has_bias=has_bias), multiple_results=False)(
+            ctx, x, qweight, scales, flags, bias)
+    _ffi.register_cuda_targets()
+    m = ctx.avals_in[0].shape[0]
+    n = ctx.avals_out[0].shape[1]
+    ws = ShapedArray((wgmma_workspace_bytes(m, n, block_m, consumers, splits, cluster),), jnp.uint8)
+    hidden = ctx.replace(avals_out=[ctx.avals_out[0], ws])  # workspace: a hidden extra result
+    results = jax.ffi.ffi_lowering(WGMMA_TARGET)(
+        hidden, x, qweight, scales, flags, bias, block_m=np.int32(block_m),
+        consumers=np.int32(consumers), blocks_per_sm=np.int32(blocks_per_sm),
+        splits=np.int32(splits), cluster=np.int32(cluster))
+    return list(results)[:1]
 
 
 marlin_wgmma_p = base.define_primitive(
     "mxfp8_marlin_wgmma_gemm", abstract_eval=_wgmma_abstract, reference=_gemm_reference,
     batcher=lambda args, dims, **params: _batch_gemm(marlin_wgmma_p)(args, dims, **params),
-    multiple_results=False,
-    lowerings={"cuda": base.cuda_ffi_lowering(
-        WGMMA_TARGET, _gemm_reference, False,
-        attrs=lambda block_m, consumers, blocks_per_sm, splits, out_dtype, has_bias: {
-            "block_m": np.int32(block_m), "consumers": np.int32(consumers),
-            "blocks_per_sm": np.int32(blocks_per_sm), "splits": np.int32(splits)})})
+    multiple_results=False, lowerings={"cuda": _wgmma_cuda})
 
 
 def device_has_wgmma() -> bool:
@@ -348,17 +372,18 @@ def gemm(x, qweight, scales, flags, bias=None, *, m_blocks, warps_n, splits, out
 
 
 def gemm_sm90(x, qweight, scales, flags, bias=None, *, block_m, consumers, out_dtype,
-              blocks_per_sm=None, splits=1):
-    """One launch of the sm_90a wgmma kernel with an explicit configuration (tests, tuning);
-    splits > 1 divides K among the blocks of a thread-block cluster, summed in the cluster."""
+              blocks_per_sm=None, splits=1, cluster=False):
+    """One launch of the sm_90a wgmma kernel with an explicit configuration (tests, tuning).
+    splits > 1 divides K among that many blocks per output tile, whose partials are summed in
+    split order through a workspace, or with cluster=True in a thread-block cluster."""
     config = wgmma_config(int(block_m), int(consumers), blocks_per_sm)
     has_bias = bias is not None
     if bias is None:
         bias = jnp.zeros((0,), x.dtype)
     return marlin_wgmma_p.bind(x, qweight, scales, flags, bias, block_m=config.block_m,
                                consumers=config.consumers, blocks_per_sm=config.blocks_per_sm,
-                               splits=int(splits), out_dtype=jnp.dtype(out_dtype),
-                               has_bias=has_bias)
+                               splits=int(splits), cluster=bool(cluster) and splits > 1,
+                               out_dtype=jnp.dtype(out_dtype), has_bias=has_bias)
 
 
 def dequantize_packed(qweight, scales, n_begin: int = 0, rows: int | None = None):
@@ -583,7 +608,7 @@ def _linear(x, weight, bias, out_dtype, quantize_activations):
     elif plan.kind == "wgmma":
         y = gemm_sm90(x, a["qweight"], a["scales"], a["flags"], bias, block_m=plan.block_m,
                       consumers=plan.consumers, blocks_per_sm=plan.blocks_per_sm,
-                      splits=plan.splits, out_dtype=out_dtype)
+                      splits=plan.splits, cluster=plan.cluster, out_dtype=out_dtype)
     else:
         y = _dequant_dot(x, a, bias, out_dtype)
     return y[:, :n] if n_pad != n else y
