@@ -557,7 +557,7 @@ def run_wgmma(x, arrays, bias, *, config, out_dtype, splits=1, cluster=False):
 def test_wgmma_every_config_vs_float64(config, m):
     """K = 1536 cycles every stage ring several times; M tails inside a block and across blocks."""
     rng, seed = fresh_rng()
-    n, k = 384, 1536
+    n, k = 768, 1536  # a multiple of every config's block width (256 at most)
     codes, scales = random_weight(rng, n, k)
     arrays, _ = prepare(codes, scales)
     x = rng.standard_normal((m, k)).astype(ml_dtypes.bfloat16)
@@ -575,7 +575,7 @@ def test_wgmma_k_splits_vs_float64(config, splits, cluster):
     a cluster through distributed shared memory or by the last block through the workspace;
     M tails inside a block and across blocks."""
     rng, seed = fresh_rng()
-    n, k = 384, 1536
+    n, k = 768, 1536  # a multiple of every config's block width (256 at most)
     codes, scales = random_weight(rng, n, k)
     arrays, _ = prepare(codes, scales)
     for m in (1, 100, 300):
@@ -587,7 +587,8 @@ def test_wgmma_k_splits_vs_float64(config, splits, cluster):
 
 
 @needs_wgmma
-@pytest.mark.parametrize("n,k,config", [(64, 64, (64, 1)), (128, 64, (256, 2)), (128, 128, (128, 2)),
+@pytest.mark.parametrize("n,k,config", [(64, 64, (64, 1)), (256, 128, (64, 4)), (128, 64, (256, 2)),
+                                        (128, 128, (128, 2)),
                                         (192, 320, (128, 1)), (4096, 1024, (256, 2))])
 @pytest.mark.parametrize("out_dtype,bias_dtype", [(jnp.bfloat16, ml_dtypes.bfloat16),
                                                   (jnp.float16, np.float16),

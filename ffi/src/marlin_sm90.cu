@@ -69,8 +69,9 @@ struct WgTile {
   // consumers' budgets together stay within what the block got at launch (kThreads x the
   // per-thread count __launch_bounds__ allows, a multiple of 8).
   static constexpr int kLaunchRegs = (65536 / (BLOCKS * kThreads)) / 8 * 8;
-  static constexpr int kProducerRegs = BLOCKS == 1 || C == 1 ? 40 : 32;
-  static constexpr int kConsumerRegs = C == 1 ? 208 : BLOCKS == 1 ? 232 : 104;
+  static constexpr int kProducerRegs = C == 1 || (BLOCKS == 1 && C == 2) ? 40 : 32;
+  static constexpr int kFreeRegs = (kLaunchRegs * kThreads - 128 * kProducerRegs) / (128 * C) / 8 * 8;
+  static constexpr int kConsumerRegs = C == 1 ? 208 : kFreeRegs < 232 ? kFreeRegs : 232;
   static_assert(kOutBytes <= kBarOff, "the epilogue tile reuses the pipeline buffers");
   static_assert(kXBytes % 1024 == 0 && kBarOff % 8 == 0, "alignment");
   static_assert(BM % 64 == 0 && BM <= 256, "wgmma N and the TMA box");
@@ -277,13 +278,11 @@ __device__ __forceinline__ void ConsumeStage(float (&acc)[T::kBM / 2], uint32_t 
   for (int ks = 0; ks < 4; ++ks) WgmmaRS<T::kBM>::Mma(acc, frag[ks], desc[ks]);
   WgmmaCommit();
   WgmmaWait<1>();  // stage kt - 1's group is done: its register buffer and its slot are free
-  if (kt >= 1) {
-    // No one reads kt - 1's slot any more (our loads of it were consumed, its wgmmas are
-    // complete); the proxy fence orders those generic-proxy reads before the copy engine's
-    // next writes to the slot.
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-    if (lane == 0) MbarArrive(empty0 + 8 * ((kt - 1) % STAGES));
-  }
+  // No one reads kt - 1's slot any more: our loads of it were consumed by the dequantization,
+  // its wgmmas are complete. The producer waits on this barrier before refilling the slot
+  // (CUTLASS's TMA pipelines release a slot the same way, with no proxy fence: one here cost a
+  // MEMBAR per stage).
+  if (kt >= 1 && lane == 0) MbarArrive(empty0 + 8 * ((kt - 1) % STAGES));
 }
 
 template <typename T, bool kGeneral>
@@ -522,6 +521,7 @@ ffi::Error DispatchWgmma(cudaStream_t stream, const CUtensorMap& map, const Wgmm
     case 6421: return LaunchWgmma<64, 2, 8, 1>(stream, map, args, cluster, ws);
     case 6422: return LaunchWgmma<64, 2, 6, 2>(stream, map, args, cluster, ws);
     case 12821: return LaunchWgmma<128, 2, 8, 1>(stream, map, args, cluster, ws);
+    case 6441: return LaunchWgmma<64, 4, 8, 1>(stream, map, args, cluster, ws);
     case 25621: return LaunchWgmma<256, 2, 5, 1>(stream, map, args, cluster, ws);
     default:
       return ffi::Error::InvalidArgument("marlin wgmma: no compiled configuration for block_m=" +

@@ -253,7 +253,8 @@ class WgmmaConfig(NamedTuple):
 
 
 WGMMA_CONFIGS = (WgmmaConfig(64, 1, 2), WgmmaConfig(128, 1, 2), WgmmaConfig(64, 2, 1),
-                 WgmmaConfig(64, 2, 2), WgmmaConfig(128, 2, 1), WgmmaConfig(256, 2, 1))
+                 WgmmaConfig(64, 2, 2), WgmmaConfig(128, 2, 1), WgmmaConfig(256, 2, 1),
+                 WgmmaConfig(64, 4, 1))
 MAX_WGMMA_SPLITS = 64  # K splits summed through the workspace (8 in a cluster: MAX_CLUSTER_SPLITS)
 
 
