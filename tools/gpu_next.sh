@@ -6,7 +6,8 @@
 # `bash tools/gpu_next.sh wgmma`: build, the sm_90a kernel's tests, sanitizers and sweep.
 # `tune90`: Marlin tests, wgmma sanitizers, both sweeps; `table90`: the issue's table + memory
 # extras; `ncu`: ncu sections of one wgmma launch at M = 64 and M = 1024. `split90`: the wgmma
-# tests, memcheck, and the sweep of configs x K splits at small M.
+# tests, memcheck, and the sweep of configs x K splits at small M. `final90`: the whole suite
+# (4 workers), both sanitizers on every Marlin kernel, prepare/memory extras.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-$PWD/gpu_out}"; mkdir -p "$out"
@@ -101,6 +102,13 @@ case "${1:-check}" in
         --out "$out/$shape" --shapes "$shape" --ms ${ms//,/ } --few-peers \
         --wgmma-splits ${SPLITS:-1 2 3 4 6 8}
     done ;;
+  final90)
+    TAIL=6 step tests_all 280 python3 -P -m pytest -q -n 4 --dist loadfile -p no:cacheprovider tests
+    TAIL=4 step memcheck 90 compute-sanitizer --tool memcheck --kernel-name kns=Marlin \
+      python3 -P tools/marlin_dev.py sanitize --ms 3 200 --wgmma --bf16-only
+    TAIL=4 step racecheck 90 compute-sanitizer --tool racecheck --kernel-name kns=Marlin \
+      python3 -P tools/marlin_dev.py sanitize --ms 3 200 --wgmma --bf16-only
+    TAIL=12 step extras 90 python3 -P tools/marlin_dev.py extras ;;
   bench)
     TAIL=80 step bench 540 python3 -P tools/marlin_dev.py bench --out "$out" ;;
 esac

@@ -459,7 +459,7 @@ def extras(args) -> int:
         bool(jnp.array_equal(jax.lax.bitcast_convert_type(vals, jnp.uint8),
                              jax.lax.bitcast_convert_type(values, jnp.uint8)) and jnp.array_equal(sc, scales)))
     del vals, sc
-    for m in (16, 256, 1024, 4096):
+    for m in (16, 64, 256, 1024, 4096):
         x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
         for name, fn, wargs in (("marlin", lambda x, p: mx.linear(x, p), (prepared,)),
                                 ("emulation", lambda x, v, s: reference.linear(x, v, s), (values, scales))):

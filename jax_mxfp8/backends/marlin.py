@@ -489,36 +489,54 @@ def _rule_plan(m: int, n: int, k: int, sms: int, clusters: bool) -> Plan:
 
 
 # bf16 x on an sm_90a GPU (H100/H200): the wgmma kernel replaces dequantize + cuBLAS at every
-# M and the mma.sync kernel above 128 rows, and from WGMMA_MIN_M rows where N gives most SMs a
-# 128-column block per 64 rows of x. H200 sweeps (RESULTS.md, 2026-11-30): 1.1-2.3x faster than
-# the emulation path from M = 128 up; below 128 rows the mma.sync kernel wins on narrow weights
-# (4096 x 4096 at M <= 128, 8192 x 8192 at M = 64) and loses on wide ones (14336 and 28672
-# columns at M = 64).
+# M and the mma.sync kernel above WGMMA_MIN_M rows. H200 sweeps (RESULTS.md, 2026-11-30 fourth
+# and fifth sessions): from 33 rows the 64-row configurations with four (or two) consumer
+# warpgroups per SM, K-split where N gives too few tiles, beat the mma.sync kernel on every
+# swept shape (1.1-1.5x at M = 64); at M <= 32 the mma.sync kernel is as fast or faster.
 WGMMA_MIN_M = 32
+# A K split keeps at least this many 64-deep stages: shorter ones spend more of their time
+# filling the pipeline and summing partials than streaming the weight (sweeps: 8 stages lost).
+WGMMA_MIN_SPLIT_STAGES = 12
 
 
 def wgmma_wins(m: int, n: int, sms: int) -> bool:
     """Whether the wgmma kernel beats the mma.sync kernel for bf16 x (rule from the sweeps)."""
-    if m > 128:
-        return True
-    return m > WGMMA_MIN_M and (n // 128) * -(-m // 64) >= 0.8 * sms
+    return m > WGMMA_MIN_M
 
 
-def _wgmma_plan(m: int, n: int, sms: int) -> Plan:
-    """The largest block (x rows x weight rows) that still gives ~one block per SM: larger
-    blocks dequantize each weight tile for more rows of x and feed wgmma longer instructions;
-    fewer blocks than SMs leave tensor cores idle. Blocks wider than M (rounded to 64) only
-    add zero rows. On the H200 sweeps this picks the fastest configuration for every swept
-    shape and M (`python tools/check_wgmma_rule.py <wgmma_sweep.json>`)."""
+def _wgmma_splits(tiles: int, k: int, slots: int) -> tuple[int, bool]:
+    """(splits, cluster) for `tiles` output tiles and `slots` resident blocks: the most K splits
+    whose blocks all fit at once (<= 8, >= WGMMA_MIN_SPLIT_STAGES stages each); summed in a
+    cluster when its blocks are easy to place (pairs, or under 3/4 of the slots: a cluster needs
+    all its blocks in one GPC, and larger ones left blocks waiting for a second wave on the
+    H200), else through the workspace."""
+    most = max(1, min(MAX_CLUSTER_SPLITS, k // TILE // WGMMA_MIN_SPLIT_STAGES))
+    splits = 1
+    while splits < most and tiles * (splits + 1) <= slots:
+        splits += 1
+    return splits, splits > 1 and (splits == 2 or tiles * splits <= 0.75 * slots)
+
+
+def _wgmma_plan(m: int, n: int, k: int, sms: int) -> Plan:
+    """M <= 64: the widest 64-row configuration N allows (four consumer warpgroups per SM
+    read x once per 256 weight rows). Above: the largest block (x rows x weight rows) that
+    still gives ~one block per SM (larger blocks dequantize each weight tile for more rows of
+    x), else the largest one. Blocks wider than M (rounded to 64) only add zero rows. Then K
+    splits where the tiles leave SMs idle. `python tools/check_wgmma_rule.py` compares this
+    with a sweep."""
     fits = [c for c in WGMMA_CONFIGS
             if n % (64 * c.consumers) == 0 and c.block_m <= max(64, _round_up(m, 64))]
-    fits.sort(key=lambda c: (-c.block_m * c.consumers, -c.block_m))
-    for c in fits:
-        if (n // (64 * c.consumers)) * -(-m // c.block_m) >= 0.8 * sms:
-            return Plan("wgmma", block_m=c.block_m, consumers=c.consumers,
-                        blocks_per_sm=c.blocks_per_sm)
-    c = fits[-1]  # the smallest block: the most parallel
-    return Plan("wgmma", block_m=c.block_m, consumers=c.consumers, blocks_per_sm=c.blocks_per_sm)
+    if m <= 64:
+        c = max(fits, key=lambda c: (c.consumers, c.blocks_per_sm))
+    else:
+        fits.sort(key=lambda c: (-c.block_m * c.consumers, -c.block_m))
+        c = next((c for c in fits if (n // (64 * c.consumers)) * -(-m // c.block_m) >= 0.8 * sms),
+                 fits[-1])  # none fills the SMs: the smallest block, the most parallel
+    tiles = (n // (64 * c.consumers)) * -(-m // c.block_m)
+    # K splits were swept up to M = 128 only; above it the unsplit plan is the measured one.
+    splits, cluster = _wgmma_splits(tiles, k, sms * c.blocks_per_sm) if m <= 128 else (1, False)
+    return Plan("wgmma", splits=splits, cluster=cluster, block_m=c.block_m,
+                consumers=c.consumers, blocks_per_sm=c.blocks_per_sm)
 
 
 def choose_plan(m: int, n: int, k: int, x_dtype, sms: int | None = None,
@@ -537,7 +555,7 @@ def choose_plan(m: int, n: int, k: int, x_dtype, sms: int | None = None,
     sms = sms or _sm_count()
     if x_dtype == jnp.bfloat16 and wgmma_wins(m, n, sms):
         if device_has_wgmma() if wgmma is None else wgmma:
-            return _wgmma_plan(m, n, sms)
+            return _wgmma_plan(m, n, k, sms)
     if x_dtype not in KERNEL_DTYPES or (x_dtype == jnp.bfloat16 and m > MAX_KERNEL_M):
         return Plan("dequant_dot")
     clusters = device_has_clusters() if clusters is None else clusters
