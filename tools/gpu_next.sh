@@ -87,12 +87,12 @@ case "${1:-check}" in
     [ -n "${MEMCHECK:-}" ] && TAIL=4 step memcheck 60 compute-sanitizer --tool memcheck \
       --kernel-name kns=Marlin python3 -P tools/marlin_dev.py sanitize --ms 3 33 --bf16-only ;;
   ncu)  # where the wgmma kernel's time goes: one launch per case, ncu's stall and throughput sections
-    for case in "28672 8192 64 64 2" "28672 8192 1024 256 2"; do
-      set -- $case
-      TAIL=60 step "ncu_$3_$4x$5" 120 ncu --clock-control none --kernel-name regex:MarlinWgmma \
+    for case in ${NCU_CASES:-28672,8192,64,64,2 28672,8192,1024,256,2}; do  # N,K,M,BM,C[,BLOCKS[,SPLITS]]
+      set -- ${case//,/ }
+      TAIL=60 step "ncu_$1_$3_$4x$5${7:+s$7}" 120 ncu --clock-control none --kernel-name regex:MarlinWgmma \
         --launch-skip 2 --launch-count 1 --section SpeedOfLight --section WarpStateStats \
         --section SchedulerStats --section MemoryWorkloadAnalysis --section Occupancy \
-        python3 -P tools/ncu_wgmma.py $case
+        python3 -P tools/ncu_wgmma.py "$@"
     done ;;
   split90)  # wgmma tests + memcheck, then configs x K splits (cluster) at small M, bf16 + mma.sync peers
     TAIL=8 step tests_wgmma 150 python3 -P -m pytest -q -x -p no:cacheprovider tests/test_marlin.py -k wgmma
