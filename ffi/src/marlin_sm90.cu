@@ -20,7 +20,9 @@
 // cores run the previous stage's four wgmmas (two register buffers, at most two stage groups in
 // flight; a first version with one k16 step per group was 1.1-1.6x slower at BM = 64 on the
 // H200). Epilogue: the fp32 tile is transposed through shared memory and stored row by row
-// with the bias, rounded once.
+// with the bias, rounded once. Where N gives too few tiles for the SMs, K is split among
+// several blocks per tile (MarlinWgmmaKernel), and 1, 2 or 4 consumers with 1 or 2 blocks per
+// SM trade x reuse against parallelism (DispatchWgmma; marlin.py picks per shape and M).
 #include <cuda.h>  // CUtensorMap; the encoder is fetched through the runtime (no -lcuda)
 #include <cudaTypedefs.h>
 #include <cuda_bf16.h>
@@ -76,7 +78,7 @@ struct WgTile {
   static_assert(kXBytes % 1024 == 0 && kBarOff % 8 == 0, "alignment");
   static_assert(BM % 64 == 0 && BM <= 256, "wgmma N and the TMA box");
   static_assert(128 * kProducerRegs + 128 * C * kConsumerRegs <= kLaunchRegs * kThreads, "registers");
-  static_assert(BLOCKS * (kSmemBytes + 1024) <= 233472, "shared memory per SM (228 KiB, 1 KiB reserved per block)");
+  static_assert(BLOCKS * (kSmemBytes + 1024) <= 233472, "228 KiB shared memory per SM, 1 KiB per block");
 };
 
 struct WgmmaArgs {
@@ -239,9 +241,10 @@ struct ConsumerView {
         sbyte(2 * (wi & 1)) {}
 };
 
-// One stage kt (counted from the block's first): dequantize its four k16 A fragments into `frag` (free: the group that read it,
-// stage kt - 2, was retired by the previous stage's wait), then issue its four wgmmas as one
-// group, which runs while the next stage is dequantized.
+// One stage kt (counted from the block's first): dequantize its four k16 A fragments into
+// `frag` (free: the group that read it, stage kt - 2, was retired by the previous stage's
+// wait), then issue its four wgmmas as one group, which runs while the next stage is
+// dequantized.
 template <typename T, bool kGeneral>
 __device__ __forceinline__ void ConsumeStage(float (&acc)[T::kBM / 2], uint32_t (&frag)[4][4],
                                              const uint8_t* smem, uint32_t sbase, uint32_t full0,
@@ -359,10 +362,14 @@ __global__ void __launch_bounds__(WgTile<BM, C, STAGES, BLOCKS>::kThreads, BLOCK
     // Partials in accumulator order (float4 i of consumer thread ct at [i][ct]: coalesced).
     constexpr int kTileFloats = BM * T::kBN, kQuads = BM / 8;
     const size_t tiles = gridDim.x / a.splits;
-    float4* mine = reinterpret_cast<float4*>(a.partial + (split * tiles + tile) * kTileFloats);
+    const auto part = [&](int sp) {
+      return reinterpret_cast<float4*>(a.partial + (sp * tiles + tile) * kTileFloats) + ct;
+    };
+    const auto quad = [&](int i) {
+      return make_float4(acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3]);
+    };
 #pragma unroll
-    for (int i = 0; i < kQuads; ++i)
-      __stcg(mine + i * 128 * C + ct, make_float4(acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3]));
+    for (int i = 0; i < kQuads; ++i) __stcg(part(split) + i * 128 * C, quad(i));
     __threadfence();
     ConsumerBarrier(128 * C);
     int* last = reinterpret_cast<int*>(smem + T::kFlagOff);
@@ -374,9 +381,7 @@ __global__ void __launch_bounds__(WgTile<BM, C, STAGES, BLOCKS>::kThreads, BLOCK
     for (int i = 0; i < kQuads; ++i) {  // in place: quad i's own partial is read before it is replaced
       float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
       for (int sp = 0; sp < a.splits; ++sp) {  // split order, whichever block is last
-        const float4 u = sp == split ? make_float4(acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3])
-                                     : __ldcg(reinterpret_cast<const float4*>(a.partial + (sp * tiles + tile) * kTileFloats) +
-                                              i * 128 * C + ct);
+        const float4 u = sp == split ? quad(i) : __ldcg(part(sp) + i * 128 * C);
         v.x += u.x; v.y += u.y; v.z += u.z; v.w += u.w;
       }
       acc[4 * i] = v.x; acc[4 * i + 1] = v.y; acc[4 * i + 2] = v.z; acc[4 * i + 3] = v.w;
@@ -494,9 +499,10 @@ ffi::Error LaunchWgmma(cudaStream_t stream, const CUtensorMap& map, WgmmaArgs ar
   const long long tiles = static_cast<long long>(args.n / T::kBN) * args.m_tiles;
   if (tiles * args.splits > 0x7FFFFFFF) return ffi::Error::InvalidArgument("marlin wgmma: grid too large");
   const unsigned blocks = static_cast<unsigned>(tiles * args.splits);
-  if (args.splits == 1) return LaunchWgmmaKernel<BM, C, STAGES, BLOCKS, Reduce::kNone>(stream, map, args, blocks);
+  if (args.splits == 1)
+    return LaunchWgmmaKernel<BM, C, STAGES, BLOCKS, Reduce::kNone>(stream, map, args, blocks);
   if (cluster) return LaunchWgmmaKernel<BM, C, STAGES, BLOCKS, Reduce::kCluster>(stream, map, args, blocks);
-  // Counters, then the partial tiles (WgmmaWorkspaceBytes; marlin.py's wgmma_workspace_bytes).
+  // Counters, then the partial tiles (sized by marlin.py's wgmma_workspace_bytes).
   const size_t counter_bytes = (static_cast<size_t>(tiles) * 4 + 255) / 256 * 256;
   const size_t partial_bytes = static_cast<size_t>(tiles) * args.splits * BM * T::kBN * 4;
   if (workspace->element_count() < counter_bytes + partial_bytes)
@@ -547,8 +553,9 @@ ffi::Error MarlinWgmmaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ff
   if (m == 0) return ffi::Error::Success();
   const int max_splits = cluster ? kMaxClusterSplits : kMaxSplits;
   if (splits < 1 || splits > max_splits || splits > k / kBK)
-    return ffi::Error::InvalidArgument("marlin wgmma: splits=" + std::to_string(splits) + " must be in [1, min(" +
-                                       std::to_string(max_splits) + ", K/64 = " + std::to_string(k / kBK) + ")]");
+    return ffi::Error::InvalidArgument("marlin wgmma: splits=" + std::to_string(splits) +
+                                       " must be in [1, min(" + std::to_string(max_splits) +
+                                       ", K/64 = " + std::to_string(k / kBK) + ")]");
   int device = 0, major = 0, minor = 0;
   JAX_MXFP8_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
   JAX_MXFP8_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));

@@ -1,10 +1,10 @@
 """MARLIN: fused-dequant W8A16 GEMM for SM80+, tuned for H100 and H200.
 
 Two kernels read one packed weight: ffi/src/marlin.cu (mma.sync, SM80+, the small-M path) and
-ffi/src/marlin_sm90.cu (wgmma with the weight as the register operand, sm_90a GPUs, the larger-M
-path). prepare repacks [N, K] e4m3 values + [N, K/32] scales on the device (one jnp transpose)
+ffi/src/marlin_sm90.cu (wgmma with the weight as the register operand, sm_90a GPUs, M > 32).
+prepare repacks [N, K] e4m3 values + [N, K/32] scales on the device (one jnp transpose)
 into the tile layout; unprepare is its exact inverse. linear picks, at trace time from the static
-M: a wgmma block configuration (sm_90a, bf16 x, where wgmma_wins), an mma.sync tile
+M: a wgmma block configuration and K splits (sm_90a, bf16 x, where wgmma_wins), an mma.sync tile
 configuration (tile, K splits, and whether the splits reduce in a thread-block cluster), or, on
 GPUs without wgmma and for large M where a bf16 tensor-core GEMM wins, "dequantize the packed
 weight to bf16 (one kernel) + XLA dot", in column slices for large weights up to M = 2048 (the
