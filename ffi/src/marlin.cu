@@ -454,19 +454,8 @@ ffi::Error LaunchGemm(cudaStream_t stream, const GemmArgs& args) {
         "marlin: cluster=1 needs the kernel compiled for sm_90 or newer (this one runs code "
         "compiled for compute " + std::to_string(attributes.ptxVersion) + "); rebuild with "
         "CMAKE_CUDA_ARCHITECTURES including 90a, or use cluster=0");
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(static_cast<unsigned>(blocks));
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = T::kClusterSmemBytes;
-  config.stream = stream;
-  cudaLaunchAttribute cluster;
-  cluster.id = cudaLaunchAttributeClusterDimension;
-  cluster.val.clusterDim.x = static_cast<unsigned>(args.splits);  // divides the grid
-  cluster.val.clusterDim.y = 1;
-  cluster.val.clusterDim.z = 1;
-  config.attrs = &cluster;
-  config.numAttrs = 1;
-  JAX_MXFP8_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&config, kernel, args));
+  JAX_MXFP8_CUDA_RETURN_IF_ERROR(LaunchClustered(kernel, static_cast<unsigned>(blocks), kThreads,
+                                                 T::kClusterSmemBytes, stream, args.splits, args));
   return CheckLaunch("marlin gemm kernel (cluster)");
 }
 

@@ -116,6 +116,26 @@ __device__ __forceinline__ void StoreOut(const Args& a, int row, int col, float4
 
 // ---- host helpers --------------------------------------------------------------------------
 
+// kernel<<<blocks, threads, smem, stream>>>(args...), as clusters of `cluster` consecutive blocks
+// along x when cluster > 1 (the K splits of one output tile; `cluster` divides `blocks`).
+template <typename... Params, typename... Args>
+cudaError_t LaunchClustered(void (*kernel)(Params...), unsigned blocks, int threads, int smem,
+                            cudaStream_t stream, int cluster, Args... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(blocks);
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = static_cast<unsigned>(cluster);
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  config.attrs = &attr;
+  config.numAttrs = cluster > 1 ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, args...);
+}
+
 inline int DTypeOf(ffi::DataType t) {
   switch (t) {
     case ffi::DataType::BF16: return kBF16;

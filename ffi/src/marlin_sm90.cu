@@ -472,19 +472,8 @@ ffi::Error LaunchWgmmaKernel(cudaStream_t stream, const CUtensorMap& map, const 
   auto kernel = MarlinWgmmaKernel<BM, C, STAGES, BLOCKS, kReduce>;
   static SmemLimit smem_limit;  // one per instantiation
   JAX_MXFP8_CUDA_RETURN_IF_ERROR(AllowSmem(kernel, T::kSmemBytes, smem_limit));
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(blocks);
-  config.blockDim = dim3(T::kThreads);
-  config.dynamicSmemBytes = T::kSmemBytes;
-  config.stream = stream;
-  cudaLaunchAttribute cluster;
-  cluster.id = cudaLaunchAttributeClusterDimension;
-  cluster.val.clusterDim.x = static_cast<unsigned>(args.splits);  // divides the grid
-  cluster.val.clusterDim.y = 1;
-  cluster.val.clusterDim.z = 1;
-  config.attrs = &cluster;
-  config.numAttrs = kReduce == Reduce::kCluster ? 1 : 0;
-  JAX_MXFP8_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&config, kernel, map, args));
+  JAX_MXFP8_CUDA_RETURN_IF_ERROR(LaunchClustered(kernel, blocks, T::kThreads, T::kSmemBytes, stream,
+                                                 kReduce == Reduce::kCluster ? args.splits : 1, map, args));
   return CheckLaunch("marlin wgmma kernel");
 }
 
