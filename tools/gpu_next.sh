@@ -59,8 +59,8 @@ case "${1:-check}" in
     [ -n "${MEMCHECK:-}" ] && TAIL=4 step memcheck 60 compute-sanitizer --tool memcheck \
       --kernel-name kns=Marlin python3 -P tools/marlin_dev.py sanitize --ms 3 33
     TAIL=70 step bench 330 python3 -P tools/marlin_dev.py bench --out "$out" ${BENCH_ARGS:-} ;;
-  tests)  # just the named test files, then an optional sweep ($SWEEP_ARGS)
-    TAIL=6 step tests 400 python3 -P -m pytest -q -p no:cacheprovider ${TEST_FILES:-tests}
+  tests)  # just the named test files ($XDIST: e.g. "-n 4 --dist loadfile"), then an optional sweep
+    TAIL=6 step tests 400 python3 -P -m pytest -q ${XDIST:-} -p no:cacheprovider ${TEST_FILES:-tests}
     [ -n "${SWEEP_ARGS:-}" ] && TAIL=6 step sweep 120 python3 -P tools/marlin_dev.py sweep $SWEEP_ARGS ;;
   wgmma)  # the sm_90a kernel: its tests (stop at the first failure), sanitizers, the sweep
     TAIL=12 step tests_wgmma 200 python3 -P -m pytest -q -x -p no:cacheprovider tests/test_marlin.py -k wgmma
