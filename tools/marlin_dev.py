@@ -193,7 +193,12 @@ def plan_name(plan):
 
 
 def wgmma_name(cfg, splits=1, cluster=False):
-    return cfg.name + (f"s{splits}{'c' if cluster else ''}" if splits > 1 else "")
+    """w{block_m}x{consumers}, o{blocks_per_sm} where it is not the default occupancy of that
+    block, s{splits}[c] (K splits, summed in a cluster)."""
+    default = marlin.wgmma_config(cfg.block_m, cfg.consumers).blocks_per_sm
+    occupancy = f"o{cfg.blocks_per_sm}" if cfg.blocks_per_sm != default else ""
+    split = f"s{splits}{'c' if cluster else ''}" if splits > 1 else ""
+    return f"w{cfg.block_m}x{cfg.consumers}{occupancy}{split}"
 
 
 def sweep(args) -> int:

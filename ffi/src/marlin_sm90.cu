@@ -70,6 +70,8 @@ struct WgTile {
   // BLOCKS blocks per SM. setmaxnreg moves registers inside the block: the producer's and
   // consumers' budgets together stay within what the block got at launch (kThreads x the
   // per-thread count __launch_bounds__ allows, a multiple of 8).
+  // The producer keeps 40 (CUTLASS's budget) where the consumers still get >= 208, else 32;
+  // one consumer keeps the 208 its block was tuned with (216 would fit).
   static constexpr int kLaunchRegs = (65536 / (BLOCKS * kThreads)) / 8 * 8;
   static constexpr int kProducerRegs = C == 1 || (BLOCKS == 1 && C == 2) ? 40 : 32;
   static constexpr int kFreeRegs = (kLaunchRegs * kThreads - 128 * kProducerRegs) / (128 * C) / 8 * 8;

@@ -4,7 +4,7 @@ Two kernels read one packed weight: ffi/src/marlin.cu (mma.sync, SM80+, the smal
 ffi/src/marlin_sm90.cu (wgmma with the weight as the register operand, sm_90a GPUs, M > 32).
 prepare repacks [N, K] e4m3 values + [N, K/32] scales on the device (one jnp transpose)
 into the tile layout; unprepare is its exact inverse. linear picks, at trace time from the static
-M: a wgmma block configuration and K splits (sm_90a, bf16 x, where wgmma_wins), an mma.sync tile
+M: a wgmma block configuration and K splits (sm_90a, bf16 x, M > 32), an mma.sync tile
 configuration (tile, K splits, and whether the splits reduce in a thread-block cluster), or, on
 GPUs without wgmma and for large M where a bf16 tensor-core GEMM wins, "dequantize the packed
 weight to bf16 (one kernel) + XLA dot", in column slices for large weights up to M = 2048 (the
@@ -196,22 +196,27 @@ def _gemm_reference(x, qweight, scales, flags, bias, *, out_dtype, has_bias, **c
     return reference.linear(x, values, s, bias if has_bias else None, out_dtype=out_dtype)
 
 
-def _gemm_cuda(ctx, x, qweight, scales, flags, bias, *, m_blocks, warps_n, splits, cluster,
-               out_dtype, has_bias):
-    if not _ffi.has_cuda_target(GEMM_TARGET):
-        return mlir.lower_fun(functools.partial(
-            _gemm_reference, m_blocks=m_blocks, warps_n=warps_n, splits=splits, cluster=cluster,
-            out_dtype=out_dtype, has_bias=has_bias), multiple_results=False)(
-                ctx, x, qweight, scales, flags, bias)
+def _lower_with_workspace(ctx, target, workspace: int, operands, reference_params, **attrs):
+    """CUDA lowering of a GEMM primitive: its FFI target with a hidden uint8 workspace result
+    of `workspace` bytes (int32 attributes), or the jnp reference where the target is not built."""
+    if not _ffi.has_cuda_target(target):
+        return mlir.lower_fun(functools.partial(_gemm_reference, **reference_params),
+                              multiple_results=False)(ctx, *operands)
     _ffi.register_cuda_targets()
+    ws = ShapedArray((workspace,), jnp.uint8)
+    hidden = ctx.replace(avals_out=[ctx.avals_out[0], ws])  # workspace: a hidden extra result
+    results = jax.ffi.ffi_lowering(target)(hidden, *operands,
+                                           **{name: np.int32(v) for name, v in attrs.items()})
+    return list(results)[:1]
+
+
+def _gemm_cuda(ctx, *operands, m_blocks, warps_n, splits, cluster, out_dtype, has_bias):
     m, k = ctx.avals_in[0].shape
     n = ctx.avals_out[0].shape[1]
-    ws = ShapedArray((workspace_bytes(m, n, k, m_blocks, warps_n, splits, cluster),), jnp.uint8)
-    hidden = ctx.replace(avals_out=[ctx.avals_out[0], ws])  # workspace: a hidden extra result
-    results = jax.ffi.ffi_lowering(GEMM_TARGET)(
-        hidden, x, qweight, scales, flags, bias, m_blocks=np.int32(m_blocks),
-        warps_n=np.int32(warps_n), splits=np.int32(splits), cluster=np.int32(cluster))
-    return list(results)[:1]
+    return _lower_with_workspace(
+        ctx, GEMM_TARGET, workspace_bytes(m, n, k, m_blocks, warps_n, splits, cluster), operands,
+        {"out_dtype": out_dtype, "has_bias": has_bias}, m_blocks=m_blocks, warps_n=warps_n,
+        splits=splits, cluster=cluster)
 
 
 def _batch_gemm(prim):
@@ -246,10 +251,6 @@ class WgmmaConfig(NamedTuple):
     block_m: int
     consumers: int
     blocks_per_sm: int
-
-    @property
-    def name(self) -> str:
-        return f"w{self.block_m}x{self.consumers}" + ("o2" if self == WgmmaConfig(64, 2, 2) else "")
 
 
 WGMMA_CONFIGS = (WgmmaConfig(64, 1, 2), WgmmaConfig(128, 1, 2), WgmmaConfig(64, 2, 1),
@@ -291,22 +292,14 @@ def wgmma_workspace_bytes(m: int, n: int, block_m: int, consumers: int, splits: 
     return _round_up(tiles * 4, 256) + splits * tiles * block_m * 64 * consumers * 4
 
 
-def _wgmma_cuda(ctx, x, qweight, scales, flags, bias, *, block_m, consumers, blocks_per_sm, splits,
-                cluster, out_dtype, has_bias):
-    if not _ffi.has_cuda_target(WGMMA_TARGET):
-        return mlir.lower_fun(functools.partial(_gemm_reference, out_dtype=out_dtype,
-                                                has_bias=has_bias), multiple_results=False)(
-            ctx, x, qweight, scales, flags, bias)
-    _ffi.register_cuda_targets()
+def _wgmma_cuda(ctx, *operands, block_m, consumers, blocks_per_sm, splits, cluster, out_dtype,
+                has_bias):
     m = ctx.avals_in[0].shape[0]
     n = ctx.avals_out[0].shape[1]
-    ws = ShapedArray((wgmma_workspace_bytes(m, n, block_m, consumers, splits, cluster),), jnp.uint8)
-    hidden = ctx.replace(avals_out=[ctx.avals_out[0], ws])  # workspace: a hidden extra result
-    results = jax.ffi.ffi_lowering(WGMMA_TARGET)(
-        hidden, x, qweight, scales, flags, bias, block_m=np.int32(block_m),
-        consumers=np.int32(consumers), blocks_per_sm=np.int32(blocks_per_sm),
-        splits=np.int32(splits), cluster=np.int32(cluster))
-    return list(results)[:1]
+    return _lower_with_workspace(
+        ctx, WGMMA_TARGET, wgmma_workspace_bytes(m, n, block_m, consumers, splits, cluster),
+        operands, {"out_dtype": out_dtype, "has_bias": has_bias}, block_m=block_m,
+        consumers=consumers, blocks_per_sm=blocks_per_sm, splits=splits, cluster=cluster)
 
 
 marlin_wgmma_p = base.define_primitive(
@@ -499,11 +492,6 @@ WGMMA_MIN_M = 32
 WGMMA_MIN_SPLIT_STAGES = 12
 
 
-def wgmma_wins(m: int, n: int, sms: int) -> bool:
-    """Whether the wgmma kernel beats the mma.sync kernel for bf16 x (rule from the sweeps)."""
-    return m > WGMMA_MIN_M
-
-
 def _wgmma_splits(tiles: int, k: int, slots: int) -> tuple[int, bool]:
     """(splits, cluster) for `tiles` output tiles and `slots` resident blocks: the most K splits
     whose blocks all fit at once (<= 8, >= WGMMA_MIN_SPLIT_STAGES stages each); summed in a
@@ -547,13 +535,13 @@ def choose_plan(m: int, n: int, k: int, x_dtype, sms: int | None = None,
 
     fp32 x: dequantize + fp32 dot (the reference math). fp16 x: always the mma.sync kernel
     (the reference runs an fp32 GEMM for fp16, far slower than the kernel's two bf16 mma).
-    bf16 x: on an sm_90a GPU the wgmma kernel where wgmma_wins; otherwise the mma.sync
+    bf16 x: on an sm_90a GPU the wgmma kernel above WGMMA_MIN_M rows; otherwise the mma.sync
     kernel up to MAX_KERNEL_M rows, dequantize + bf16 cuBLAS above; the tile and K
     split come from the H100 or H200 table for their shapes, else from _rule_plan.
     """
     x_dtype = jnp.dtype(x_dtype)
     sms = sms or _sm_count()
-    if x_dtype == jnp.bfloat16 and wgmma_wins(m, n, sms):
+    if x_dtype == jnp.bfloat16 and m > WGMMA_MIN_M:  # the wgmma kernel wins (sweeps above)
         if device_has_wgmma() if wgmma is None else wgmma:
             return _wgmma_plan(m, n, k, sms)
     if x_dtype not in KERNEL_DTYPES or (x_dtype == jnp.bfloat16 and m > MAX_KERNEL_M):
