@@ -7,7 +7,8 @@
 # `tune90`: Marlin tests, wgmma sanitizers, both sweeps; `table90`: the issue's table + memory
 # extras; `ncu`: ncu sections of one wgmma launch at M = 64 and M = 1024. `split90`: the wgmma
 # tests, memcheck, and the sweep of configs x K splits at small M. `final90`: the whole suite
-# (4 workers), both sanitizers on every Marlin kernel, prepare/memory extras.
+# (4 workers), both sanitizers on every Marlin kernel, prepare/memory extras. `trace`: per-block
+# timelines of wgmma launches (TRACE_CASES).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-$PWD/gpu_out}"; mkdir -p "$out"
@@ -17,7 +18,7 @@ step() {  # name, seconds, command...
   timeout "$limit" "$@" > "$out/$name.log" 2>&1
   echo "== $name rc=$? in $(( $(date +%s) - t )) s"; tail -n "${TAIL:-3}" "$out/$name.log"
 }
-step build 200 bash tools/gpu_build.sh
+[ "${1:-check}" != trace ] && step build 200 bash tools/gpu_build.sh
 case "${1:-check}" in
   check)
     TAIL=6 step tests 300 python3 -P -m pytest -q -p no:cacheprovider tests
@@ -94,10 +95,16 @@ case "${1:-check}" in
         --section SchedulerStats --section MemoryWorkloadAnalysis --section Occupancy \
         python3 -P tools/ncu_wgmma.py "$@"
     done ;;
-  split90)  # wgmma tests + memcheck, then configs x K splits (cluster) at small M, bf16 + mma.sync peers
-    TAIL=8 step tests_wgmma 150 python3 -P -m pytest -q -x -p no:cacheprovider tests/test_marlin.py -k wgmma
-    TAIL=4 step memcheck 60 compute-sanitizer --tool memcheck --kernel-name kns=Wgmma \
-      python3 -P tools/marlin_dev.py sanitize --ms 3 200 --wgmma --wgmma-only
+  split90)  # wgmma tests + memcheck (or $TEST_FILES, with $XDIST), then configs x K splits (both
+    # sums) at small M with bf16 + mma.sync peers, then the mma.sync sweep $MMA_SWEEP if set
+    if [ -n "${TEST_FILES:-}" ]; then
+      TAIL=6 step tests 300 python3 -P -m pytest -q ${XDIST:-} -p no:cacheprovider $TEST_FILES
+    else
+      TAIL=8 step tests_wgmma 150 python3 -P -m pytest -q -x -p no:cacheprovider tests/test_marlin.py -k wgmma
+      TAIL=4 step memcheck 60 compute-sanitizer --tool memcheck --kernel-name kns=Wgmma \
+        python3 -P tools/marlin_dev.py sanitize --ms 3 200 --wgmma --wgmma-only
+    fi
+    [ -n "${MMA_SWEEP:-}" ] && TAIL=6 step sweep 150 python3 -P tools/marlin_dev.py sweep --out "$out" $MMA_SWEEP
     for case in ${SPLIT_CASES:-28672x8192:16,64,128 8192x8192:16,64,128 14336x4096:64,128 4096x4096:64,128}; do
       shape=${case%%:*} ms=${case#*:}
       TAIL=10 step "sweep90_$shape" ${SPLIT_S:-100} python3 -P tools/marlin_dev.py sweep90 \
@@ -111,6 +118,18 @@ case "${1:-check}" in
     TAIL=4 step racecheck 90 compute-sanitizer --tool racecheck --kernel-name kns=Marlin \
       python3 -P tools/marlin_dev.py sanitize --ms 3 200 --wgmma --bf16-only
     TAIL=12 step extras 90 python3 -P tools/marlin_dev.py extras ;;
+  trace)  # per-block timelines of wgmma launches (tools/wgmma_trace.cu; no package build);
+    # logs and per-block CSVs in $out/trace.tar.gz
+    mkdir -p "$out/trace"
+    TAIL=3 step trace_build 240 nvcc -std=c++17 -O3 --expt-relaxed-constexpr \
+      -gencode=arch=compute_90a,code=sm_90a -I ffi/include \
+      -isystem "$(python3 -c 'from jax import ffi; print(ffi.include_dir())')" \
+      -DJAX_MXFP8_CUDA_ARCHS='"90a"' -o "$out/wgmma_trace" tools/wgmma_trace.cu
+    for case in ${TRACE_CASES:-8192,8192,64,64,4,1,4,2}; do  # N,K,M,BM,C,BLOCKS,SPLITS,SUM
+      name="trace/${case//,/_}"
+      TAIL=12 step "$name" 30 "$out/wgmma_trace" ${case//,/ } "$out/$name.csv"
+    done
+    tar czf "$out/trace.tar.gz" -C "$out" trace && rm -rf "$out/trace" "$out/wgmma_trace" ;;
   bench)
     TAIL=80 step bench 540 python3 -P tools/marlin_dev.py bench --out "$out" ;;
 esac

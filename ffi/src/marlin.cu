@@ -32,9 +32,10 @@
 // the shared memory of the block that owns that part of the tile (DSMEM), and owners sum them
 // in split order: no workspace traffic, counters or memset (the CUDA programming guide's
 // distributed shared memory section shows the mechanism). Otherwise each block writes its
-// partial to the workspace and the last block of a tile (atomic counter, zeroed by a memset on
-// the stream) sums them in split order. Both are deterministic: the same additions in the same
-// order.
+// partial to the workspace and counts itself on the tile's counter (zeroed by a memset on the
+// stream); where the whole grid is resident at once the splits wait for each other and each
+// sums 1/splits of the tile, else the tile's last block sums it all. All are deterministic:
+// the same additions in the same order.
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -114,6 +115,8 @@ struct GemmArgs {
   int splits, kt_per_split, m_chunks;
   int bias_type, out_type;
   int cluster;            // 1: the splits of a tile are one cluster (SM90+), no workspace
+  int spread;             // workspace, whole grid resident: the splits of a tile wait for each
+                          // other and each sums 1/splits of it (else its last block sums all)
 };
 
 template <int MB, int WN, int STAGES>
@@ -257,6 +260,26 @@ __device__ __forceinline__ float4 SumWarps(const float* red, int row, int col) {
   return v;
 }
 
+// Sum over the K splits' partials of y[row, col .. col + 3], in split order (the same order
+// every run, whichever block sums), four splits' loads in flight at a time.
+__device__ __forceinline__ float4 SumPartials(const GemmArgs& a, int m_pad, int row, int col) {
+  float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int sp0 = 0; sp0 < a.splits; sp0 += 4) {
+    float4 u[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      if (sp0 + j < a.splits)
+        u[j] = __ldcg(reinterpret_cast<const float4*>(
+            a.partial + (static_cast<size_t>(sp0 + j) * m_pad + row) * a.n + col));
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      if (sp0 + j < a.splits) {
+        v.x += u[j].x; v.y += u[j].y; v.z += u[j].z; v.w += u[j].w;
+      }
+  }
+  return v;
+}
+
 template <int MB, int WN, int STAGES, typename XT>
 __global__ void __launch_bounds__(kThreads, MB == 1 ? 3 : 2) MarlinGemmKernel(const GemmArgs a) {
   using T = Tile<MB, WN, STAGES>;
@@ -358,28 +381,28 @@ __global__ void __launch_bounds__(kThreads, MB == 1 ? 3 : 2) MarlinGemmKernel(co
   }
   if (a.splits == 1) return;
 
-  // ---- split-K: the last block of this tile sums the partials in split order ----
-  __threadfence();
-  __syncthreads();
+  // ---- split-K through the workspace: partials summed in split order ----
   int* counter = a.counters + n_tile * a.m_chunks + m_chunk;
-  if (tid == 0) is_last_block = atomicAdd(counter, 1) == a.splits - 1;
-  __syncthreads();
-  if (!is_last_block) return;
-  __threadfence();
-  for (int idx = tid; idx < T::kRows * kVecs; idx += kThreads) {
-    const int row = idx / kVecs, c4 = idx % kVecs;
-    const int grow = m0 + row;
-    if (grow >= a.m) continue;
-    const int gcol = n0 + 4 * c4;
-    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int sp = 0; sp < a.splits; ++sp) {
-      const float4 u = __ldcg(reinterpret_cast<const float4*>(
-          a.partial + (static_cast<size_t>(sp) * m_pad + grow) * a.n + gcol));
-      v.x += u.x; v.y += u.y; v.z += u.z; v.w += u.w;
-    }
-    StoreOut(a, grow, gcol, v);
+  const int cells = min(T::kRows, a.m - m0) * kVecs;  // (row, 4 columns) cells of the tile
+  int begin = 0, end = cells;
+  if (a.spread) {  // split s sums cells [s, s + 1) * cells / splits once every split arrived
+    __syncthreads();
+    if (tid == 0) ArriveAndWait(counter, a.splits);
+    __syncthreads();
+    begin = split * cells / a.splits;
+    end = (split + 1) * cells / a.splits;
+  } else {  // the tile's last block sums it all
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) is_last_block = atomicAdd(counter, 1) == a.splits - 1;
+    __syncthreads();
+    if (!is_last_block) return;
+    __threadfence();
   }
-  if (tid == 0) *counter = 0;  // left zeroed (the handler also memsets before each launch)
+  for (int idx = begin + tid; idx < end; idx += kThreads) {
+    const int row = m0 + idx / kVecs, col = n0 + 4 * (idx % kVecs);
+    StoreOut(a, row, col, SumPartials(a, m_pad, row, col));
+  }
 }
 
 // ---- packed weight -> bf16 [N, K] (the large-M path: dequantize, then a cuBLAS GEMM) --------
@@ -442,7 +465,14 @@ ffi::Error LaunchGemm(cudaStream_t stream, const GemmArgs& args) {
   const long long blocks = static_cast<long long>(args.n / T::kCols) * args.splits * args.m_chunks;
   if (blocks > 0x7FFFFFFF) return ffi::Error::InvalidArgument("marlin: grid too large");
   if (!args.cluster) {
-    kernel<<<static_cast<unsigned>(blocks), kThreads, T::kSmemBytes, stream>>>(args);
+    GemmArgs plain = args;
+    if (args.splits > 1) {
+      static ResidentBlocks resident;  // one per instantiation
+      int fit = 0;
+      JAX_MXFP8_CUDA_RETURN_IF_ERROR(resident.Get(kernel, kThreads, T::kSmemBytes, &fit));
+      plain.spread = blocks <= fit;
+    }
+    kernel<<<static_cast<unsigned>(blocks), kThreads, T::kSmemBytes, stream>>>(plain);
     return CheckLaunch("marlin gemm kernel");
   }
   // A build without sm_90 code would run the compute_80 PTX here, where the cluster epilogue

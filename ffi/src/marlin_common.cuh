@@ -32,6 +32,20 @@ __device__ __forceinline__ uint32_t MulBf16x2(uint32_t a, uint32_t b) {
   return d;
 }
 
+// A K-split block's arrival at its tile's counter (after its partial is stored; the caller's
+// block barrier precedes this in thread 0), then the wait for the tile's other splits. Only
+// for grids that are resident all at once (ResidentBlocks): a block not yet started would
+// never arrive.
+__device__ __forceinline__ void ArriveAndWait(int32_t* counter, int splits) {
+  __threadfence();
+  atomicAdd(counter, 1);
+  int done;
+  do {
+    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(done) : "l"(counter) : "memory");
+  } while (done < splits);
+  __threadfence();
+}
+
 // ---- dequantization ------------------------------------------------------------------------
 
 // bf16x2 (s, s) for scale byte `byte` (0..3) of `word`.
@@ -135,6 +149,34 @@ cudaError_t LaunchClustered(void (*kernel)(Params...), unsigned blocks, int thre
   config.numAttrs = cluster > 1 ? 1 : 0;
   return cudaLaunchKernelEx(&config, kernel, args...);
 }
+
+// How many blocks of `kernel` the GPU holds at once (SMs x blocks per SM), per device: K-split
+// blocks may wait for each other (ArriveAndWait) only when the whole grid fits.
+struct ResidentBlocks {
+  static constexpr int kDevices = 64;
+  std::mutex mu;
+  int blocks[kDevices] = {};
+
+  template <typename Kernel>
+  cudaError_t Get(Kernel kernel, int threads, int smem, int* out) {
+    int device = 0;
+    cudaError_t err = cudaGetDevice(&device);
+    if (err != cudaSuccess) return err;
+    std::lock_guard<std::mutex> lock(mu);
+    const bool tracked = device >= 0 && device < kDevices;
+    if (tracked && blocks[device] > 0) {
+      *out = blocks[device];
+      return cudaSuccess;
+    }
+    int per_sm = 0, sms = 0;
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    if (err != cudaSuccess) return err;
+    *out = per_sm * sms;
+    if (tracked) blocks[device] = *out;
+    return cudaSuccess;
+  }
+};
 
 inline int DTypeOf(ffi::DataType t) {
   switch (t) {

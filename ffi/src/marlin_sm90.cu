@@ -38,6 +38,13 @@
 #define JAX_MXFP8_WGMMA 1  // wgmma and setmaxnreg exist only in sm_90a code
 #endif
 
+// Per-block timeline points, recorded only by tools/wgmma_trace.cu (which defines this macro
+// before including this file): 0 entry, 1 first stage consumed, 2 main loop done, 3 partial
+// stored and counted (K splits through the workspace), 4 partials summed, 5 output stored.
+#ifndef WGMMA_TRACE
+#define WGMMA_TRACE(cond, point)
+#endif
+
 namespace jax_mxfp8 {
 namespace {
 
@@ -67,6 +74,9 @@ struct WgTile {
   static constexpr int kOutBytes = BM * kOutStride * 4;
   static constexpr int kFlagOff = kBarOff + 2 * STAGES * 8;  // kWorkspace: "last block" flag
   static constexpr int kSmemBytes = kFlagOff + 16 + 1024;      // + slack to align to 1024
+  // K-split sums shared by the tile's blocks (WgmmaArgs::spread): not at BM = 256, where the
+  // sum's loads spill next to 128 accumulators (and no plan splits K).
+  static constexpr bool kCanSpread = BM <= 128;
   // BLOCKS blocks per SM. setmaxnreg moves registers inside the block: the producer's and
   // consumers' budgets together stay within what the block got at launch (kThreads x the
   // per-thread count __launch_bounds__ allows, a multiple of 8).
@@ -95,6 +105,8 @@ struct WgmmaArgs {
   int splits;        // K splits of each output tile (1: no split)
   float* partial;    // kWorkspace: [splits][tiles][BM * kBN] fp32 partial tiles
   int32_t* counters;  // kWorkspace: [tiles] blocks done, zeroed before the launch
+  int spread;         // kWorkspace, every block resident at once: the splits of a tile wait for
+                      // each other and each sums and stores 1/splits of its token rows
 };
 
 #if JAX_MXFP8_WGMMA
@@ -187,6 +199,10 @@ __device__ __forceinline__ void ClusterSync() {
   asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
 }
 
+__device__ __forceinline__ void Add4(float4& v, const float4& u) {
+  v.x += u.x; v.y += u.y; v.z += u.z; v.w += u.w;
+}
+
 // Sum of the float4 at shared address `addr` in the blocks of ranks 0 .. splits - 1, in rank
 // order (the same order every run: deterministic).
 __device__ __forceinline__ float4 ClusterSum(uint32_t addr, int splits) {
@@ -255,6 +271,7 @@ __device__ __forceinline__ void ConsumeStage(float (&acc)[T::kBM / 2], uint32_t 
   constexpr int C = T::kC, STAGES = T::kStages;
   const int s = kt % STAGES;
   MbarWait(full0 + 8 * s, (kt / STAGES) & 1);
+  WGMMA_TRACE(kt == 0 && threadIdx.x == 128, 1);
   const uint8_t* wst = smem + T::kWOff + s * T::kWBytes + v.w_off;
   const uint8_t* sst = smem + T::kSOff + s * T::kSBytes + v.s_off;
   const uint32_t sw[2] = {*reinterpret_cast<const uint32_t*>(sst),
@@ -333,6 +350,7 @@ __global__ void __launch_bounds__(WgTile<BM, C, STAGES, BLOCKS>::kThreads, BLOCK
   const int m0 = m_tile * BM, kt_total = a.k / kBK;
   const int kt_begin = split * kt_total / a.splits;  // near-equal ranges, none empty (host)
   const int num_kt = (split + 1) * kt_total / a.splits - kt_begin;
+  WGMMA_TRACE(tid == 0, 0);
   if (tid == 0) {
     for (int s = 0; s < STAGES; ++s) {
       MbarInit(full0 + 8 * s, 1);           // the producer's expect_tx arrival (+ bytes)
@@ -359,9 +377,12 @@ __global__ void __launch_bounds__(WgTile<BM, C, STAGES, BLOCKS>::kThreads, BLOCK
     Consume<T, true>(acc, smem, sbase, full0, empty0, num_kt, c, wi, lane);
   else
     Consume<T, false>(acc, smem, sbase, full0, empty0, num_kt, c, wi, lane);
+  WGMMA_TRACE(tid == 128, 2);
 
+  int row_begin = 0, row_end = BM;  // the tile's token rows this block stores
   if constexpr (kReduce == Reduce::kWorkspace) {
-    // Partials in accumulator order (float4 i of consumer thread ct at [i][ct]: coalesced).
+    // Partials in accumulator order (float4 i of consumer thread ct at [i][ct]: coalesced);
+    // quad i holds tokens 8i .. 8i + 7 of the tile.
     constexpr int kTileFloats = BM * T::kBN, kQuads = BM / 8;
     const size_t tiles = gridDim.x / a.splits;
     const auto part = [&](int sp) {
@@ -370,24 +391,68 @@ __global__ void __launch_bounds__(WgTile<BM, C, STAGES, BLOCKS>::kThreads, BLOCK
     const auto quad = [&](int i) {
       return make_float4(acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3]);
     };
-#pragma unroll
-    for (int i = 0; i < kQuads; ++i) __stcg(part(split) + i * 128 * C, quad(i));
-    __threadfence();
-    ConsumerBarrier(128 * C);
-    int* last = reinterpret_cast<int*>(smem + T::kFlagOff);
-    if (ct == 0) *last = atomicAdd(a.counters + tile, 1) == a.splits - 1;
-    ConsumerBarrier(128 * C);
-    if (!*last) return;
-    __threadfence();
-#pragma unroll
-    for (int i = 0; i < kQuads; ++i) {  // in place: quad i's own partial is read before it is replaced
-      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-      for (int sp = 0; sp < a.splits; ++sp) {  // split order, whichever block is last
-        const float4 u = sp == split ? quad(i) : __ldcg(part(sp) + i * 128 * C);
-        v.x += u.x; v.y += u.y; v.z += u.z; v.w += u.w;
-      }
+    const auto set_quad = [&](int i, const float4& v) {
       acc[4 * i] = v.x; acc[4 * i + 1] = v.y; acc[4 * i + 2] = v.z; acc[4 * i + 3] = v.w;
+    };
+    bool spread = false;
+    if constexpr (T::kCanSpread) spread = a.spread;
+    if (spread) {
+      // Split s sums quads [q0, q1) of every split's partial, in split order, and stores their
+      // tokens: the tail is shared by all the tile's blocks instead of left to the last one.
+      const int q0 = split * kQuads / a.splits, q1 = (split + 1) * kQuads / a.splits;
+#pragma unroll
+      for (int i = 0; i < kQuads; ++i)  // the quads the other splits sum
+        if (i < q0 || i >= q1) __stcg(part(split) + i * 128 * C, quad(i));
+      ConsumerBarrier(128 * C);
+      if (ct == 0) ArriveAndWait(a.counters + tile, a.splits);
+      ConsumerBarrier(128 * C);
+      WGMMA_TRACE(tid == 128, 3);
+#pragma unroll
+      for (int i = 0; i < kQuads; i += 2) {  // two quads at a time, four splits' loads in flight
+        const bool own0 = i >= q0 && i < q1, own1 = i + 1 >= q0 && i + 1 < q1;
+        if (!own0 && !own1) continue;
+        float4 v0 = make_float4(0.f, 0.f, 0.f, 0.f), v1 = v0;
+        for (int sp0 = 0; sp0 < a.splits; sp0 += 4) {
+          float4 u[4][2];
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const bool other = sp0 + j < a.splits && sp0 + j != split;
+            u[j][0] = other && own0 ? __ldcg(part(sp0 + j) + i * 128 * C) : quad(i);
+            u[j][1] = other && own1 ? __ldcg(part(sp0 + j) + (i + 1) * 128 * C) : quad(i + 1);
+          }
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+            if (sp0 + j < a.splits) {
+              Add4(v0, u[j][0]);
+              Add4(v1, u[j][1]);
+            }
+        }
+        if (own0) set_quad(i, v0);
+        if (own1) set_quad(i + 1, v1);
+      }
+      row_begin = 8 * q0;
+      row_end = 8 * q1;
+    } else {
+      // Any grid: each block stores its partial, the tile's last block (atomic counter) sums.
+#pragma unroll
+      for (int i = 0; i < kQuads; ++i) __stcg(part(split) + i * 128 * C, quad(i));
+      __threadfence();
+      ConsumerBarrier(128 * C);
+      int* last = reinterpret_cast<int*>(smem + T::kFlagOff);
+      if (ct == 0) *last = atomicAdd(a.counters + tile, 1) == a.splits - 1;
+      ConsumerBarrier(128 * C);
+      WGMMA_TRACE(tid == 128, 3);
+      if (!*last) return;
+      __threadfence();
+#pragma unroll
+      for (int i = 0; i < kQuads; ++i) {  // in place: quad i's own partial is read before it is replaced
+        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int sp = 0; sp < a.splits; ++sp)  // split order, whichever block is last
+          Add4(v, sp == split ? quad(i) : __ldcg(part(sp) + i * 128 * C));
+        set_quad(i, v);
+      }
     }
+    WGMMA_TRACE(tid == 128, 4);
   }
 
   // ---- epilogue: transpose through shared memory, then whole output rows ----
@@ -406,11 +471,13 @@ __global__ void __launch_bounds__(WgTile<BM, C, STAGES, BLOCKS>::kThreads, BLOCK
   const int rows = min(BM, a.m - m0);
   if constexpr (kReduce != Reduce::kCluster) {
     ConsumerBarrier(128 * C);
-    for (int idx = ct; idx < rows * kVecs; idx += 128 * C) {
-      const int row = idx / kVecs, v = idx % kVecs;
+    const int stored = min(rows, row_end) - row_begin;
+    for (int idx = ct; idx < stored * kVecs; idx += 128 * C) {
+      const int row = row_begin + idx / kVecs, v = idx % kVecs;
       StoreOut(a, m0 + row, n_tile * T::kBN + 4 * v,
                *reinterpret_cast<const float4*>(st + row * T::kOutStride + 4 * v));
     }
+    WGMMA_TRACE(tid == 128, 5);
   } else {
     ClusterSync();  // every rank's partial tile is in its shared memory
     const int per = (rows * kVecs + a.splits - 1) / a.splits;
@@ -421,6 +488,7 @@ __global__ void __launch_bounds__(WgTile<BM, C, STAGES, BLOCKS>::kThreads, BLOCK
                ClusterSum(SmemAddr(st + row * T::kOutStride + 4 * v), a.splits));
     }
     ClusterSync();  // no rank leaves (freeing its shared memory) while another still reads it
+    WGMMA_TRACE(tid == 128, 5);
   }
 #else
   __trap();  // unreachable: the host launches this kernel only from an sm_90a build on SM 9.0
@@ -467,13 +535,21 @@ ffi::Error EncodeX(CUtensorMap* map, const void* x, int64_t m, int64_t k, int bl
   return ffi::Error::Success();
 }
 
+// `spread`: let the K splits of a tile share its sum when the grid fits on the GPU at once
+// (they wait for each other; a block that is not resident yet would never arrive otherwise).
 template <int BM, int C, int STAGES, int BLOCKS, Reduce kReduce>
-ffi::Error LaunchWgmmaKernel(cudaStream_t stream, const CUtensorMap& map, const WgmmaArgs& args,
-                             unsigned blocks) {
+ffi::Error LaunchWgmmaKernel(cudaStream_t stream, const CUtensorMap& map, WgmmaArgs args,
+                             unsigned blocks, bool spread = true) {
   using T = WgTile<BM, C, STAGES, BLOCKS>;
   auto kernel = MarlinWgmmaKernel<BM, C, STAGES, BLOCKS, kReduce>;
   static SmemLimit smem_limit;  // one per instantiation
   JAX_MXFP8_CUDA_RETURN_IF_ERROR(AllowSmem(kernel, T::kSmemBytes, smem_limit));
+  if constexpr (kReduce == Reduce::kWorkspace) {
+    static ResidentBlocks resident;
+    int fit = 0;
+    JAX_MXFP8_CUDA_RETURN_IF_ERROR(resident.Get(kernel, T::kThreads, T::kSmemBytes, &fit));
+    args.spread = T::kCanSpread && spread && blocks <= static_cast<unsigned>(fit);
+  }
   JAX_MXFP8_CUDA_RETURN_IF_ERROR(LaunchClustered(kernel, blocks, T::kThreads, T::kSmemBytes, stream,
                                                  kReduce == Reduce::kCluster ? args.splits : 1, map, args));
   return CheckLaunch("marlin wgmma kernel");
