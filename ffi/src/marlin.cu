@@ -472,7 +472,8 @@ ffi::Error LaunchGemm(cudaStream_t stream, const GemmArgs& args) {
       JAX_MXFP8_CUDA_RETURN_IF_ERROR(resident.Get(kernel, kThreads, T::kSmemBytes, &fit));
       plain.spread = blocks <= fit;
     }
-    kernel<<<static_cast<unsigned>(blocks), kThreads, T::kSmemBytes, stream>>>(plain);
+    JAX_MXFP8_CUDA_RETURN_IF_ERROR(LaunchKernel(kernel, static_cast<unsigned>(blocks), kThreads,
+                                                T::kSmemBytes, stream, 1, plain.spread != 0, plain));
     return CheckLaunch("marlin gemm kernel");
   }
   // A build without sm_90 code would run the compute_80 PTX here, where the cluster epilogue
@@ -484,8 +485,8 @@ ffi::Error LaunchGemm(cudaStream_t stream, const GemmArgs& args) {
         "marlin: cluster=1 needs the kernel compiled for sm_90 or newer (this one runs code "
         "compiled for compute " + std::to_string(attributes.ptxVersion) + "); rebuild with "
         "CMAKE_CUDA_ARCHITECTURES including 90a, or use cluster=0");
-  JAX_MXFP8_CUDA_RETURN_IF_ERROR(LaunchClustered(kernel, static_cast<unsigned>(blocks), kThreads,
-                                                 T::kClusterSmemBytes, stream, args.splits, args));
+  JAX_MXFP8_CUDA_RETURN_IF_ERROR(LaunchKernel(kernel, static_cast<unsigned>(blocks), kThreads,
+                                              T::kClusterSmemBytes, stream, args.splits, false, args));
   return CheckLaunch("marlin gemm kernel (cluster)");
 }
 

@@ -35,7 +35,7 @@ __device__ __forceinline__ uint32_t MulBf16x2(uint32_t a, uint32_t b) {
 // A K-split block's arrival at its tile's counter (after its partial is stored; the caller's
 // block barrier precedes this in thread 0), then the wait for the tile's other splits. Only
 // for grids that are resident all at once (ResidentBlocks): a block not yet started would
-// never arrive.
+// never arrive; they are launched cooperatively (LaunchKernel).
 __device__ __forceinline__ void ArriveAndWait(int32_t* counter, int splits) {
   __threadfence();
   atomicAdd(counter, 1);
@@ -131,22 +131,34 @@ __device__ __forceinline__ void StoreOut(const Args& a, int row, int col, float4
 // ---- host helpers --------------------------------------------------------------------------
 
 // kernel<<<blocks, threads, smem, stream>>>(args...), as clusters of `cluster` consecutive blocks
-// along x when cluster > 1 (the K splits of one output tile; `cluster` divides `blocks`).
+// along x when cluster > 1 (the K splits of one output tile; `cluster` divides `blocks`), and
+// as a cooperative launch when `cooperative`: the driver then starts the whole grid at once,
+// which blocks that wait for each other (ArriveAndWait) need even when other kernels share
+// the GPU.
 template <typename... Params, typename... Args>
-cudaError_t LaunchClustered(void (*kernel)(Params...), unsigned blocks, int threads, int smem,
-                            cudaStream_t stream, int cluster, Args... args) {
+cudaError_t LaunchKernel(void (*kernel)(Params...), unsigned blocks, int threads, int smem,
+                         cudaStream_t stream, int cluster, bool cooperative, Args... args) {
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(blocks);
   config.blockDim = dim3(threads);
   config.dynamicSmemBytes = smem;
   config.stream = stream;
-  cudaLaunchAttribute attr;
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = static_cast<unsigned>(cluster);
-  attr.val.clusterDim.y = 1;
-  attr.val.clusterDim.z = 1;
-  config.attrs = &attr;
-  config.numAttrs = cluster > 1 ? 1 : 0;
+  cudaLaunchAttribute attrs[2];
+  int n = 0;
+  if (cluster > 1) {
+    attrs[n].id = cudaLaunchAttributeClusterDimension;
+    attrs[n].val.clusterDim.x = static_cast<unsigned>(cluster);
+    attrs[n].val.clusterDim.y = 1;
+    attrs[n].val.clusterDim.z = 1;
+    ++n;
+  }
+  if (cooperative) {
+    attrs[n].id = cudaLaunchAttributeCooperative;
+    attrs[n].val.cooperative = 1;
+    ++n;
+  }
+  config.attrs = attrs;
+  config.numAttrs = n;
   return cudaLaunchKernelEx(&config, kernel, args...);
 }
 

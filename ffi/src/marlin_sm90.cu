@@ -550,8 +550,9 @@ ffi::Error LaunchWgmmaKernel(cudaStream_t stream, const CUtensorMap& map, WgmmaA
     JAX_MXFP8_CUDA_RETURN_IF_ERROR(resident.Get(kernel, T::kThreads, T::kSmemBytes, &fit));
     args.spread = T::kCanSpread && spread && blocks <= static_cast<unsigned>(fit);
   }
-  JAX_MXFP8_CUDA_RETURN_IF_ERROR(LaunchClustered(kernel, blocks, T::kThreads, T::kSmemBytes, stream,
-                                                 kReduce == Reduce::kCluster ? args.splits : 1, map, args));
+  JAX_MXFP8_CUDA_RETURN_IF_ERROR(LaunchKernel(kernel, blocks, T::kThreads, T::kSmemBytes, stream,
+                                              kReduce == Reduce::kCluster ? args.splits : 1,
+                                              args.spread != 0, map, args));
   return CheckLaunch("marlin wgmma kernel");
 }
 

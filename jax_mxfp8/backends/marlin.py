@@ -426,12 +426,13 @@ H100_TABLE = {
 
 
 # The same sweep on an H200 (132 SMs, faster memory): other winners at M <= 64 (RESULTS.md,
-# 2026-11-30); the 128 and 256 buckets (fp16 x on the mma.sync kernel) keep the H100's.
+# 2026-11-30; 8192 x 8192 at M = 32 re-swept once the K-split sum was shared by the tile's
+# blocks, sixth session); the 128 and 256 buckets (fp16 x on the mma.sync kernel) keep the H100's.
 H200_TABLE = {
     shape: {**row, **small} for (shape, row), small in zip(H100_TABLE.items(), (
         {16: (1, 1, 4, False), 32: (2, 2, 8, True), 64: (4, 1, 2, True)},     # 4096 x 4096
         {16: (1, 4, 4, True), 32: (2, 4, 4, True), 64: (4, 2, 2, True)},      # 14336 x 4096
-        {16: (1, 2, 4, False), 32: (2, 1, 2, True), 64: (4, 1, 2, True)},     # 8192 x 8192
+        {16: (1, 2, 4, False), 32: (2, 2, 4, False), 64: (4, 1, 2, True)},    # 8192 x 8192
         {16: (1, 4, 2, True), 32: (2, 4, 2, True), 64: (4, 2, 1, False)}))}  # 28672 x 8192
 
 
@@ -488,8 +489,10 @@ def _rule_plan(m: int, n: int, k: int, sms: int, clusters: bool) -> Plan:
 # swept shape (1.1-1.5x at M = 64); at M <= 32 the mma.sync kernel is as fast or faster.
 WGMMA_MIN_M = 32
 # A K split keeps at least this many 64-deep stages: shorter ones spend more of their time
-# filling the pipeline and summing partials than streaming the weight (sweeps: 8 stages lost).
-WGMMA_MIN_SPLIT_STAGES = 12
+# filling the pipeline and summing partials than streaming the weight. (12 while the tile's
+# last block summed alone; with the sum shared by the tile's blocks, 8 stages won at 4096 x
+# 4096: RESULTS.md, sixth session.)
+WGMMA_MIN_SPLIT_STAGES = 8
 
 
 def _wgmma_splits(tiles: int, k: int, slots: int) -> tuple[int, bool]:
@@ -506,20 +509,20 @@ def _wgmma_splits(tiles: int, k: int, slots: int) -> tuple[int, bool]:
 
 
 def _wgmma_plan(m: int, n: int, k: int, sms: int) -> Plan:
-    """M <= 64: the widest 64-row configuration N allows (four consumer warpgroups per SM
-    read x once per 256 weight rows). Above: the largest block (x rows x weight rows) that
+    """Up to 128 rows: the largest block N allows (x rows x weight rows; the one with more x
+    rows on a tie: four consumer warpgroups at M <= 64 read x once per 256 weight rows, 128 x
+    128 above), then K splits where its tiles leave SMs idle. Above: the largest block that
     still gives ~one block per SM (larger blocks dequantize each weight tile for more rows of
-    x), else the largest one. Blocks wider than M (rounded to 64) only add zero rows. Then K
-    splits where the tiles leave SMs idle. `python tools/check_wgmma_rule.py` compares this
-    with a sweep."""
+    x), else the smallest, the most parallel. Blocks wider than M (rounded to 64) only add zero
+    rows. `python tools/check_wgmma_rule.py` compares this with a sweep."""
     fits = [c for c in WGMMA_CONFIGS
             if n % (64 * c.consumers) == 0 and c.block_m <= max(64, _round_up(m, 64))]
-    if m <= 64:
-        c = max(fits, key=lambda c: (c.consumers, c.blocks_per_sm))
+    fits.sort(key=lambda c: (-c.block_m * c.consumers, -c.block_m, c.blocks_per_sm))
+    if m <= 128:
+        c = fits[0]
     else:
-        fits.sort(key=lambda c: (-c.block_m * c.consumers, -c.block_m))
         c = next((c for c in fits if (n // (64 * c.consumers)) * -(-m // c.block_m) >= 0.8 * sms),
-                 fits[-1])  # none fills the SMs: the smallest block, the most parallel
+                 fits[-1])
     tiles = (n // (64 * c.consumers)) * -(-m // c.block_m)
     # K splits were swept up to M = 128 only; above it the unsplit plan is the measured one.
     splits, cluster = _wgmma_splits(tiles, k, sms * c.blocks_per_sm) if m <= 128 else (1, False)
