@@ -541,13 +541,6 @@ def test_wgmma_rejects_bad_inputs():
     with pytest.raises(ValueError, match="splits=9 must be in .* with cluster=True"):  # cluster size
         marlin.gemm_sm90(jnp.zeros((2, 1024), jnp.bfloat16), *wide, block_m=64, consumers=1,
                          splits=9, cluster=True, out_dtype=jnp.bfloat16)
-    with pytest.raises(ValueError, match="stream=True divides K itself"):
-        marlin.gemm_sm90(jnp.zeros((2, 128), jnp.bfloat16), *a, block_m=64, consumers=1,
-                         splits=2, stream=True, out_dtype=jnp.bfloat16)
-    two, _ = prepare(*random_weight(np.random.default_rng(5), 128, 128))
-    with pytest.raises(ValueError, match="block_m <= 128"):
-        marlin.gemm_sm90(jnp.zeros((2, 128), jnp.bfloat16), two["qweight"], two["scales"],
-                         two["flags"], block_m=256, consumers=2, stream=True, out_dtype=jnp.bfloat16)
 
 
 @pytest.mark.skipif(not _ffi.has_cuda_target(marlin.WGMMA_TARGET), reason="CUDA module not built")
@@ -559,13 +552,13 @@ def test_wgmma_lowers_to_its_custom_call():
     assert "jax_mxfp8_marlin_wgmma_cuda" in f.trace(x).lower(lowering_platforms=("cuda",)).as_text()
 
 
-def run_wgmma(x, arrays, bias, *, config, out_dtype, splits=1, cluster=False, stream=False):
+def run_wgmma(x, arrays, bias, *, config, out_dtype, splits=1, cluster=False):
     poison_device_memory(x.shape[0] * arrays["scales"].shape[1] * 4)
     config = marlin.wgmma_config(*config)
     f = jax.jit(lambda x, b: marlin.gemm_sm90(x, arrays["qweight"], arrays["scales"], arrays["flags"],
                                               b, block_m=config.block_m, consumers=config.consumers,
                                               blocks_per_sm=config.blocks_per_sm, splits=splits,
-                                              cluster=cluster, stream=stream, out_dtype=out_dtype))
+                                              cluster=cluster, out_dtype=out_dtype))
     return np.asarray(f(x, bias).astype(jnp.float32))
 
 
@@ -604,28 +597,6 @@ def test_wgmma_k_splits_vs_float64(config, splits, cluster):
         assert rel_fro(y, R.linear(x, codes, scales, bias)) <= 1e-4, f"seed {seed} m {m}"
 
 
-STREAM_CONFIGS = [c for c in marlin.WGMMA_CONFIGS if c.block_m <= marlin.MAX_STREAM_BLOCK_M]
-
-
-@needs_wgmma
-@pytest.mark.parametrize("config", STREAM_CONFIGS)
-def test_wgmma_stream_k_vs_float64(config):
-    """Stream-K: equal shares of all (tile, stage) units per block, across tile boundaries
-    (K = 1536: 24 stages per tile; at M = 1 a tile spans up to 24 blocks of one stage each, at
-    M = 300 a block spans several tiles), bias and M tails; bitwise the same run to run."""
-    rng, seed = fresh_rng()
-    n, k = 768, 1536
-    codes, scales = random_weight(rng, n, k)
-    arrays, _ = prepare(codes, scales)
-    for m in (1, 100, 300):
-        x = rng.standard_normal((m, k)).astype(ml_dtypes.bfloat16)
-        bias = rng.standard_normal(n).astype(np.float32)
-        runs = [run_wgmma(x, arrays, bias, config=config, stream=True, out_dtype=jnp.float32)
-                for _ in range(2)]
-        assert np.array_equal(runs[0], runs[1]), f"seed {seed} m {m}"
-        assert rel_fro(runs[0], R.linear(x, codes, scales, bias)) <= 1e-4, f"seed {seed} m {m}"
-
-
 @needs_wgmma
 @pytest.mark.parametrize("n,k,config", [(64, 64, (64, 1)), (256, 128, (64, 4)), (128, 64, (256, 2)),
                                         (128, 128, (128, 2)),
@@ -647,13 +618,12 @@ def test_wgmma_shapes_and_output_dtypes(n, k, config, out_dtype, bias_dtype):
 
 @needs_wgmma
 @pytest.mark.parametrize("scale_bytes,general", [(SCALE_BYTES, 1), (SCALE_BYTES[:5], 0)])
-@pytest.mark.parametrize("config,splits,cluster,stream", [
-    ((64, 1), 1, False, False), ((256, 2), 1, False, False), ((64, 2, 2), 2, True, False),
-    ((128, 1), 3, False, False), ((64, 4), 1, False, True)])
-def test_wgmma_exhaustive_through_the_gemm(scale_bytes, general, config, splits, cluster, stream):
+@pytest.mark.parametrize("config,splits,cluster", [((64, 1), 1, False), ((256, 2), 1, False),
+                                                  ((64, 2, 2), 2, True), ((128, 1), 3, False)])
+def test_wgmma_exhaustive_through_the_gemm(scale_bytes, general, config, splits, cluster):
     check_exhaustive_through(
         lambda x, arrays: run_wgmma(x, arrays, None, config=config, splits=splits,
-                                    cluster=cluster, stream=stream, out_dtype=jnp.float32),
+                                    cluster=cluster, out_dtype=jnp.float32),
         scale_bytes, general, "wgmma")
 
 

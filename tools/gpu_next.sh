@@ -8,7 +8,7 @@
 # extras; `ncu`: ncu sections of one wgmma launch at M = 64 and M = 1024. `split90`: the wgmma
 # tests, memcheck, and the sweep of configs x K splits at small M. `final90`: the whole suite
 # (4 workers), both sanitizers on every Marlin kernel, prepare/memory extras. `trace`: per-block
-# timelines of wgmma launches (TRACE_CASES). `stream90`: wgmma tests + memcheck, stream-K sweep.
+# timelines of wgmma launches (TRACE_CASES).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-$PWD/gpu_out}"; mkdir -p "$out"
@@ -110,16 +110,6 @@ case "${1:-check}" in
       TAIL=10 step "sweep90_$shape" ${SPLIT_S:-100} python3 -P tools/marlin_dev.py sweep90 \
         --out "$out/$shape" --shapes "$shape" --ms ${ms//,/ } --few-peers \
         --wgmma-splits ${SPLITS:-1 2 3 4 6 8}
-    done ;;
-  stream90)  # after a wgmma change: its tests, memcheck, then configs x (unsplit, stream-K) per shape
-    TAIL=6 step tests_wgmma 200 python3 -P -m pytest -q -n 4 -p no:cacheprovider tests/test_marlin.py -k wgmma
-    TAIL=4 step memcheck 60 compute-sanitizer --tool memcheck --kernel-name kns=Wgmma \
-      python3 -P tools/marlin_dev.py sanitize --ms 3 200 --wgmma --wgmma-only
-    for case in ${STREAM_CASES:-28672x8192:64,128 8192x8192:64,128 14336x4096:64,128 4096x4096:64,128}; do
-      shape=${case%%:*} ms=${case#*:}
-      TAIL=4 step "sweep90_$shape" ${SPLIT_S:-60} python3 -P tools/marlin_dev.py sweep90 \
-        --out "$out/$shape" --shapes "$shape" --ms ${ms//,/ } --few-peers --wgmma-stream \
-        --wgmma-splits ${SPLITS:-1}
     done ;;
   final90)
     TAIL=6 step tests_all 280 python3 -P -m pytest -q -n 4 --dist loadfile -p no:cacheprovider tests

@@ -121,13 +121,11 @@ def sanitize(args) -> int:
         for m in args.ms or (3, 33):
             x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
             for cfg in marlin.WGMMA_CONFIGS:
-                stream = cfg.block_m <= marlin.MAX_STREAM_BLOCK_M
-                for splits, cluster, sk in ((1, False, False), (3, True, False), (3, False, False),
-                                            (1, False, stream)):  # K splits: both sums; stream-K
+                for splits, cluster in ((1, False), (3, True), (3, False)):  # K splits: both sums
                     marlin.gemm_sm90(x, arrays["qweight"], arrays["scales"], arrays["flags"], bias,
                                      block_m=cfg.block_m, consumers=cfg.consumers,
                                      blocks_per_sm=cfg.blocks_per_sm, splits=splits,
-                                     cluster=cluster, stream=sk, out_dtype=jnp.bfloat16).block_until_ready()
+                                     cluster=cluster, out_dtype=jnp.bfloat16).block_until_ready()
                     count += 1
     marlin.dequantize_packed(arrays["qweight"], arrays["scales"]).block_until_ready()
     marlin.dequantize_packed(arrays["qweight"], arrays["scales"], 64, 128).block_until_ready()
@@ -190,16 +188,16 @@ def plan_name(plan):
         return "dequant_dot"
     if plan.kind == "wgmma":
         return wgmma_name(marlin.wgmma_config(plan.block_m, plan.consumers, plan.blocks_per_sm),
-                          plan.splits, plan.cluster, plan.stream)
+                          plan.splits, plan.cluster)
     return _name(marlin.Tile(plan.m_blocks, plan.warps_n), plan.splits, plan.cluster)
 
 
-def wgmma_name(cfg, splits=1, cluster=False, stream=False):
+def wgmma_name(cfg, splits=1, cluster=False):
     """w{block_m}x{consumers}, o{blocks_per_sm} where it is not the default occupancy of that
-    block, s{splits}[c] (K splits, summed in a cluster), k (stream-K)."""
+    block, s{splits}[c] (K splits, summed in a cluster)."""
     default = marlin.wgmma_config(cfg.block_m, cfg.consumers).blocks_per_sm
     occupancy = f"o{cfg.blocks_per_sm}" if cfg.blocks_per_sm != default else ""
-    split = f"s{splits}{'c' if cluster else ''}" if splits > 1 else "k" if stream else ""
+    split = f"s{splits}{'c' if cluster else ''}" if splits > 1 else ""
     return f"w{cfg.block_m}x{cfg.consumers}{occupancy}{split}"
 
 
@@ -276,20 +274,16 @@ def sweep90(args) -> int:
             for cfg in marlin.WGMMA_CONFIGS:  # blocks wider than M only add zero rows
                 if n % (64 * cfg.consumers) or cfg.block_m > max(64, -(-m // 64) * 64):
                     continue
-                variants = [(s_, c_, False) for s_ in args.wgmma_splits
-                            for c_ in ((False, True) if s_ > 1 else (False,))]
-                if args.wgmma_stream and cfg.block_m <= marlin.MAX_STREAM_BLOCK_M:
-                    variants.append((1, False, True))
-                for splits, cluster, stream in variants:
-                    if splits > k // 64 or (cluster and splits > marlin.MAX_CLUSTER_SPLITS):
-                        continue
-                    res[wgmma_name(cfg, splits, cluster, stream)] = time_fn(
-                        lambda x, w, v, cfg=cfg, splits=splits, cluster=cluster, stream=stream:
-                        marlin.gemm_sm90(x, w["qweight"], w["scales"], w["flags"], block_m=cfg.block_m,
-                                         consumers=cfg.consumers, blocks_per_sm=cfg.blocks_per_sm,
-                                         splits=splits, cluster=cluster, stream=stream,
-                                         out_dtype=jnp.bfloat16),
-                        sets, repeats, "busy")
+                for splits in args.wgmma_splits:
+                    for cluster in (False, True) if splits > 1 else (False,):
+                        if splits > k // 64 or (cluster and splits > marlin.MAX_CLUSTER_SPLITS):
+                            continue
+                        res[wgmma_name(cfg, splits, cluster)] = time_fn(
+                            lambda x, w, v, cfg=cfg, splits=splits, cluster=cluster: marlin.gemm_sm90(
+                                x, w["qweight"], w["scales"], w["flags"], block_m=cfg.block_m,
+                                consumers=cfg.consumers, blocks_per_sm=cfg.blocks_per_sm,
+                                splits=splits, cluster=cluster, out_dtype=jnp.bfloat16),
+                            sets, repeats, "busy")
             old = marlin.choose_plan(m, n, k, jnp.bfloat16, wgmma=False)
             if old.kind == "kernel":
                 res["mma:" + plan_name(old)] = time_fn(
@@ -549,7 +543,6 @@ def main(argv=None) -> int:
     ap.add_argument("--wgmma-splits", type=int, nargs="*", default=[1],
                     help="sweep90: K splits to time for every wgmma configuration")
     ap.add_argument("--few-peers", action="store_true", help="sweep90: only bf16 and mma.sync")
-    ap.add_argument("--wgmma-stream", action="store_true", help="sweep90: stream-K for each config too")
     args = ap.parse_args(argv)
     # as the harness does: no command buffers (their host re-record cost grows with R)
     if ("xla_gpu_enable_command_buffer" not in os.environ.get("XLA_FLAGS", "")

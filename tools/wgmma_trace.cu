@@ -5,8 +5,7 @@
 // (CUDA events, the counter memset included as in the library) and the timeline of the last
 // launch. Built and run by `bash tools/gpu_next.sh trace` (TRACE_CASES there):
 //   wgmma_trace N K M BM C BLOCKS SPLITS SUM [CSV]
-// SUM: 0 unsplit, 1 cluster, 2 workspace (spread where the grid fits), 3 workspace, last block,
-// 4 stream-K (SPLITS = 1)
+// SUM: 0 unsplit, 1 cluster, 2 workspace (spread where the grid fits), 3 workspace, last block
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
@@ -48,32 +47,54 @@ namespace {
     }                                                                                 \
   } while (0)
 
-// The launch as the handler makes it, plus "how many clusters fit" for cluster sums.
-ffi::Error Dispatch(int key, cudaStream_t st, const CUtensorMap& map, const WgmmaArgs& a, int sum,
-                    uint8_t* ws, size_t ws_bytes) {
-  static const Reduce kSums[5] = {Reduce::kNone, Reduce::kCluster, Reduce::kWorkspace,
-                                  Reduce::kWorkspace, Reduce::kStream};
-  ffi::Error e = DispatchWgmma(st, map, a, key / 100, key / 10 % 10, key % 10, kSums[sum], ws, ws_bytes,
-                               /*allow_spread=*/sum != 3);
-  static bool told = false;
-  if (sum == 1 && key == 6441 && !told && e.success()) {
-    told = true;
-    using T = WgTile<64, 4, 8, 1>;
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(a.splits);
-    config.blockDim = dim3(T::kThreads);
-    config.dynamicSmemBytes = T::kSmemBytes;
-    cudaLaunchAttribute attr;
-    attr.id = cudaLaunchAttributeClusterDimension;
-    attr.val.clusterDim.x = a.splits;
-    attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
-    config.attrs = &attr;
-    config.numAttrs = 1;
-    int clusters = 0;
-    CHECK(cudaOccupancyMaxActiveClusters(&clusters, MarlinWgmmaKernel<64, 4, 8, 1, Reduce::kCluster>, &config));
-    std::printf("max active clusters of %d: %d\n", a.splits, clusters);
+// LaunchWgmma without the FFI workspace buffer.
+template <int BM, int C, int STAGES, int BLOCKS>
+ffi::Error Launch(cudaStream_t stream, const CUtensorMap& map, WgmmaArgs args, int sum, uint8_t* ws) {
+  using T = WgTile<BM, C, STAGES, BLOCKS>;
+  args.m_tiles = (args.m + BM - 1) / BM;
+  const int tiles = (args.n / T::kBN) * args.m_tiles;
+  const unsigned blocks = tiles * args.splits;
+  if (sum == 0) return LaunchWgmmaKernel<BM, C, STAGES, BLOCKS, Reduce::kNone>(stream, map, args, blocks);
+  if (sum == 1) {
+    static bool told = false;
+    ffi::Error e = LaunchWgmmaKernel<BM, C, STAGES, BLOCKS, Reduce::kCluster>(stream, map, args, blocks);
+    if (!told && e.success()) {  // how many clusters of this size fit at once
+      told = true;
+      cudaLaunchConfig_t config = {};
+      config.gridDim = dim3(blocks);
+      config.blockDim = dim3(T::kThreads);
+      config.dynamicSmemBytes = T::kSmemBytes;
+      cudaLaunchAttribute attr;
+      attr.id = cudaLaunchAttributeClusterDimension;
+      attr.val.clusterDim.x = args.splits;
+      attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
+      config.attrs = &attr;
+      config.numAttrs = 1;
+      int clusters = 0;
+      CHECK(cudaOccupancyMaxActiveClusters(&clusters, MarlinWgmmaKernel<BM, C, STAGES, BLOCKS, Reduce::kCluster>,
+                                           &config));
+      std::printf("max active clusters of %d: %d (grid: %u)\n", args.splits, clusters, blocks / args.splits);
+    }
+    return e;
   }
-  return e;
+  const size_t counter_bytes = (static_cast<size_t>(tiles) * 4 + 255) / 256 * 256;
+  args.counters = reinterpret_cast<int32_t*>(ws);
+  args.partial = reinterpret_cast<float*>(ws + counter_bytes);
+  CHECK(cudaMemsetAsync(ws, 0, counter_bytes, stream));
+  return LaunchWgmmaKernel<BM, C, STAGES, BLOCKS, Reduce::kWorkspace>(stream, map, args, blocks,
+                                                                      /*spread=*/sum == 2);
+}
+
+ffi::Error Dispatch(int key, cudaStream_t st, const CUtensorMap& map, const WgmmaArgs& a, int sum,
+                    uint8_t* ws) {
+  switch (key) {
+    case 6412: return Launch<64, 1, 8, 2>(st, map, a, sum, ws);
+    case 6421: return Launch<64, 2, 8, 1>(st, map, a, sum, ws);
+    case 6422: return Launch<64, 2, 6, 2>(st, map, a, sum, ws);
+    case 6441: return Launch<64, 4, 8, 1>(st, map, a, sum, ws);
+    case 12821: return Launch<128, 2, 8, 1>(st, map, a, sum, ws);
+    default: return ffi::Error::InvalidArgument("no such configuration in the trace tool");
+  }
 }
 
 double Median(std::vector<double> v) {
@@ -137,7 +158,7 @@ int main(int argc, char** argv) {
   cudaStream_t st;
   CHECK(cudaStreamCreate(&st));
   const auto launch = [&] {
-    ffi::Error le = Dispatch(key, st, map, args, sum, ws, ws_bytes);
+    ffi::Error le = Dispatch(key, st, map, args, sum, ws);
     if (le.failure()) {
       std::fprintf(stderr, "%s\n", le.message().c_str());
       std::exit(1);
@@ -163,9 +184,7 @@ int main(int argc, char** argv) {
   static unsigned long long tr[1 << 14][8];
   CHECK(cudaMemcpyFromSymbol(tr, g_trace, sizeof(tr)));
 
-  int blocks = 0;  // the grid of the traced launch: every block records its start
-  for (int b = 0; b < (1 << 14); ++b)
-    if (tr[b][0]) blocks = b + 1;
+  const int tiles = (n / (64 * c)) * ((m + bm - 1) / bm), blocks = tiles * splits;
   unsigned long long base = ~0ull, end = 0;
   for (int b = 0; b < blocks; ++b) {
     base = std::min(base, tr[b][0]);

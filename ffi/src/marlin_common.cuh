@@ -36,17 +36,13 @@ __device__ __forceinline__ uint32_t MulBf16x2(uint32_t a, uint32_t b) {
 // block barrier precedes this in thread 0), then the wait for the tile's other splits. Only
 // for grids that are resident all at once (ResidentBlocks): a block not yet started would
 // never arrive; they are launched cooperatively (LaunchKernel).
-__device__ __forceinline__ int LoadAcquire(const int32_t* p) {
-  int v;
-  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
 __device__ __forceinline__ void ArriveAndWait(int32_t* counter, int splits) {
   __threadfence();
   atomicAdd(counter, 1);
-  while (LoadAcquire(counter) < splits) {
-  }
+  int done;
+  do {
+    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(done) : "l"(counter) : "memory");
+  } while (done < splits);
   __threadfence();
 }
 
@@ -130,24 +126,6 @@ __device__ __forceinline__ void StoreOut(const Args& a, int row, int col, float4
   } else {
     *reinterpret_cast<float4*>(static_cast<float*>(a.y) + off) = v;
   }
-}
-
-// y[row, col] = v + bias, rounded once to the output dtype (one element: StoreOut's scalar form).
-template <typename Args>
-__device__ __forceinline__ void StoreOut1(const Args& a, int row, int col, float v) {
-  switch (a.bias_type) {
-    case kBF16: v += __bfloat162float(static_cast<const __nv_bfloat16*>(a.bias)[col]); break;
-    case kF16: v += __half2float(static_cast<const __half*>(a.bias)[col]); break;
-    case kF32: v += static_cast<const float*>(a.bias)[col]; break;
-    default: break;
-  }
-  const size_t off = static_cast<size_t>(row) * a.n + col;
-  if (a.out_type == kBF16)
-    static_cast<__nv_bfloat16*>(a.y)[off] = __float2bfloat16_rn(v);
-  else if (a.out_type == kF16)
-    static_cast<__half*>(a.y)[off] = __float2half_rn(v);
-  else
-    static_cast<float*>(a.y)[off] = v;
 }
 
 // ---- host helpers --------------------------------------------------------------------------

@@ -39,9 +39,8 @@
 #endif
 
 // Per-block timeline points, recorded only by tools/wgmma_trace.cu (which defines this macro
-// before including this file): 0 entry, 1 first stage consumed, 2 main loop done (kStream: the
-// first accumulation), 3 partial stored and counted (K splits through the workspace), 4
-// partials summed, 5 output stored.
+// before including this file): 0 entry, 1 first stage consumed, 2 main loop done, 3 partial
+// stored and counted (K splits through the workspace), 4 partials summed, 5 output stored.
 #ifndef WGMMA_TRACE
 #define WGMMA_TRACE(cond, point)
 #endif
@@ -55,12 +54,8 @@ constexpr int kBK = 64;  // K per stage: one 128-byte swizzled row of x per toke
 constexpr int kMaxClusterSplits = 8;  // K splits in one thread-block cluster: the portable size
 constexpr int kMaxSplits = 64;        // through the workspace
 
-// How the K splits of an output tile are summed (one kernel instantiation each). kStream: no
-// fixed splits; the grid is one block per resident slot and block b takes the b-th equal share
-// of all (tile, 64-deep stage) units in order, across tile boundaries (stream-K, Osama et al.
-// 2023; CUTLASS calls it the stream-K tile scheduler): a tile's first block adds the partials
-// of the blocks that took the rest of it.
-enum class Reduce { kNone, kCluster, kWorkspace, kStream };
+// How the K splits of an output tile are summed (one kernel instantiation each).
+enum class Reduce { kNone, kCluster, kWorkspace };
 
 template <int BM, int C, int STAGES, int BLOCKS>
 struct WgTile {
@@ -112,13 +107,6 @@ struct WgmmaArgs {
   int32_t* counters;  // kWorkspace: [tiles] blocks done, zeroed before the launch
   int spread;         // kWorkspace, every block resident at once: the splits of a tile wait for
                       // each other and each sums and stores 1/splits of its token rows
-  // kStream: partial = [blocks][BM * kBN] (a block's first, unfinished tile), counters =
-  // [blocks] "partial stored" flags, zeroed before the launch.
-};
-
-// Where stage i of a block's sequence comes from.
-struct StageAt {
-  int kt, n_tile, m0;
 };
 
 #if JAX_MXFP8_WGMMA
@@ -232,15 +220,16 @@ __device__ __forceinline__ float4 ClusterSum(uint32_t addr, int splits) {
   return v;
 }
 
-// The block's stages 0 .. num - 1, stage i from at(i); ring slot and phase count from the first.
-template <typename T, typename At>
+// Stages kt_begin .. kt_begin + num_kt - 1 of this block's K range; ring slot and phase count
+// from the first.
+template <typename T>
 __device__ __forceinline__ void Produce(const CUtensorMap* x_map, const WgmmaArgs& a, uint32_t sbase,
-                                        uint32_t full0, uint32_t empty0, int num, At at) {
+                                        uint32_t full0, uint32_t empty0, int kt_begin, int num_kt,
+                                        int n_tile, int m0) {
   constexpr int C = T::kC, STAGES = T::kStages;
   const size_t tiles64 = static_cast<size_t>(a.n) / 64;
-  for (int i = 0; i < num; ++i) {
-    const StageAt st = at(i);
-    const int s = i % STAGES, kt = st.kt, n_tile = st.n_tile, m0 = st.m0;
+  for (int i = 0; i < num_kt; ++i) {
+    const int s = i % STAGES, kt = kt_begin + i;
     if (i >= STAGES) MbarWait(empty0 + 8 * s, ((i / STAGES) - 1) & 1);  // consumers freed it
     const uint32_t full = full0 + 8 * s;
     MbarExpectTx(full, T::kStageTx);
@@ -273,13 +262,12 @@ struct ConsumerView {
 // One stage kt (counted from the block's first): dequantize its four k16 A fragments into
 // `frag` (free: the group that read it, stage kt - 2, was retired by the previous stage's
 // wait), then issue its four wgmmas as one group, which runs while the next stage is
-// dequantized. `release_prev`: stage kt - 1 belongs to the same accumulation (its slot is
-// released here; the last stage of an accumulation is released by Consume).
+// dequantized.
 template <typename T, bool kGeneral>
 __device__ __forceinline__ void ConsumeStage(float (&acc)[T::kBM / 2], uint32_t (&frag)[4][4],
                                              const uint8_t* smem, uint32_t sbase, uint32_t full0,
-                                             uint32_t empty0, int kt, bool release_prev,
-                                             const ConsumerView& v, int lane) {
+                                             uint32_t empty0, int kt, const ConsumerView& v,
+                                             int lane) {
   constexpr int C = T::kC, STAGES = T::kStages;
   const int s = kt % STAGES;
   MbarWait(full0 + 8 * s, (kt / STAGES) & 1);
@@ -316,125 +304,26 @@ __device__ __forceinline__ void ConsumeStage(float (&acc)[T::kBM / 2], uint32_t 
   // its wgmmas are complete. The producer waits on this barrier before refilling the slot
   // (CUTLASS's TMA pipelines release a slot the same way, with no proxy fence: one here cost a
   // MEMBAR per stage).
-  if (release_prev && lane == 0) MbarArrive(empty0 + 8 * ((kt - 1) % STAGES));
+  if (kt >= 1 && lane == 0) MbarArrive(empty0 + 8 * ((kt - 1) % STAGES));
 }
 
-// Accumulates the block's stages first .. first + num - 1 into acc. kReleaseLast: more stages
-// follow in the ring (kStream), so the last one's slot is released too.
-template <typename T, bool kGeneral, bool kReleaseLast = false>
+template <typename T, bool kGeneral>
 __device__ __forceinline__ void Consume(float (&acc)[T::kBM / 2], const uint8_t* smem, uint32_t sbase,
-                                        uint32_t full0, uint32_t empty0, int num, int c, int wi,
-                                        int lane, int first = 0) {
+                                        uint32_t full0, uint32_t empty0, int num_kt, int c,
+                                        int wi, int lane) {
   const ConsumerView v(c, wi, lane);
   // Two register buffers, alternating by stage (register arrays need constant indices). The
   // loop body takes both unconditionally (an odd first stage is peeled): with a conditional
   // second stage ptxas cannot count the groups in flight and serializes every wgmma.
   uint32_t frag0[4][4], frag1[4][4];
-  int j = 0;
-  if (num & 1) ConsumeStage<T, kGeneral>(acc, frag1, smem, sbase, full0, empty0, first + j++, false, v, lane);
-  for (; j < num; j += 2) {
-    ConsumeStage<T, kGeneral>(acc, frag0, smem, sbase, full0, empty0, first + j, j >= 1, v, lane);
-    ConsumeStage<T, kGeneral>(acc, frag1, smem, sbase, full0, empty0, first + j + 1, true, v, lane);
+  int kt = 0;
+  if (num_kt & 1) ConsumeStage<T, kGeneral>(acc, frag1, smem, sbase, full0, empty0, kt++, v, lane);
+  for (; kt < num_kt; kt += 2) {
+    ConsumeStage<T, kGeneral>(acc, frag0, smem, sbase, full0, empty0, kt, v, lane);
+    ConsumeStage<T, kGeneral>(acc, frag1, smem, sbase, full0, empty0, kt + 1, v, lane);
   }
   WgmmaWait<0>();
   FenceAcc(acc);
-  if constexpr (kReleaseLast)
-    if (lane == 0) MbarArrive(empty0 + 8 * ((first + num - 1) % T::kStages));
-}
-
-// acc straight from the registers to y (+ bias, rounded once): a kStream block cannot borrow
-// the pipeline buffers to transpose through, its next stages are already arriving. Thread
-// (c, wi, lane) holds rows 8i + 2 (lane % 4) (+1) of columns 64c + 16wi + lane / 4 (+8).
-template <typename T>
-__device__ __forceinline__ void StoreFragments(const WgmmaArgs& a, const float (&acc)[T::kBM / 2],
-                                               int m0, int col) {
-  const int lane = threadIdx.x & 31;
-#pragma unroll
-  for (int i = 0; i < T::kBM / 8; ++i) {
-    const int m = m0 + 8 * i + 2 * (lane & 3);
-    if (m < a.m) {
-      StoreOut1(a, m, col, acc[4 * i]);
-      StoreOut1(a, m, col + 8, acc[4 * i + 2]);
-    }
-    if (m + 1 < a.m) {
-      StoreOut1(a, m + 1, col, acc[4 * i + 1]);
-      StoreOut1(a, m + 1, col + 8, acc[4 * i + 3]);
-    }
-  }
-}
-
-// The consumers of a kStream block: units [u_begin, u_end) of the tile-major (tile, stage)
-// sequence, one accumulation per tile they touch. Only the first can start inside a tile: it
-// is stored as a partial and flagged. A tile's first block adds, after its own K range, the
-// partials of the blocks that took the rest of the tile, in K order (deterministic).
-template <typename T>
-__device__ __forceinline__ void ConsumeStream(const WgmmaArgs& a, const uint8_t* smem, uint32_t sbase,
-                                              uint32_t full0, uint32_t empty0, long long units,
-                                              long long u_begin, long long u_end, int kt_total,
-                                              int c, int wi, int lane) {
-  constexpr int BM = T::kBM, C = T::kC, kQuads = BM / 8;
-  const int ct = threadIdx.x - 128;
-  const auto partial = [&](int block) {
-    return reinterpret_cast<float4*>(a.partial) + static_cast<size_t>(block) * kQuads * 128 * C + ct;
-  };
-  const bool general = __ldg(a.flags) & 1;
-  int first = 0;
-  for (long long u = u_begin; u < u_end;) {
-    const int tile = static_cast<int>(u / kt_total);
-    const long long tile_end = static_cast<long long>(tile + 1) * kt_total;
-    const int num = static_cast<int>(min(u_end, tile_end) - u);
-    float acc[BM / 2];
-#pragma unroll
-    for (int i = 0; i < BM / 2; ++i) acc[i] = 0.f;
-    if (general)
-      Consume<T, true, true>(acc, smem, sbase, full0, empty0, num, c, wi, lane, first);
-    else
-      Consume<T, false, true>(acc, smem, sbase, full0, empty0, num, c, wi, lane, first);
-    WGMMA_TRACE(threadIdx.x == 128 && first == 0, 2);
-    if (u != tile_end - kt_total) {  // a later K range of the tile: its first block adds it
-#pragma unroll
-      for (int i = 0; i < kQuads; ++i)
-        __stcg(partial(blockIdx.x) + i * 128 * C,
-               make_float4(acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3]));
-      ConsumerBarrier(128 * C);
-      if (ct == 0) {
-        __threadfence();
-        atomicExch(a.counters + blockIdx.x, 1);
-      }
-    } else {
-      if (u + num < tile_end) {  // the rest of the tile: the next blocks' first accumulations
-        int last = blockIdx.x;
-        while (last + 1 < static_cast<int>(gridDim.x) && (last + 1) * units / gridDim.x < tile_end) ++last;
-        if (ct == 0) {  // all blocks are resident (cooperative launch)
-          for (int b = blockIdx.x + 1; b <= last; ++b)
-            while (LoadAcquire(a.counters + b) == 0) {
-            }
-          __threadfence();
-        }
-        ConsumerBarrier(128 * C);
-        for (int b = blockIdx.x + 1; b <= last; ++b) {
-#pragma unroll
-          for (int i0 = 0; i0 < kQuads; i0 += 8) {  // eight loads in flight
-            float4 p[8];
-#pragma unroll
-            for (int i = 0; i < 8; ++i) p[i] = __ldcg(partial(b) + (i0 + i) * 128 * C);
-#pragma unroll
-            for (int i = 0; i < 8; ++i) {
-              acc[4 * (i0 + i)] += p[i].x;
-              acc[4 * (i0 + i) + 1] += p[i].y;
-              acc[4 * (i0 + i) + 2] += p[i].z;
-              acc[4 * (i0 + i) + 3] += p[i].w;
-            }
-          }
-        }
-      }
-      const int n_tile = tile / a.m_tiles;
-      StoreFragments<T>(a, acc, (tile % a.m_tiles) * BM, n_tile * T::kBN + 64 * c + 16 * wi + (lane >> 2));
-    }
-    u += num;
-    first += num;
-  }
-  WGMMA_TRACE(threadIdx.x == 128, 5);
 }
 #endif  // JAX_MXFP8_WGMMA
 
@@ -470,24 +359,9 @@ __global__ void __launch_bounds__(WgTile<BM, C, STAGES, BLOCKS>::kThreads, BLOCK
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
-  // kStream: this block's share of the (tile, stage) units of the whole problem.
-  const long long units = static_cast<long long>(a.n / T::kBN) * a.m_tiles * kt_total;
-  const long long u_begin = blockIdx.x * units / gridDim.x, u_end = (blockIdx.x + 1) * units / gridDim.x;
   if (wg == 0) {
     SetMaxNRegDec<T::kProducerRegs>();
-    if (tid == 0) {
-      if constexpr (kReduce == Reduce::kStream) {
-        Produce<T>(&x_map, a, sbase, full0, empty0, static_cast<int>(u_end - u_begin), [&](int i) {
-          const long long u = u_begin + i;
-          const int t = static_cast<int>(u / kt_total);
-          return StageAt{static_cast<int>(u - static_cast<long long>(t) * kt_total), t / a.m_tiles,
-                         (t % a.m_tiles) * BM};
-        });
-      } else {
-        Produce<T>(&x_map, a, sbase, full0, empty0, num_kt,
-                   [&](int i) { return StageAt{kt_begin + i, n_tile, m0}; });
-      }
-    }
+    if (tid == 0) Produce<T>(&x_map, a, sbase, full0, empty0, kt_begin, num_kt, n_tile, m0);
     if constexpr (kReduce == Reduce::kCluster) {  // the consumers' cluster barriers count every thread
       ClusterSync();
       ClusterSync();
@@ -496,10 +370,6 @@ __global__ void __launch_bounds__(WgTile<BM, C, STAGES, BLOCKS>::kThreads, BLOCK
   }
   SetMaxNRegInc<T::kConsumerRegs>();
   const int c = wg - 1, wi = (tid >> 5) & 3, ct = tid - 128;
-  if constexpr (kReduce == Reduce::kStream) {
-    ConsumeStream<T>(a, smem, sbase, full0, empty0, units, u_begin, u_end, kt_total, c, wi, lane);
-    return;
-  }
   float acc[BM / 2];
 #pragma unroll
   for (int i = 0; i < BM / 2; ++i) acc[i] = 0.f;
@@ -665,38 +535,30 @@ ffi::Error EncodeX(CUtensorMap* map, const void* x, int64_t m, int64_t k, int bl
   return ffi::Error::Success();
 }
 
-// One kernel instantiation's launches (the statics are per instantiation).
+// `spread`: let the K splits of a tile share its sum when the grid fits on the GPU at once
+// (they wait for each other; a block that is not resident yet would never arrive otherwise).
 template <int BM, int C, int STAGES, int BLOCKS, Reduce kReduce>
-struct WgmmaKernel {
+ffi::Error LaunchWgmmaKernel(cudaStream_t stream, const CUtensorMap& map, WgmmaArgs args,
+                             unsigned blocks, bool spread = true) {
   using T = WgTile<BM, C, STAGES, BLOCKS>;
-  static constexpr auto kKernel = MarlinWgmmaKernel<BM, C, STAGES, BLOCKS, kReduce>;
-
-  // Raises the shared-memory limit; `fit` (if given): how many blocks the GPU holds at once.
-  static ffi::Error Prepare(int* fit) {
-    static SmemLimit smem_limit;
+  auto kernel = MarlinWgmmaKernel<BM, C, STAGES, BLOCKS, kReduce>;
+  static SmemLimit smem_limit;  // one per instantiation
+  JAX_MXFP8_CUDA_RETURN_IF_ERROR(AllowSmem(kernel, T::kSmemBytes, smem_limit));
+  if constexpr (kReduce == Reduce::kWorkspace) {
     static ResidentBlocks resident;
-    JAX_MXFP8_CUDA_RETURN_IF_ERROR(AllowSmem(kKernel, T::kSmemBytes, smem_limit));
-    if (fit != nullptr) JAX_MXFP8_CUDA_RETURN_IF_ERROR(resident.Get(kKernel, T::kThreads, T::kSmemBytes, fit));
-    return ffi::Error::Success();
+    int fit = 0;
+    JAX_MXFP8_CUDA_RETURN_IF_ERROR(resident.Get(kernel, T::kThreads, T::kSmemBytes, &fit));
+    args.spread = T::kCanSpread && spread && blocks <= static_cast<unsigned>(fit);
   }
+  JAX_MXFP8_CUDA_RETURN_IF_ERROR(LaunchKernel(kernel, blocks, T::kThreads, T::kSmemBytes, stream,
+                                              kReduce == Reduce::kCluster ? args.splits : 1,
+                                              args.spread != 0, map, args));
+  return CheckLaunch("marlin wgmma kernel");
+}
 
-  // cooperative: the blocks wait for each other (spread K-split sums, kStream).
-  static ffi::Error Launch(cudaStream_t stream, const CUtensorMap& map, const WgmmaArgs& args,
-                           unsigned blocks, bool cooperative) {
-    JAX_MXFP8_RETURN_IF_ERROR(Prepare(nullptr));
-    JAX_MXFP8_CUDA_RETURN_IF_ERROR(LaunchKernel(kKernel, blocks, T::kThreads, T::kSmemBytes, stream,
-                                                kReduce == Reduce::kCluster ? args.splits : 1,
-                                                cooperative, map, args));
-    return CheckLaunch("marlin wgmma kernel");
-  }
-};
-
-// `ws`: the hidden workspace output (sized by marlin.py's wgmma_workspace_bytes). K splits
-// through it share their tile's sum when the grid fits on the GPU at once (spread) unless
-// `allow_spread` is false (tools/wgmma_trace.cu compares the two).
 template <int BM, int C, int STAGES, int BLOCKS>
-ffi::Error LaunchWgmma(cudaStream_t stream, const CUtensorMap& map, WgmmaArgs args, Reduce sum,
-                       uint8_t* ws, size_t ws_bytes, bool allow_spread = true) {
+ffi::Error LaunchWgmma(cudaStream_t stream, const CUtensorMap& map, WgmmaArgs args, bool cluster,
+                       ffi::Result<ffi::Buffer<ffi::U8>>& workspace) {
   using T = WgTile<BM, C, STAGES, BLOCKS>;
   if (args.n % T::kBN != 0)
     return ffi::Error::InvalidArgument("marlin wgmma: N=" + std::to_string(args.n) +
@@ -705,66 +567,36 @@ ffi::Error LaunchWgmma(cudaStream_t stream, const CUtensorMap& map, WgmmaArgs ar
   const long long tiles = static_cast<long long>(args.n / T::kBN) * args.m_tiles;
   if (tiles * args.splits > 0x7FFFFFFF) return ffi::Error::InvalidArgument("marlin wgmma: grid too large");
   const unsigned blocks = static_cast<unsigned>(tiles * args.splits);
-  const auto too_small = [&](size_t need) {
-    return ffi::Error::InvalidArgument("marlin wgmma: workspace of " + std::to_string(ws_bytes) +
-                                       " bytes < the " + std::to_string(need) + " needed");
-  };
-  switch (sum) {
-    case Reduce::kNone:
-      return WgmmaKernel<BM, C, STAGES, BLOCKS, Reduce::kNone>::Launch(stream, map, args, blocks, false);
-    case Reduce::kCluster:
-      return WgmmaKernel<BM, C, STAGES, BLOCKS, Reduce::kCluster>::Launch(stream, map, args, blocks, false);
-    case Reduce::kWorkspace: {  // counters, then the partial tiles
-      using K = WgmmaKernel<BM, C, STAGES, BLOCKS, Reduce::kWorkspace>;
-      const size_t counter_bytes = (static_cast<size_t>(tiles) * 4 + 255) / 256 * 256;
-      const size_t need = counter_bytes + static_cast<size_t>(tiles) * args.splits * BM * T::kBN * 4;
-      if (ws_bytes < need) return too_small(need);
-      args.counters = reinterpret_cast<int32_t*>(ws);
-      args.partial = reinterpret_cast<float*>(ws + counter_bytes);
-      int fit = 0;
-      JAX_MXFP8_RETURN_IF_ERROR(K::Prepare(&fit));
-      args.spread = T::kCanSpread && allow_spread && blocks <= static_cast<unsigned>(fit);
-      JAX_MXFP8_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(ws, 0, counter_bytes, stream));
-      return K::Launch(stream, map, args, blocks, args.spread != 0);
-    }
-    case Reduce::kStream: {  // one block per resident slot (fewer if the workspace is smaller)
-      if constexpr (!T::kCanSpread) {
-        return ffi::Error::InvalidArgument("marlin wgmma: stream=1 needs block_m <= 128");
-      } else {
-        using K = WgmmaKernel<BM, C, STAGES, BLOCKS, Reduce::kStream>;
-        int fit = 0;
-        JAX_MXFP8_RETURN_IF_ERROR(K::Prepare(&fit));
-        const long long units = tiles * (args.k / kBK);
-        const auto need = [](long long g) {
-          return (static_cast<size_t>(g) * 4 + 255) / 256 * 256 + static_cast<size_t>(g) * BM * T::kBN * 4;
-        };
-        long long g = fit < units ? fit : units;
-        while (g > 1 && need(g) > ws_bytes) --g;
-        if (g < 1 || need(g) > ws_bytes) return too_small(need(1));
-        const size_t flag_bytes = (static_cast<size_t>(g) * 4 + 255) / 256 * 256;
-        args.counters = reinterpret_cast<int32_t*>(ws);
-        args.partial = reinterpret_cast<float*>(ws + flag_bytes);
-        JAX_MXFP8_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(ws, 0, flag_bytes, stream));
-        return K::Launch(stream, map, args, static_cast<unsigned>(g), true);
-      }
-    }
-  }
-  return ffi::Error::Internal("marlin wgmma: unknown sum");
+  if (args.splits == 1)
+    return LaunchWgmmaKernel<BM, C, STAGES, BLOCKS, Reduce::kNone>(stream, map, args, blocks);
+  if (cluster) return LaunchWgmmaKernel<BM, C, STAGES, BLOCKS, Reduce::kCluster>(stream, map, args, blocks);
+  // Counters, then the partial tiles (sized by marlin.py's wgmma_workspace_bytes).
+  const size_t counter_bytes = (static_cast<size_t>(tiles) * 4 + 255) / 256 * 256;
+  const size_t partial_bytes = static_cast<size_t>(tiles) * args.splits * BM * T::kBN * 4;
+  if (workspace->element_count() < counter_bytes + partial_bytes)
+    return ffi::Error::InvalidArgument("marlin wgmma: workspace of " +
+                                       std::to_string(workspace->element_count()) + " bytes < the " +
+                                       std::to_string(counter_bytes + partial_bytes) + " needed");
+  uint8_t* ws = workspace->typed_data();
+  args.counters = reinterpret_cast<int32_t*>(ws);
+  args.partial = reinterpret_cast<float*>(ws + counter_bytes);
+  JAX_MXFP8_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(ws, 0, counter_bytes, stream));
+  return LaunchWgmmaKernel<BM, C, STAGES, BLOCKS, Reduce::kWorkspace>(stream, map, args, blocks);
 }
 
 // The configurations jax_mxfp8/backends/marlin.py may ask for (WGMMA_CONFIGS there): x rows
 // per block, consumer warpgroups, blocks per SM.
 ffi::Error DispatchWgmma(cudaStream_t stream, const CUtensorMap& map, const WgmmaArgs& args, int bm,
-                         int c, int blocks_per_sm, Reduce sum, uint8_t* ws, size_t ws_bytes,
-                         bool allow_spread = true) {
+                         int c, int blocks_per_sm, bool cluster,
+                         ffi::Result<ffi::Buffer<ffi::U8>>& ws) {
   switch (bm * 100 + c * 10 + blocks_per_sm) {
-    case 6412: return LaunchWgmma<64, 1, 8, 2>(stream, map, args, sum, ws, ws_bytes, allow_spread);
-    case 12812: return LaunchWgmma<128, 1, 5, 2>(stream, map, args, sum, ws, ws_bytes, allow_spread);
-    case 6421: return LaunchWgmma<64, 2, 8, 1>(stream, map, args, sum, ws, ws_bytes, allow_spread);
-    case 6422: return LaunchWgmma<64, 2, 6, 2>(stream, map, args, sum, ws, ws_bytes, allow_spread);
-    case 12821: return LaunchWgmma<128, 2, 8, 1>(stream, map, args, sum, ws, ws_bytes, allow_spread);
-    case 6441: return LaunchWgmma<64, 4, 8, 1>(stream, map, args, sum, ws, ws_bytes, allow_spread);
-    case 25621: return LaunchWgmma<256, 2, 5, 1>(stream, map, args, sum, ws, ws_bytes, allow_spread);
+    case 6412: return LaunchWgmma<64, 1, 8, 2>(stream, map, args, cluster, ws);
+    case 12812: return LaunchWgmma<128, 1, 5, 2>(stream, map, args, cluster, ws);
+    case 6421: return LaunchWgmma<64, 2, 8, 1>(stream, map, args, cluster, ws);
+    case 6422: return LaunchWgmma<64, 2, 6, 2>(stream, map, args, cluster, ws);
+    case 12821: return LaunchWgmma<128, 2, 8, 1>(stream, map, args, cluster, ws);
+    case 6441: return LaunchWgmma<64, 4, 8, 1>(stream, map, args, cluster, ws);
+    case 25621: return LaunchWgmma<256, 2, 5, 1>(stream, map, args, cluster, ws);
     default:
       return ffi::Error::InvalidArgument("marlin wgmma: no compiled configuration for block_m=" +
                                          std::to_string(bm) + ", consumers=" + std::to_string(c) +
@@ -780,16 +612,13 @@ ffi::Error MarlinWgmmaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ff
                            ffi::Buffer<ffi::U8> scales, ffi::Buffer<ffi::S32> flags,
                            ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> y,
                            ffi::Result<ffi::Buffer<ffi::U8>> workspace, int32_t block_m,
-                           int32_t consumers, int32_t blocks_per_sm, int32_t splits, int32_t cluster,
-                           int32_t stream_k) {
+                           int32_t consumers, int32_t blocks_per_sm, int32_t splits, int32_t cluster) {
   PackedGemm g;
   JAX_MXFP8_RETURN_IF_ERROR(CheckPackedGemm("marlin wgmma", x, qweight, scales, flags, bias, *y, g));
   if (g.x_type != kBF16)
     return ffi::Error::InvalidArgument("marlin wgmma: x must be bfloat16 (fp16 x uses the mma.sync kernel)");
   const int64_t m = g.m, k = g.k, n = g.n;
   if (m == 0) return ffi::Error::Success();
-  if (stream_k && (splits != 1 || cluster))
-    return ffi::Error::InvalidArgument("marlin wgmma: stream=1 takes splits=1, cluster=0 (it divides K itself)");
   const int max_splits = cluster ? kMaxClusterSplits : kMaxSplits;
   if (splits < 1 || splits > max_splits || splits > k / kBK)
     return ffi::Error::InvalidArgument("marlin wgmma: splits=" + std::to_string(splits) +
@@ -819,12 +648,7 @@ ffi::Error MarlinWgmmaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ff
   args.splits = splits;
   CUtensorMap map;
   JAX_MXFP8_RETURN_IF_ERROR(EncodeX(&map, x.untyped_data(), m, k, block_m));
-  const Reduce sum = stream_k ? Reduce::kStream
-                     : splits == 1 ? Reduce::kNone
-                     : cluster ? Reduce::kCluster
-                               : Reduce::kWorkspace;
-  return DispatchWgmma(stream, map, args, block_m, consumers, blocks_per_sm, sum,
-                       workspace->typed_data(), workspace->element_count());
+  return DispatchWgmma(stream, map, args, block_m, consumers, blocks_per_sm, cluster != 0, workspace);
 }
 
 }  // namespace
@@ -838,13 +662,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MarlinWgmmaHandler, MarlinWgmmaImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()  // flags [1]
                                   .Arg<ffi::AnyBuffer>()         // bias [N] or [0]
                                   .Ret<ffi::AnyBuffer>()         // y [M, N]
-                                  .Ret<ffi::Buffer<ffi::U8>>()   // workspace (K splits through it, stream-K)
+                                  .Ret<ffi::Buffer<ffi::U8>>()   // workspace (K splits, cluster = 0)
                                   .Attr<int32_t>("block_m")
                                   .Attr<int32_t>("consumers")
                                   .Attr<int32_t>("blocks_per_sm")
                                   .Attr<int32_t>("splits")       // K splits of each output tile
-                                  .Attr<int32_t>("cluster")      // 1: summed in a cluster (<= 8 splits)
-                                  .Attr<int32_t>("stream"),      // 1: stream-K (Reduce::kStream)
+                                  .Attr<int32_t>("cluster"),     // 1: summed in a cluster (<= 8 splits)
                               {ffi::Traits::kCmdBufferCompatible});
 
 JAX_MXFP8_REGISTER_CUDA_TARGET("jax_mxfp8_marlin_wgmma_cuda", MarlinWgmmaHandler);

@@ -257,7 +257,6 @@ WGMMA_CONFIGS = (WgmmaConfig(64, 1, 2), WgmmaConfig(128, 1, 2), WgmmaConfig(64, 
                  WgmmaConfig(64, 2, 2), WgmmaConfig(128, 2, 1), WgmmaConfig(256, 2, 1),
                  WgmmaConfig(64, 4, 1))
 MAX_WGMMA_SPLITS = 64  # K splits summed through the workspace (8 in a cluster: MAX_CLUSTER_SPLITS)
-MAX_STREAM_BLOCK_M = 128  # stream-K blocks (WgTile::kCanSpread in marlin_sm90.cu)
 
 
 def wgmma_config(block_m: int, consumers: int, blocks_per_sm: int | None = None) -> WgmmaConfig:
@@ -271,15 +270,11 @@ def wgmma_config(block_m: int, consumers: int, blocks_per_sm: int | None = None)
 
 
 def _wgmma_abstract(x, qweight, scales, flags, bias, *, block_m, consumers, blocks_per_sm, splits,
-                    cluster, stream, out_dtype, has_bias):
+                    cluster, out_dtype, has_bias):
     base.check_dtype("marlin wgmma x", x.dtype, (jnp.bfloat16,),
                      "The wgmma kernel takes bf16 activations; fp16 uses the mma.sync kernel.")
     m, k, n = _check_packed("marlin wgmma", x, qweight, scales, flags, bias, has_bias, 64 * consumers)
     wgmma_config(block_m, consumers, blocks_per_sm)
-    if stream and (splits != 1 or cluster or block_m > MAX_STREAM_BLOCK_M):
-        raise ValueError(f"marlin wgmma: stream=True divides K itself: it takes splits=1, "
-                         f"cluster=False and block_m <= {MAX_STREAM_BLOCK_M} (got splits={splits}, "
-                         f"cluster={cluster}, block_m={block_m})")
     most = MAX_CLUSTER_SPLITS if cluster else MAX_WGMMA_SPLITS
     if not 1 <= splits <= min(most, k // TILE):
         raise ValueError(f"marlin wgmma: splits={splits} must be in [1, min({most}, K/64 = "
@@ -288,29 +283,23 @@ def _wgmma_abstract(x, qweight, scales, flags, bias, *, block_m, consumers, bloc
 
 
 def wgmma_workspace_bytes(m: int, n: int, block_m: int, consumers: int, splits: int,
-                          cluster: bool, stream: bool = False, blocks: int = 0) -> int:
+                          cluster: bool) -> int:
     """The wgmma kernel's hidden scratch output (mirrors LaunchWgmma): K splits summed through
-    global memory need a counter per output tile and every split's fp32 partial tile; stream-K
-    a flag and a partial tile per block (`blocks`: one per resident slot; with fewer, the
-    kernel runs fewer blocks)."""
-    if stream and m > 0:
-        return _round_up(blocks * 4, 256) + blocks * block_m * 64 * consumers * 4
+    global memory need a counter per output tile and every split's fp32 partial tile."""
     if splits == 1 or cluster or m == 0:
         return 256
     tiles = -(-m // block_m) * (n // (64 * consumers))
     return _round_up(tiles * 4, 256) + splits * tiles * block_m * 64 * consumers * 4
 
 
-def _wgmma_cuda(ctx, *operands, block_m, consumers, blocks_per_sm, splits, cluster, stream,
-                out_dtype, has_bias):
+def _wgmma_cuda(ctx, *operands, block_m, consumers, blocks_per_sm, splits, cluster, out_dtype,
+                has_bias):
     m = ctx.avals_in[0].shape[0]
     n = ctx.avals_out[0].shape[1]
-    workspace = wgmma_workspace_bytes(m, n, block_m, consumers, splits, cluster, stream,
-                                      _sm_count() * blocks_per_sm)
     return _lower_with_workspace(
-        ctx, WGMMA_TARGET, workspace, operands, {"out_dtype": out_dtype, "has_bias": has_bias},
-        block_m=block_m, consumers=consumers, blocks_per_sm=blocks_per_sm, splits=splits,
-        cluster=cluster, stream=stream)
+        ctx, WGMMA_TARGET, wgmma_workspace_bytes(m, n, block_m, consumers, splits, cluster),
+        operands, {"out_dtype": out_dtype, "has_bias": has_bias}, block_m=block_m,
+        consumers=consumers, blocks_per_sm=blocks_per_sm, splits=splits, cluster=cluster)
 
 
 marlin_wgmma_p = base.define_primitive(
@@ -377,13 +366,10 @@ def gemm(x, qweight, scales, flags, bias=None, *, m_blocks, warps_n, splits, out
 
 
 def gemm_sm90(x, qweight, scales, flags, bias=None, *, block_m, consumers, out_dtype,
-              blocks_per_sm=None, splits=1, cluster=False, stream=False):
+              blocks_per_sm=None, splits=1, cluster=False):
     """One launch of the sm_90a wgmma kernel with an explicit configuration (tests, tuning).
     splits > 1 divides K among that many blocks per output tile, whose partials are summed in
-    split order through a workspace, or with cluster=True in a thread-block cluster.
-    stream=True (stream-K): one block per resident slot, each an equal share of all the
-    (tile, 64-deep K stage) units, crossing tile boundaries; a tile's first block adds the
-    others' partials in K order (deterministic for a given GPU)."""
+    split order through a workspace, or with cluster=True in a thread-block cluster."""
     config = wgmma_config(int(block_m), int(consumers), blocks_per_sm)
     has_bias = bias is not None
     if bias is None:
@@ -391,7 +377,7 @@ def gemm_sm90(x, qweight, scales, flags, bias=None, *, block_m, consumers, out_d
     return marlin_wgmma_p.bind(x, qweight, scales, flags, bias, block_m=config.block_m,
                                consumers=config.consumers, blocks_per_sm=config.blocks_per_sm,
                                splits=int(splits), cluster=bool(cluster) and splits > 1,
-                               stream=bool(stream), out_dtype=jnp.dtype(out_dtype), has_bias=has_bias)
+                               out_dtype=jnp.dtype(out_dtype), has_bias=has_bias)
 
 
 def dequantize_packed(qweight, scales, n_begin: int = 0, rows: int | None = None):
@@ -413,7 +399,6 @@ class Plan:
     block_m: int = 0       # wgmma: x rows per block
     consumers: int = 0     # wgmma: consumer warpgroups (64 weight rows each) per block
     blocks_per_sm: int = 0  # wgmma: which compiled occupancy of (block_m, consumers)
-    stream: bool = False    # wgmma: stream-K (splits = 1)
 
 
 # Largest bf16 M that runs the mma.sync kernel where the wgmma kernel cannot (GPUs other than
@@ -633,8 +618,7 @@ def _linear(x, weight, bias, out_dtype, quantize_activations):
     elif plan.kind == "wgmma":
         y = gemm_sm90(x, a["qweight"], a["scales"], a["flags"], bias, block_m=plan.block_m,
                       consumers=plan.consumers, blocks_per_sm=plan.blocks_per_sm,
-                      splits=plan.splits, cluster=plan.cluster, stream=plan.stream,
-                      out_dtype=out_dtype)
+                      splits=plan.splits, cluster=plan.cluster, out_dtype=out_dtype)
     else:
         y = _dequant_dot(x, a, bias, out_dtype)
     return y[:, :n] if n_pad != n else y
