@@ -83,7 +83,7 @@ case "${1:-check}" in
     TAIL=20 step sweep 160 python3 -P tools/marlin_dev.py sweep --out "$out" --ms ${MS:-1 16 32 64} ;;
   table90)  # the table on this GPU (rows saved as they finish), then prepare/memory extras
     TAIL=70 step bench ${BENCH_S:-470} python3 -P tools/marlin_dev.py bench --out "$out" \
-      --shapes 28672x8192 8192x8192 14336x4096 4096x4096
+      --shapes ${TABLE_SHAPES:-28672x8192 8192x8192 14336x4096 4096x4096} ${BENCH_ARGS:-}
     [ -z "${NO_EXTRAS:-}" ] && TAIL=12 step extras 70 python3 -P tools/marlin_dev.py extras
     [ -n "${MEMCHECK:-}" ] && TAIL=4 step memcheck 60 compute-sanitizer --tool memcheck \
       --kernel-name kns=Marlin python3 -P tools/marlin_dev.py sanitize --ms 3 33 --bf16-only ;;
