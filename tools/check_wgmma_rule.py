@@ -1,15 +1,31 @@
-"""Compares marlin._wgmma_plan with the fastest wgmma configuration of sweep90 JSONs:
-python tools/check_wgmma_rule.py results/.../wgmma_sweep.json [more.json ...]"""
+"""Compares marlin._wgmma_plan with the fastest wgmma configuration of sweep90 results, its
+JSONs or its logs: python tools/check_wgmma_rule.py results/.../wgmma_sweep.json [sweep90_*.log ...]"""
 import json
+import re
 import sys
 
 sys.path.insert(0, ".")
 from jax_mxfp8.backends import marlin  # noqa: E402
 from tools.marlin_dev import wgmma_name  # noqa: E402
 
+
+def rows(path):
+    """The sweep's rows: {n, k, m, name: us, ...}, from a JSON or a log's "NxK M= ..." lines."""
+    if path.endswith(".json"):
+        return json.load(open(path))["rows"]
+    out = []
+    for line in open(path):
+        head = re.match(r"(\d+)x(\d+) M=\s*(\d+) ", line)
+        if head:
+            n, k, m = map(int, head.groups())
+            times = {key: float(v) for key, v in re.findall(r" ([\w:]+)=([\d.]+)", line)}
+            out.append({"n": n, "k": k, "m": m, **times})
+    return out
+
+
 worst = 1.0
 for path in sys.argv[1:]:
-    for r in json.load(open(path))["rows"]:
+    for r in rows(path):
         ours = {k: v for k, v in r.items() if k.startswith("w") and v == v}
         if not ours or r["m"] <= marlin.WGMMA_MIN_M:
             continue
