@@ -583,8 +583,9 @@ def test_wgmma_every_config_vs_float64(config, m):
                                             (24, False)])
 def test_wgmma_k_splits_vs_float64(config, splits, cluster):
     """K split among blocks (24 stages: 12 each; 8 each; 3 each; 5 uneven; 1 each), summed in
-    a cluster through distributed shared memory or by the last block through the workspace;
-    M tails inside a block and across blocks."""
+    a cluster through distributed shared memory or through the workspace - shared by the
+    tile's blocks where the grid fits at once, by its last block where it does not (24 splits
+    at M = 300); M tails inside a block and across blocks."""
     rng, seed = fresh_rng()
     n, k = 768, 1536  # a multiple of every config's block width (256 at most)
     codes, scales = random_weight(rng, n, k)

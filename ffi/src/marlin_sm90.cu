@@ -331,8 +331,10 @@ __device__ __forceinline__ void Consume(float (&acc)[T::kBM / 2], const uint8_t*
 // Each split reduces a contiguous K range; the partial tiles are summed in split order, so
 // the result is the same every run: kCluster - the splits of a tile are one cluster (rank =
 // split) and sum through distributed shared memory, every rank storing 1/splits of the rows;
-// kWorkspace - each block stores its partial to global memory and the last block of the tile
-// (atomic counter) sums them (marlin.cu's two schemes). Each scheme is its own instantiation:
+// kWorkspace - each block stores its partial to global memory and counts itself on the tile's
+// counter; where the grid is resident at once (WgmmaArgs::spread) the splits wait for each other
+// and each sums 1/splits of the tile's token rows, else the tile's last block sums it all
+// (marlin.cu's schemes). Each scheme is its own instantiation:
 // the cluster barriers mark a kernel for cluster launches, and with them the unsplit kernel ran
 // ~1.2x slower on the H200 (RESULTS.md, fifth session).
 template <int BM, int C, int STAGES, int BLOCKS, Reduce kReduce>
