@@ -64,21 +64,33 @@ def test_prepare_unprepare_identity(n, k):
     np.testing.assert_array_equal(np.asarray(back), scales, err_msg=f"seed {seed}")
 
 
+def _codes_as_the_kernel_reads(words):
+    """Dequant's bit extraction (ffi/src/marlin_common.cuh), in numpy: each uint32 word -> the
+    codes of its bf16 halves r0 = (b0, b2) and r1 = (b1, b3), as [..., 4] in b order."""
+    rot = (words >> 4) | (words << 28)
+    r0, r1 = words & 0x87F087F0, (rot & 0x87808780) | ((words << 4) & 0x00700070)
+    code = lambda half: ((half >> 8) & 0x80) | ((half >> 4) & 0x7F)  # sign, eeee.mmm
+    return np.stack([code(r0 & 0xFFFF), code(r1 & 0xFFFF), code(r0 >> 16), code(r1 >> 16)],
+                    axis=-1).astype(np.uint8)
+
+
 def test_packed_layout_is_what_the_kernel_reads():
-    """The byte formula of ffi/src/marlin.cu's header, checked element by element."""
+    """The layout formula of ffi/src/marlin.cu's header and the kernels' bit extraction,
+    checked element by element."""
     rng, seed = fresh_rng()
     n, k = 128, 64
     codes = rng.integers(0, 256, (n, k), dtype=np.uint8)
     scales = rng.integers(0, 256, (n, k // 32), dtype=np.uint8)
     arrays, _ = prepare(codes, scales)
-    flat = np.asarray(arrays["qweight"]).reshape(-1)
+    words = np.asarray(arrays["qweight"]).reshape(-1).view("<u4").astype(np.uint32)
+    read = _codes_as_the_kernel_reads(words).reshape(-1)
     packed_scales = np.asarray(arrays["scales"])
     kt, nt, h, g, c, w, b = np.meshgrid(*(np.arange(s) for s in (k // 16, n // 64, 2, 8, 4, 4, 4)),
                                         indexing="ij")
     offset = ((((kt * (n // 64) + nt) * 2 + h) * 32 + 4 * g + c) * 16 + 4 * w + b)
     col = 64 * nt + 32 * h + 8 * w + g
     row_k = 16 * kt + 8 * (b & 1) + 2 * c + (b >> 1)
-    np.testing.assert_array_equal(flat[offset], codes[col, row_k], err_msg=f"seed {seed}")
+    np.testing.assert_array_equal(read[offset], codes[col, row_k], err_msg=f"seed {seed}")
     grp, nt, g, j = np.meshgrid(*(np.arange(s) for s in (k // 32, n // 64, 8, 8)), indexing="ij")
     np.testing.assert_array_equal(packed_scales[grp, 64 * nt + 8 * g + j], scales[64 * nt + g + 8 * j, grp])
 

@@ -8,16 +8,17 @@
 //   qweight uint8 [K/16, 16*N]: one 1 KiB tile per (k16 row kt, 64-column tile nt), stored
 //   [kt][nt][half 2][lane 32][word 4][byte 4]. Lane l = 4g + c, word j = 4*half + w holds
 //   column n = 64*nt + g + 8j and rows k = 16*kt + {2c, 2c+8, 2c+1, 2c+9} (bytes 0..3), i.e.
-//   exactly the two B-fragment registers of mma.m16n8k16 for the n8 tile j once every byte is
-//   moved into the high byte of a 16-bit half. Each lane reads its 32 bytes as two 16-B
-//   vectors, so global loads, cp.async and shared-memory reads are all linear.
+//   exactly the two B-fragment registers of mma.m16n8k16 for the n8 tile j once every code is
+//   moved into a 16-bit half (the bits of each word are interleaved for that: Dequant in
+//   marlin_common.cuh). Each lane reads its 32 bytes as two 16-B vectors, so global loads,
+//   cp.async and shared-memory reads are all linear.
 //   scales uint8 [K/32, N]: row = group, within each 64 columns position 8g + j holds column
 //   g + 8j, so a lane group finds its eight scales in 8 contiguous bytes.
 //   flags int32 [1]: bit 0 = "general" weight (a NaN value code, a NaN scale or a scale byte
 //   above 134 somewhere); otherwise the faster folded-scale dequantization is exact.
 //
 // Dequantization (both paths are exact: one RNE rounding of value * 2^(e-127) to bf16):
-//   fp8 s.eeee.mmm in the high byte of a 16-bit half -> bf16 (sign, eeee.mmm >> 4) is exactly
+//   fp8 s.eeee.mmm placed in a 16-bit half as bf16 (sign, 0000.eeee.mmm.0000) is exactly
 //   value * 2^-120 (fp8 subnormals become bf16 subnormals). Fast path: one bf16x2 multiply by
 //   2^(e-7) (exponent field e + 120 <= 254). General path: multiply by 2^120 (exact, normal),
 //   then by 2^(e-127) (e = 0 -> bf16 subnormal 2^-127, e = 255 -> NaN), and NaN value codes

@@ -288,11 +288,13 @@ __device__ __forceinline__ void ConsumeStage(float (&acc)[T::kBM / 2], uint32_t 
   }
   // Every input register of the group (fragments, descriptors) is written before its fence:
   // ptxas serializes wgmmas when other instructions define their inputs inside the group.
-  const uint32_t x_tile = sbase + T::kXOff + s * T::kXBytes;
+  // k16 step ks: 32 B along the row, 2 in the descriptor's address field (16-B units; the tile
+  // is 1024-B aligned, so no carry). One add each: recomputing XDesc per step cost ~3 % at M = 64.
+  const uint64_t desc0 = XDesc(sbase + T::kXOff + s * T::kXBytes);
   uint64_t desc[4];
 #pragma unroll
   for (int ks = 0; ks < 4; ++ks) {
-    desc[ks] = XDesc(x_tile + ks * 32);  // k16 step: 32 B along the row
+    desc[ks] = desc0 + 2 * ks;
     FenceOperands(frag[ks], desc[ks]);
   }
   WgmmaFence();

@@ -12,8 +12,9 @@ emulation math, faster than the emulation path itself because the dequantize ker
 copy bandwidth).
 
 Layout (the kernel reads exactly this; see the header of ffi/src/marlin.cu):
-  qweight uint8 [Kp/16, 16*Np]: byte (((kt*Np/64 + nt)*2 + h)*32 + 4g + c)*16 + 4w + b holds
-      W[64nt + 32h + 8w + g, 16kt + 8*(b & 1) + 2c + (b >> 1)]
+  qweight uint8 [Kp/16, 16*Np]: word (((kt*Np/64 + nt)*2 + h)*32 + 4g + c)*4 + w holds the
+      codes W[64nt + 32h + 8w + g, 16kt + 8*(b & 1) + 2c + (b >> 1)], b = 0..3, their bits
+      interleaved (_interleave_bits) so that the kernels' dequantization is a few integer ops
   scales  uint8 [Kp/32, Np]: byte [grp, 64nt + 8g + j] holds S[64nt + g + 8j, grp]
   flags   int32 [1]: 1 when the weight needs the general dequantization (NaN value codes, or a
       scale byte > 134); the fast path is exact otherwise.
@@ -41,7 +42,7 @@ DEQUANT_TARGET = "jax_mxfp8_marlin_dequantize_cuda"
 WGMMA_TARGET = "jax_mxfp8_marlin_wgmma_cuda"  # sm_90a kernel (ffi/src/marlin_sm90.cu)
 TILE = 64            # N and K granularity of the packed layout and of a pipeline stage
 FAST_MAX_SCALE = 134  # largest e8m0 byte whose folded scale 2^(e-7) is a normal bf16
-META_TAG = "marlin-v1"
+META_TAG = "marlin-v2"  # v2: bit-interleaved value words
 
 
 class Tile(NamedTuple):
@@ -62,17 +63,40 @@ def _round_up(v: int, m: int) -> int:
 
 # ---- packing ---------------------------------------------------------------------------------
 
+def _interleave_bits(b):
+    """Codes b[..., 0:4] (rows 2c, 2c+8, 2c+1, 2c+9) -> the bytes of the little-endian word
+    Dequant (ffi/src/marlin_common.cuh) reads: code 0 at bits 15 (sign) and 10..4, code 2 at 31
+    and 26..20 (already bf16-shaped), code 1 at 19, 14..11 and 2..0, code 3 at 3, 30..27 and
+    18..16 (bf16-shaped after a rotation right by 4 and a shift left by 4)."""
+    b0, b1, b2, b3 = (b[..., j].astype(jnp.uint32) for j in range(4))
+    w = (((b0 & 0x80) << 8) | ((b0 & 0x7F) << 4) | ((b2 & 0x80) << 24) | ((b2 & 0x7F) << 20)
+         | ((b1 & 0x80) << 12) | ((b1 & 0x78) << 8) | (b1 & 0x07)
+         | ((b3 & 0x80) >> 4) | ((b3 & 0x78) << 24) | ((b3 & 0x07) << 16))
+    return jnp.stack([(w >> (8 * j)) & 0xFF for j in range(4)], axis=-1).astype(jnp.uint8)
+
+
+def _deinterleave_bits(b):
+    w = sum(b[..., j].astype(jnp.uint32) << (8 * j) for j in range(4))
+    b0 = ((w >> 8) & 0x80) | ((w >> 4) & 0x7F)
+    b2 = ((w >> 24) & 0x80) | ((w >> 20) & 0x7F)
+    b1 = ((w >> 12) & 0x80) | ((w >> 8) & 0x78) | (w & 0x07)
+    b3 = ((w << 4) & 0x80) | ((w >> 24) & 0x78) | ((w >> 16) & 0x07)
+    return jnp.stack([b0, b1, b2, b3], axis=-1).astype(jnp.uint8)
+
+
 def pack_values(vbytes: jax.Array) -> jax.Array:
     """uint8 [N, K] (N, K multiples of 64) -> qweight uint8 [K/16, 16N]."""
     n, k = vbytes.shape
     v = vbytes.reshape(n // 64, 2, 4, 8, k // 16, 2, 4, 2)  # (nt, h, w, g, kt, b_lo, c, b_hi)
-    return v.transpose(4, 0, 1, 3, 6, 2, 7, 5).reshape(k // 16, 16 * n)
+    words = v.transpose(4, 0, 1, 3, 6, 2, 7, 5).reshape(k // 16, 4 * n, 4)
+    return _interleave_bits(words).reshape(k // 16, 16 * n)
 
 
 def unpack_values(qweight: jax.Array) -> jax.Array:
     kt, n16 = qweight.shape
     n, k = n16 // 16, kt * 16
-    p = qweight.reshape(kt, n // 64, 2, 8, 4, 4, 2, 2)  # (kt, nt, h, g, c, w, b_hi, b_lo)
+    codes = _deinterleave_bits(qweight.reshape(kt, 4 * n, 4))
+    p = codes.reshape(kt, n // 64, 2, 8, 4, 4, 2, 2)  # (kt, nt, h, g, c, w, b_hi, b_lo)
     return p.transpose(1, 2, 5, 3, 0, 7, 4, 6).reshape(n, k)
 
 
