@@ -642,19 +642,23 @@ def test_wgmma_exhaustive_through_the_gemm(scale_bytes, general, config, splits,
 
 @needs_wgmma
 def test_wgmma_deterministic_and_equal_to_the_mma_sync_kernel():
-    """Run to run bitwise; and against the mma.sync kernel (same fp32 products, summed in
-    another order) within fp32 rounding."""
+    """Run to run bitwise; K splits summed in a cluster and through the workspace bitwise equal
+    (the same partials added in the same order); against the mma.sync kernel (same fp32
+    products, summed in another order) within fp32 rounding."""
     rng, seed = fresh_rng()
     codes, scales = random_weight(rng, 1024, 4096)
     arrays, _ = prepare(codes, scales)
     x = rng.standard_normal((200, 4096)).astype(ml_dtypes.bfloat16)
     runs = [run_wgmma(x, arrays, None, config=(256, 2), out_dtype=jnp.float32) for _ in range(3)]
     assert all(np.array_equal(runs[0], r) for r in runs[1:])
+    summed = {}
     for cluster in (True, False):  # partials summed in split order, in the cluster or the workspace
         split = [run_wgmma(x, arrays, None, config=(64, 2, 2), splits=4, cluster=cluster,
                            out_dtype=jnp.float32) for _ in range(3)]
         assert all(np.array_equal(split[0], r) for r in split[1:])
         assert rel_fro(split[0], runs[0].astype(np.float64)) <= 1e-5, f"seed {seed}"
+        summed[cluster] = split[0]
+    assert np.array_equal(summed[True], summed[False])
     mma = run_gemm(x, arrays, None, tile=(4, 2), splits=1, out_dtype=jnp.float32)
     assert rel_fro(runs[0], mma.astype(np.float64)) <= 1e-5, f"seed {seed}"
 

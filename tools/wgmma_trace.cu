@@ -5,7 +5,10 @@
 // (CUDA events, the counter memset included as in the library) and the timeline of the last
 // launch. Built and run by `bash tools/gpu_next.sh trace` (TRACE_CASES there):
 //   wgmma_trace N K M BM C BLOCKS SPLITS SUM [CSV]
-// SUM: 0 unsplit, 1 cluster, 2 workspace (spread where the grid fits), 3 workspace, last block
+// SUM: 1 cluster, 3 workspace summed by the tile's last block, else (0 for unsplit launches)
+// workspace sums shared by the splits where the grid fits.
+// Ablations (TRACE_DEFINES there): -DWGMMA_NO_DEQUANT (raw words as the A fragments) or
+// -DWGMMA_NO_MMA (no wgmma issued) show what bounds the main loop (RESULTS.md, seventh session).
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
@@ -47,52 +50,41 @@ namespace {
     }                                                                                 \
   } while (0)
 
-// LaunchWgmma without the FFI workspace buffer.
+// The library's launch; for cluster sums, first how many clusters fit at once.
 template <int BM, int C, int STAGES, int BLOCKS>
-ffi::Error Launch(cudaStream_t stream, const CUtensorMap& map, WgmmaArgs args, int sum, uint8_t* ws) {
+ffi::Error Launch(cudaStream_t stream, const CUtensorMap& map, WgmmaArgs args, int sum, uint8_t* ws,
+                  size_t ws_bytes) {
   using T = WgTile<BM, C, STAGES, BLOCKS>;
-  args.m_tiles = (args.m + BM - 1) / BM;
-  const int tiles = (args.n / T::kBN) * args.m_tiles;
-  const unsigned blocks = tiles * args.splits;
-  if (sum == 0) return LaunchWgmmaKernel<BM, C, STAGES, BLOCKS, Reduce::kNone>(stream, map, args, blocks);
-  if (sum == 1) {
-    static bool told = false;
-    ffi::Error e = LaunchWgmmaKernel<BM, C, STAGES, BLOCKS, Reduce::kCluster>(stream, map, args, blocks);
-    if (!told && e.success()) {  // how many clusters of this size fit at once
-      told = true;
-      cudaLaunchConfig_t config = {};
-      config.gridDim = dim3(blocks);
-      config.blockDim = dim3(T::kThreads);
-      config.dynamicSmemBytes = T::kSmemBytes;
-      cudaLaunchAttribute attr;
-      attr.id = cudaLaunchAttributeClusterDimension;
-      attr.val.clusterDim.x = args.splits;
-      attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
-      config.attrs = &attr;
-      config.numAttrs = 1;
-      int clusters = 0;
-      CHECK(cudaOccupancyMaxActiveClusters(&clusters, MarlinWgmmaKernel<BM, C, STAGES, BLOCKS, Reduce::kCluster>,
-                                           &config));
-      std::printf("max active clusters of %d: %d (grid: %u)\n", args.splits, clusters, blocks / args.splits);
-    }
-    return e;
+  static bool told = false;
+  if (sum == 1 && args.splits > 1 && !told) {
+    told = true;
+    const unsigned blocks = (args.n / T::kBN) * ((args.m + BM - 1) / BM) * args.splits;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(blocks);
+    config.blockDim = dim3(T::kThreads);
+    config.dynamicSmemBytes = T::kSmemBytes;
+    cudaLaunchAttribute attr;
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = args.splits;
+    attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
+    config.attrs = &attr;
+    config.numAttrs = 1;
+    int clusters = 0;
+    CHECK(cudaOccupancyMaxActiveClusters(&clusters, MarlinWgmmaKernel<BM, C, STAGES, BLOCKS, Reduce::kCluster>,
+                                         &config));
+    std::printf("max active clusters of %d: %d (grid: %u)\n", args.splits, clusters, blocks / args.splits);
   }
-  const size_t counter_bytes = (static_cast<size_t>(tiles) * 4 + 255) / 256 * 256;
-  args.counters = reinterpret_cast<int32_t*>(ws);
-  args.partial = reinterpret_cast<float*>(ws + counter_bytes);
-  CHECK(cudaMemsetAsync(ws, 0, counter_bytes, stream));
-  return LaunchWgmmaKernel<BM, C, STAGES, BLOCKS, Reduce::kWorkspace>(stream, map, args, blocks,
-                                                                      /*spread=*/sum == 2);
+  return LaunchWgmma<BM, C, STAGES, BLOCKS>(stream, map, args, sum == 1, ws, ws_bytes, sum != 3);
 }
 
 ffi::Error Dispatch(int key, cudaStream_t st, const CUtensorMap& map, const WgmmaArgs& a, int sum,
-                    uint8_t* ws) {
+                    uint8_t* ws, size_t ws_bytes) {
   switch (key) {
-    case 6412: return Launch<64, 1, 8, 2>(st, map, a, sum, ws);
-    case 6421: return Launch<64, 2, 8, 1>(st, map, a, sum, ws);
-    case 6422: return Launch<64, 2, 6, 2>(st, map, a, sum, ws);
-    case 6441: return Launch<64, 4, 8, 1>(st, map, a, sum, ws);
-    case 12821: return Launch<128, 2, 8, 1>(st, map, a, sum, ws);
+    case 6412: return Launch<64, 1, 8, 2>(st, map, a, sum, ws, ws_bytes);
+    case 6421: return Launch<64, 2, 8, 1>(st, map, a, sum, ws, ws_bytes);
+    case 6422: return Launch<64, 2, 6, 2>(st, map, a, sum, ws, ws_bytes);
+    case 6441: return Launch<64, 4, 8, 1>(st, map, a, sum, ws, ws_bytes);
+    case 12821: return Launch<128, 2, 8, 1>(st, map, a, sum, ws, ws_bytes);
     default: return ffi::Error::InvalidArgument("no such configuration in the trace tool");
   }
 }
@@ -158,7 +150,7 @@ int main(int argc, char** argv) {
   cudaStream_t st;
   CHECK(cudaStreamCreate(&st));
   const auto launch = [&] {
-    ffi::Error le = Dispatch(key, st, map, args, sum, ws);
+    ffi::Error le = Dispatch(key, st, map, args, sum, ws, ws_bytes);
     if (le.failure()) {
       std::fprintf(stderr, "%s\n", le.message().c_str());
       std::exit(1);

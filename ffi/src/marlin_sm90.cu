@@ -41,6 +41,7 @@
 // Per-block timeline points, recorded only by tools/wgmma_trace.cu (which defines this macro
 // before including this file): 0 entry, 1 first stage consumed, 2 main loop done, 3 partial
 // stored and counted (K splits through the workspace), 4 partials summed, 5 output stored.
+// The tool may also define WGMMA_NO_DEQUANT or WGMMA_NO_MMA (ablations of the main loop).
 #ifndef WGMMA_TRACE
 #define WGMMA_TRACE(cond, point)
 #endif
@@ -279,6 +280,7 @@ __device__ __forceinline__ void ConsumeStage(float (&acc)[T::kBM / 2], uint32_t 
   uint2 q[4];
 #pragma unroll
   for (int ks = 0; ks < 4; ++ks) q[ks] = *reinterpret_cast<const uint2*>(wst + ks * C * 1024);
+#ifndef WGMMA_NO_DEQUANT
 #pragma unroll
   for (int ks = 0; ks < 4; ++ks) {
     const uint32_t scale_lo = ScalePair<kGeneral>(sw[ks >> 1], v.sbyte);
@@ -286,6 +288,13 @@ __device__ __forceinline__ void ConsumeStage(float (&acc)[T::kBM / 2], uint32_t 
     Dequant<kGeneral>(q[ks].x, scale_lo, frag[ks][0], frag[ks][2]);
     Dequant<kGeneral>(q[ks].y, scale_hi, frag[ks][1], frag[ks][3]);
   }
+#else  // ablation (tools/wgmma_trace.cu): the raw words as fragments, loads kept
+#pragma unroll
+  for (int ks = 0; ks < 4; ++ks) {
+    frag[ks][0] = q[ks].x, frag[ks][1] = q[ks].y;
+    frag[ks][2] = q[ks].x ^ sw[0], frag[ks][3] = q[ks].y ^ sw[1];
+  }
+#endif
   // Every input register of the group (fragments, descriptors) is written before its fence:
   // ptxas serializes wgmmas when other instructions define their inputs inside the group.
   // k16 step ks: 32 B along the row, 2 in the descriptor's address field (16-B units; the tile
@@ -298,8 +307,10 @@ __device__ __forceinline__ void ConsumeStage(float (&acc)[T::kBM / 2], uint32_t 
     FenceOperands(frag[ks], desc[ks]);
   }
   WgmmaFence();
+#ifndef WGMMA_NO_MMA  // ablation (tools/wgmma_trace.cu): no wgmma issued
 #pragma unroll
   for (int ks = 0; ks < 4; ++ks) WgmmaRS<T::kBM>::Mma(acc, frag[ks], desc[ks]);
+#endif
   WgmmaCommit();
   WgmmaWait<1>();  // stage kt - 1's group is done: its register buffer and its slot are free
   // No one reads kt - 1's slot any more: our loads of it were consumed by the dequantization,
@@ -560,9 +571,11 @@ ffi::Error LaunchWgmmaKernel(cudaStream_t stream, const CUtensorMap& map, WgmmaA
   return CheckLaunch("marlin wgmma kernel");
 }
 
+// ws: the FFI workspace (K splits summed through global memory); spread = false keeps the
+// last-block sum even where the grid is resident (tools/wgmma_trace.cu compares the two).
 template <int BM, int C, int STAGES, int BLOCKS>
 ffi::Error LaunchWgmma(cudaStream_t stream, const CUtensorMap& map, WgmmaArgs args, bool cluster,
-                       ffi::Result<ffi::Buffer<ffi::U8>>& workspace) {
+                       uint8_t* ws, size_t ws_bytes, bool spread = true) {
   using T = WgTile<BM, C, STAGES, BLOCKS>;
   if (args.n % T::kBN != 0)
     return ffi::Error::InvalidArgument("marlin wgmma: N=" + std::to_string(args.n) +
@@ -577,30 +590,31 @@ ffi::Error LaunchWgmma(cudaStream_t stream, const CUtensorMap& map, WgmmaArgs ar
   // Counters, then the partial tiles (sized by marlin.py's wgmma_workspace_bytes).
   const size_t counter_bytes = (static_cast<size_t>(tiles) * 4 + 255) / 256 * 256;
   const size_t partial_bytes = static_cast<size_t>(tiles) * args.splits * BM * T::kBN * 4;
-  if (workspace->element_count() < counter_bytes + partial_bytes)
-    return ffi::Error::InvalidArgument("marlin wgmma: workspace of " +
-                                       std::to_string(workspace->element_count()) + " bytes < the " +
-                                       std::to_string(counter_bytes + partial_bytes) + " needed");
-  uint8_t* ws = workspace->typed_data();
+  if (ws_bytes < counter_bytes + partial_bytes)
+    return ffi::Error::InvalidArgument("marlin wgmma: workspace of " + std::to_string(ws_bytes) +
+                                       " bytes < the " + std::to_string(counter_bytes + partial_bytes) +
+                                       " needed");
   args.counters = reinterpret_cast<int32_t*>(ws);
   args.partial = reinterpret_cast<float*>(ws + counter_bytes);
   JAX_MXFP8_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(ws, 0, counter_bytes, stream));
-  return LaunchWgmmaKernel<BM, C, STAGES, BLOCKS, Reduce::kWorkspace>(stream, map, args, blocks);
+  return LaunchWgmmaKernel<BM, C, STAGES, BLOCKS, Reduce::kWorkspace>(stream, map, args, blocks, spread);
 }
 
 // The configurations jax_mxfp8/backends/marlin.py may ask for (WGMMA_CONFIGS there): x rows
 // per block, consumer warpgroups, blocks per SM.
 ffi::Error DispatchWgmma(cudaStream_t stream, const CUtensorMap& map, const WgmmaArgs& args, int bm,
                          int c, int blocks_per_sm, bool cluster,
-                         ffi::Result<ffi::Buffer<ffi::U8>>& ws) {
+                         ffi::Result<ffi::Buffer<ffi::U8>>& workspace) {
+  uint8_t* ws = workspace->typed_data();
+  const size_t bytes = workspace->element_count();
   switch (bm * 100 + c * 10 + blocks_per_sm) {
-    case 6412: return LaunchWgmma<64, 1, 8, 2>(stream, map, args, cluster, ws);
-    case 12812: return LaunchWgmma<128, 1, 5, 2>(stream, map, args, cluster, ws);
-    case 6421: return LaunchWgmma<64, 2, 8, 1>(stream, map, args, cluster, ws);
-    case 6422: return LaunchWgmma<64, 2, 6, 2>(stream, map, args, cluster, ws);
-    case 12821: return LaunchWgmma<128, 2, 8, 1>(stream, map, args, cluster, ws);
-    case 6441: return LaunchWgmma<64, 4, 8, 1>(stream, map, args, cluster, ws);
-    case 25621: return LaunchWgmma<256, 2, 5, 1>(stream, map, args, cluster, ws);
+    case 6412: return LaunchWgmma<64, 1, 8, 2>(stream, map, args, cluster, ws, bytes);
+    case 12812: return LaunchWgmma<128, 1, 5, 2>(stream, map, args, cluster, ws, bytes);
+    case 6421: return LaunchWgmma<64, 2, 8, 1>(stream, map, args, cluster, ws, bytes);
+    case 6422: return LaunchWgmma<64, 2, 6, 2>(stream, map, args, cluster, ws, bytes);
+    case 12821: return LaunchWgmma<128, 2, 8, 1>(stream, map, args, cluster, ws, bytes);
+    case 6441: return LaunchWgmma<64, 4, 8, 1>(stream, map, args, cluster, ws, bytes);
+    case 25621: return LaunchWgmma<256, 2, 5, 1>(stream, map, args, cluster, ws, bytes);
     default:
       return ffi::Error::InvalidArgument("marlin wgmma: no compiled configuration for block_m=" +
                                          std::to_string(bm) + ", consumers=" + std::to_string(c) +
