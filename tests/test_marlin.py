@@ -304,15 +304,21 @@ def test_linear_marlin_vs_float64(case):
 @pytest.mark.parametrize("splits,cluster", [(1, False), (3, False), (3, True), (8, True), (12, False)])
 @pytest.mark.parametrize("m", [1, 17, 100, 300])
 def test_every_tile_and_split(tile, splits, cluster, m):
+    check_fp32_gemm(lambda x, arrays, bias: run_gemm(x, arrays, bias, tile=tile, splits=splits,
+                                                     cluster=cluster, out_dtype=jnp.float32),
+                    512, 1536, [m])
+
+
+def check_fp32_gemm(run, n, k, ms):
+    """run(x, arrays, bias) -> fp32 y on a fresh weight, x and bias per M, against float64."""
     rng, seed = fresh_rng()
-    n, k = 512, 1536
     codes, scales = random_weight(rng, n, k)
     arrays, _ = prepare(codes, scales)
-    x = rng.standard_normal((m, k)).astype(ml_dtypes.bfloat16)
-    bias = rng.standard_normal(n).astype(np.float32)
-    y = run_gemm(x, arrays, bias, tile=tile, splits=splits, cluster=cluster,
-                 out_dtype=jnp.float32)
-    assert rel_fro(y, R.linear(x, codes, scales, bias)) <= 1e-4, f"seed {seed}"
+    for m in ms:
+        x = rng.standard_normal((m, k)).astype(ml_dtypes.bfloat16)
+        bias = rng.standard_normal(n).astype(np.float32)
+        assert rel_fro(run(x, arrays, bias), R.linear(x, codes, scales, bias)) <= 1e-4, \
+            f"seed {seed} m {m}"
 
 
 @needs_kernels
@@ -598,16 +604,9 @@ def test_wgmma_k_splits_vs_float64(config, splits, cluster):
     a cluster through distributed shared memory or through the workspace - shared by the
     tile's blocks where the grid fits at once, by its last block where it does not (24 splits
     at M = 300); M tails inside a block and across blocks."""
-    rng, seed = fresh_rng()
-    n, k = 768, 1536  # a multiple of every config's block width (256 at most)
-    codes, scales = random_weight(rng, n, k)
-    arrays, _ = prepare(codes, scales)
-    for m in (1, 100, 300):
-        x = rng.standard_normal((m, k)).astype(ml_dtypes.bfloat16)
-        bias = rng.standard_normal(n).astype(np.float32)
-        y = run_wgmma(x, arrays, bias, config=config, splits=splits, cluster=cluster,
-                      out_dtype=jnp.float32)
-        assert rel_fro(y, R.linear(x, codes, scales, bias)) <= 1e-4, f"seed {seed} m {m}"
+    check_fp32_gemm(lambda x, arrays, bias: run_wgmma(x, arrays, bias, config=config, splits=splits,
+                                                      cluster=cluster, out_dtype=jnp.float32),
+                    768, 1536, (1, 100, 300))  # N: a multiple of every config's block width
 
 
 @needs_wgmma
