@@ -299,16 +299,6 @@ def test_linear_marlin_vs_float64(case):
     assert rel_fro(y, R.linear(x, codes, scales, bias)) <= 1e-2, f"seed {seed}"
 
 
-@needs_kernels
-@pytest.mark.parametrize("tile", marlin.TILE_CONFIGS)
-@pytest.mark.parametrize("splits,cluster", [(1, False), (3, False), (3, True), (8, True), (12, False)])
-@pytest.mark.parametrize("m", [1, 17, 100, 300])
-def test_every_tile_and_split(tile, splits, cluster, m):
-    check_fp32_gemm(lambda x, arrays, bias: run_gemm(x, arrays, bias, tile=tile, splits=splits,
-                                                     cluster=cluster, out_dtype=jnp.float32),
-                    512, 1536, [m])
-
-
 def check_fp32_gemm(run, n, k, ms):
     """run(x, arrays, bias) -> fp32 y on a fresh weight, x and bias per M, against float64."""
     rng, seed = fresh_rng()
@@ -319,6 +309,16 @@ def check_fp32_gemm(run, n, k, ms):
         bias = rng.standard_normal(n).astype(np.float32)
         assert rel_fro(run(x, arrays, bias), R.linear(x, codes, scales, bias)) <= 1e-4, \
             f"seed {seed} m {m}"
+
+
+@needs_kernels
+@pytest.mark.parametrize("tile", marlin.TILE_CONFIGS)
+@pytest.mark.parametrize("splits,cluster", [(1, False), (3, False), (3, True), (8, True), (12, False)])
+@pytest.mark.parametrize("m", [1, 17, 100, 300])
+def test_every_tile_and_split(tile, splits, cluster, m):
+    check_fp32_gemm(lambda x, arrays, bias: run_gemm(x, arrays, bias, tile=tile, splits=splits,
+                                                     cluster=cluster, out_dtype=jnp.float32),
+                    512, 1536, [m])
 
 
 @needs_kernels

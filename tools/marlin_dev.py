@@ -141,7 +141,8 @@ def packed_sets(n, k, sets, general=False):
     for i in range(sets):
         key = jax.random.key(100 + i)
         k1, k2 = jax.random.split(key)
-        q = jax.random.bits(k1, (k // 16, 16 * n), jnp.uint8) & jnp.uint8(0xF7)  # no NaN codes
+        codes = jax.random.bits(k1, (n, k), jnp.uint8) & jnp.uint8(0xF7)  # no NaN codes
+        q = marlin.pack_values(codes)
         s = jax.random.randint(k2, (k // 32, n), 118, 128, jnp.int32).astype(jnp.uint8)
         out.append({"qweight": q, "scales": s, "flags": jnp.full((1,), int(general), jnp.int32)})
     return out

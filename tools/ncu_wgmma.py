@@ -10,7 +10,7 @@ from jax_mxfp8.backends import marlin
 n, k, m, bm, c, *rest = map(int, sys.argv[1:])
 blocks = rest[0] if rest else None
 splits = rest[1] if len(rest) > 1 else 1
-q = jax.random.bits(jax.random.key(1), (k // 16, 16 * n), jnp.uint8) & jnp.uint8(0xF7)
+q = marlin.pack_values(jax.random.bits(jax.random.key(1), (n, k), jnp.uint8) & jnp.uint8(0xF7))
 s = jax.random.randint(jax.random.key(2), (k // 32, n), 118, 128, jnp.int32).astype(jnp.uint8)
 x = jax.random.normal(jax.random.key(3), (m, k), jnp.bfloat16)
 f = jax.jit(lambda x: marlin.gemm_sm90(x, q, s, jnp.zeros((1,), jnp.int32), block_m=bm, consumers=c,
