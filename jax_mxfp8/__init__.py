@@ -5,10 +5,10 @@ on NVIDIA GPUs, and an MXFP8 `linear` with per-device backends.
 """
 from jax_mxfp8.backends import Backend, select_backend
 from jax_mxfp8.checkpoint import load_safetensors, save_safetensors
-from jax_mxfp8.linear import linear, prepare_weight, quantize_weight
-from jax_mxfp8.primitives import dequantize, quantize, swizzle_scales, unswizzle_scales
+from jax_mxfp8.ops import dequantize, quantize, swizzle_scales, unswizzle_scales
+from jax_mxfp8.ops.linear import linear
 from jax_mxfp8.reference import BLOCK_SIZE
-from jax_mxfp8.weight import MxWeight
+from jax_mxfp8.weight import MxWeight, prepare_weight, quantize_weight
 
 __version__ = "0.1.0"
 

@@ -4,8 +4,8 @@ Layout (what NVIDIA ModelOpt "MXFP8" and compressed-tensors "mxfp8-quantized" sh
 `<name>` F8_E4M3 [out, in] + `<name>_scale` U8 (or F8_E8M0) [out, in/32] biased e8m0
 exponents. Every other tensor is an ordinary array.
 
-safetensors' own numpy/flax loaders cannot read F8 tensors (safetensors issue 682), so the
-header is parsed here and tensors are numpy views of a read-only memory map (no torch).
+safetensors' own numpy/flax loaders cannot read F8 tensors, so the header is parsed here and
+tensors are numpy views of a read-only memory map (no torch).
 File format (huggingface/safetensors): 8-byte little-endian header length N, N bytes of UTF-8
 JSON starting with '{' (may be padded with spaces), then the data buffer, which the tensors'
 `data_offsets` must cover exactly (no holes, no overlaps, nothing after the last tensor).
@@ -20,8 +20,12 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+
+from jax_mxfp8.weight import MxWeight, prepare_weight
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 INDEX_NAME = "model.safetensors.index.json"
@@ -245,11 +249,6 @@ def load_safetensors(path: str | os.PathLike, *, backend=None) -> dict[str, Any]
     become jax arrays (numpy arrays for 64-bit dtypes when jax_enable_x64 is off). Anything
     malformed raises CheckpointError instead of returning a wrong tensor.
     """
-    import jax
-    import jax.numpy as jnp
-
-    from jax_mxfp8.linear import prepare_weight
-
     raw = read_safetensors(path)
     dtype_names = {name: DTYPE_NAMES[a.dtype] for name, a in raw.items()}
     scale_names = {name + SCALE_SUFFIX for name, d in dtype_names.items() if d == "F8_E4M3"}
@@ -288,8 +287,6 @@ def _flatten(tensors: Mapping, prefix: str = "") -> Iterable[tuple[str, Any]]:
 
 def _host_arrays(tensors: Mapping) -> dict[str, list[tuple[str, np.ndarray]]]:
     """name -> the (file name, host array) entries it writes (an MxWeight writes two)."""
-    from jax_mxfp8.weight import MxWeight
-
     groups: dict[str, list[tuple[str, np.ndarray]]] = {}
     seen: set[str] = set()
     for name, value in _flatten(tensors):

@@ -1,4 +1,4 @@
-"""The MXFP8 contract (shared/design/numerics.md) written in jnp.
+"""The MXFP8 contract (docs/numerics.md) written in jnp.
 
 This module is the EMULATION backend, the lowering of every primitive on
 platforms without our kernels, and what the kernels are checked against.

@@ -1,16 +1,26 @@
-"""MxWeight: a backend-prepared MXFP8 weight, registered as a pytree.
+"""MxWeight: a backend-prepared MXFP8 weight, and how its arrays lay out the (N, K) weight.
 
-Arrays are the leaves (so it passes through jit, vmap, shard_map and
-checkpointing); the logical shape (N, K), the backend and the backend's static
-layout metadata are the treedef's static data.
+MxWeight is a pytree: arrays are the leaves (so it passes through jit, vmap, shard_map and
+checkpointing); the logical shape (N, K), the backend and the backend's static layout metadata
+are the treedef's static data. A backend declares, per prepared array, which dims are
+tile-major over N or K (`BackendImpl.array_axes`), so a contiguous 1/p chunk of such a dim is
+the prepared array of the sub-weight: that is what sharding and shard_map rely on.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Hashable, Mapping
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
-from jax_mxfp8.backends.base import Backend
+from jax_mxfp8 import _checks
+from jax_mxfp8.backends import Backend, ensure_available, get_backend_impl, select_backend
+from jax_mxfp8.backends.base import K_AXIS, N_AXIS
+from jax_mxfp8.ops.quantize import quantize
+from jax_mxfp8.partitioning import axes_size
+from jax_mxfp8.reference import BLOCK_SIZE
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -38,7 +48,6 @@ class MxWeight:
 
     def unpack(self):
         """The canonical (values [N, K] e4m3, scales [N, K/32] uint8) of this weight."""
-        from jax_mxfp8.backends import get_backend_impl
         return get_backend_impl(self.backend).unprepare(self.arrays, self.meta, self.shape)
 
     def tree_flatten_with_keys(self):
@@ -55,3 +64,102 @@ class MxWeight:
         parts = ", ".join(f"{k}={getattr(v, 'dtype', '?')}{list(getattr(v, 'shape', ()))}"
                           for k, v in sorted(self.arrays.items()))
         return f"MxWeight(shape={self.shape}, backend={self.backend.value}, {parts})"
+
+
+def prepare_weight(values, scales, *, backend: Backend | str | None = None) -> MxWeight:
+    """Repacks an MXFP8 weight ([N, K] float8_e4m3fn values, [N, K/32] uint8 or e8m0
+    scales: the checkpoint layout) once, for `backend` (default: select_backend())."""
+    values = jnp.asarray(values)
+    _checks.check_dtype("weight values", values.dtype, (jnp.float8_e4m3fn,),
+                        "Quantize the weight first (quantize() or quantize_weight()).")
+    if values.ndim != 2:
+        raise ValueError(f"weight values must be 2-D [N, K] (out_features, in_features); got shape "
+                         f"{values.shape}. For stacked weights, vmap prepare_weight.")
+    _checks.check_last_axis_blocks("weight values", values.shape)
+    scales = _checks.scales_to_uint8(scales)
+    _checks.check_scales_match(values.shape, scales.shape, "weight scales")
+    backend = select_backend() if backend is None else ensure_available(Backend.parse(backend))
+    arrays, meta = get_backend_impl(backend).prepare(values, scales)
+    return MxWeight(arrays, values.shape, backend, meta)
+
+
+def quantize_weight(w, *, rounding: str = "ceil", backend: Backend | str | None = None) -> MxWeight:
+    """Quantizes a high-precision [N, K] weight and prepares it for `backend`."""
+    values, scales = quantize(jnp.asarray(w), rounding=rounding)
+    return prepare_weight(values, scales, backend=backend)
+
+
+# ---- the layout of prepared arrays -----------------------------------------------------------
+
+def backend_layout(backend, meta, shape):
+    """(impl, {array name: per-dim axis tuple}) of a backend, validated."""
+    impl = get_backend_impl(backend)
+    if impl.array_axes is None:
+        return impl, None
+    return impl, {k: tuple(v) for k, v in impl.array_axes(meta, tuple(shape)).items()}
+
+
+def shard_meta(backend, meta, global_shape, local_shape):
+    """The meta of a (local_shape) shard of a prepared (global_shape) weight."""
+    impl = get_backend_impl(backend)
+    if tuple(local_shape) == tuple(global_shape) or impl.shard_meta is None:
+        return meta
+    return impl.shard_meta(meta, tuple(local_shape))
+
+
+@functools.lru_cache(maxsize=256)
+def prepared_shapes(backend, n: int, k: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of the arrays prepare() makes for a global [N, K] weight."""
+    impl = get_backend_impl(backend)
+    out = jax.eval_shape(lambda v, s: impl.prepare(v, s)[0],
+                         jax.ShapeDtypeStruct((n, k), jnp.float8_e4m3fn),
+                         jax.ShapeDtypeStruct((n, k // BLOCK_SIZE), np.uint8))
+    return {name: tuple(a.shape) for name, a in out.items()}
+
+
+def local_weight_shape(weight) -> tuple[int, int]:
+    """(N, K) of the weight shard that `weight`'s arrays hold.
+
+    Equal to weight.shape under jit (arrays are global). Inside shard_map the treedef still
+    says the global shape while the arrays are shards; the backend's array_axes say which dims
+    were split, so the shard's (N/pn, K/pk) follows from the array shapes.
+    """
+    n, k = weight.shape
+    expected = prepared_shapes(weight.backend, n, k)
+    actual = {name: tuple(a.shape) for name, a in weight.arrays.items()}
+    if actual == expected:
+        return n, k
+    _, axes = backend_layout(weight.backend, weight.meta, weight.shape)
+    if axes is None or set(actual) != set(expected):
+        raise ValueError(f"MxWeight arrays {actual} do not match the {weight.backend.value} layout "
+                         f"of a ({n}, {k}) weight, {expected}" +
+                         ("" if axes is not None else f"; backend {weight.backend.value} declares no "
+                          f"array_axes, so its weights cannot be used sharded (inside shard_map)"))
+    ratio = {N_AXIS: set(), K_AXIS: set()}
+    for name, shape in actual.items():
+        want = expected[name]
+        for d, (got, full, kind) in enumerate(zip(shape, want, axes[name])):
+            if kind in ratio and got and full % got == 0:
+                ratio[kind].add(full // got)
+            elif got != full:
+                raise ValueError(
+                    f"MxWeight array {name!r} has shape {shape}; the {weight.backend.value} layout of a "
+                    f"({n}, {k}) weight is {want}, and only dims declared N- or K-tile-major "
+                    f"({axes[name]}) may be shards of it (dim {d} is not)")
+    if len(ratio[N_AXIS]) > 1 or len(ratio[K_AXIS]) > 1:
+        raise ValueError(f"MxWeight arrays {actual} are inconsistent shards of a ({n}, {k}) "
+                         f"{weight.backend.value} weight {expected}: arrays split N or K differently")
+    pn, pk = (next(iter(ratio[a]), 1) for a in (N_AXIS, K_AXIS))
+    if n % pn or k % pk:
+        raise ValueError(f"MxWeight arrays {actual} imply a ({n}/{pn}, {k}/{pk}) shard, which is not whole")
+    return n // pn, k // pk
+
+
+def check_shard_tiles(what, size, tile, axes, mesh, backend):
+    p = axes_size(mesh, axes)
+    if p > 1 and (size % tile or (size // tile) % p):
+        raise ValueError(
+            f"linear: {what}={size} is sharded over mesh axes {tuple(axes)} ({p} shards), but backend "
+            f"{backend.value} needs every shard to be a whole number of its {tile}-element tiles "
+            f"({size}/{tile} tiles are not divisible by {p}). Use fewer shards, pad the weight, or "
+            f"shard the other weight axis")

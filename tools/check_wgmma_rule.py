@@ -1,12 +1,13 @@
-"""Compares marlin._wgmma_plan with the fastest wgmma configuration of sweep90 results, its
-JSONs or its logs: python tools/check_wgmma_rule.py results/.../wgmma_sweep.json [sweep90_*.log ...]"""
+"""Compares the planner's wgmma rule (planner._wgmma_plan) with the fastest wgmma configuration
+of `python -m jax_mxfp8.bench.marlin sweep90` results, its JSONs or its logs:
+python -P tools/check_wgmma_rule.py OUT/wgmma_sweep.json [sweep90_*.log ...]"""
 import json
 import re
 import sys
 
-sys.path.insert(0, ".")
-from jax_mxfp8.backends import marlin  # noqa: E402
-from tools.marlin_dev import wgmma_name  # noqa: E402
+from jax_mxfp8.backends import marlin
+from jax_mxfp8.backends.marlin import planner
+from jax_mxfp8.bench.marlin import wgmma_name
 
 
 def rows(path):
@@ -29,7 +30,7 @@ for path in sys.argv[1:]:
         ours = {k: v for k, v in r.items() if k.startswith("w") and v == v}
         if not ours or r["m"] <= marlin.WGMMA_MIN_M:
             continue
-        plan = marlin._wgmma_plan(r["m"], r["n"], r["k"], 132)
+        plan = planner._wgmma_plan(r["m"], r["n"], r["k"], 132)
         name = wgmma_name(marlin.wgmma_config(plan.block_m, plan.consumers, plan.blocks_per_sm),
                           plan.splits, plan.cluster)
         best = min(ours, key=ours.get)

@@ -1,5 +1,5 @@
-"""One launch of the wgmma kernel for ncu (tools/gpu_next.sh ncu):
-python tools/ncu_wgmma.py N K M BM C [BLOCKS_PER_SM [SPLITS]]"""
+"""Three launches of the wgmma kernel on random data, for ncu (`bash tools/gpu.sh profile`
+profiles the third): python -P tools/ncu_wgmma.py N K M BM C [BLOCKS_PER_SM [SPLITS]]"""
 import sys
 
 import jax

@@ -1,37 +1,22 @@
 // Per-block timeline of the wgmma kernel (ffi/src/marlin_sm90.cu): where a launch's time goes
 // (start skew, first-stage latency, main loop, K-split sum, epilogue), block by block.
-// A development tool, not part of the package: it includes the kernel's source with
-// WGMMA_TRACE defined, launches one configuration on random data and prints the launch time
-// (CUDA events, the counter memset included as in the library) and the timeline of the last
-// launch. Built and run by `bash tools/gpu_next.sh trace` (TRACE_CASES there):
+// A development tool, not part of the package: it includes the kernel's source, instantiates
+// it with TraceHooks (tools/wgmma_trace_hooks.cuh), launches one configuration on random data
+// and prints the launch time (CUDA events, the counter memset included as in the library)
+// and the timeline of the last launch. Built and run by `bash tools/gpu.sh profile`
+// (TRACE_CASES, TRACE_ABLATE there):
 //   wgmma_trace N K M BM C BLOCKS SPLITS SUM [CSV]
 // SUM: 1 cluster, 3 workspace summed by the tile's last block, else (0 for unsplit launches)
 // workspace sums shared by the splits where the grid fits.
-// Ablations (TRACE_DEFINES there): -DWGMMA_NO_DEQUANT (raw words as the A fragments) or
-// -DWGMMA_NO_MMA (no wgmma issued) show what bounds the main loop (RESULTS.md, seventh session).
+// Ablations: -DWGMMA_NO_DEQUANT (raw words as the A fragments) or -DWGMMA_NO_MMA (no wgmma
+// issued) show what bounds the main loop.
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
 #include <algorithm>
 
-__device__ unsigned long long g_trace[1 << 14][8];  // [block][point]: globaltimer ns; [7] = SM
-
-__device__ __forceinline__ void TracePoint(int point) {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  g_trace[blockIdx.x][point] = t;
-  if (point == 0) {
-    unsigned sm;
-    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
-    g_trace[blockIdx.x][7] = sm;
-  }
-}
-#define WGMMA_TRACE(cond, point) \
-  do {                           \
-    if (cond) TracePoint(point); \
-  } while (0)
-
 #include "../ffi/src/marlin_sm90.cu"
+#include "wgmma_trace_hooks.cuh"
 
 namespace jax_mxfp8 {
 std::vector<TargetRegistration>& CudaTargets() {
@@ -70,11 +55,12 @@ ffi::Error Launch(cudaStream_t stream, const CUtensorMap& map, WgmmaArgs args, i
     config.attrs = &attr;
     config.numAttrs = 1;
     int clusters = 0;
-    CHECK(cudaOccupancyMaxActiveClusters(&clusters, MarlinWgmmaKernel<BM, C, STAGES, BLOCKS, Reduce::kCluster>,
-                                         &config));
+    CHECK(cudaOccupancyMaxActiveClusters(
+        &clusters, MarlinWgmmaKernel<BM, C, STAGES, BLOCKS, Reduce::kCluster, TraceHooks>, &config));
     std::printf("max active clusters of %d: %d (grid: %u)\n", args.splits, clusters, blocks / args.splits);
   }
-  return LaunchWgmma<BM, C, STAGES, BLOCKS>(stream, map, args, sum == 1, ws, ws_bytes, sum != 3);
+  return LaunchWgmma<BM, C, STAGES, BLOCKS, TraceHooks>(stream, map, args, sum == 1, ws, ws_bytes,
+                                                        sum != 3);
 }
 
 ffi::Error Dispatch(int key, cudaStream_t st, const CUtensorMap& map, const WgmmaArgs& a, int sum,
@@ -112,8 +98,9 @@ int main(int argc, char** argv) {
   std::vector<uint8_t> hw(static_cast<size_t>(k) * n), hs(static_cast<size_t>(k / 32) * n, 125);
   std::vector<uint16_t> hx(static_cast<size_t>(m) * k);
   uint32_t r = 12345;
-  // Packed words (marlin.py _interleave_bits): bit 0 of bytes 0 and 2 and bit 4 of the same
-  // bytes are mantissa bits of the word's four codes; clearing them leaves no NaN code.
+  // Packed words (interleave_bits in jax_mxfp8/backends/marlin/layout.py): bit 0 of bytes 0
+  // and 2 and bit 4 of the same bytes are mantissa bits of the word's four codes; clearing them
+  // leaves no NaN code.
   for (size_t i = 0; i < hw.size(); ++i)
     hw[i] = static_cast<uint8_t>((r = r * 1664525u + 1013904223u) >> 24) & (i % 2 ? 0xFF : 0xEE);
   for (auto& v : hx) v = 0x3F80 | (((r = r * 1664525u + 1013904223u) >> 25) & 0x7F);  // [1, 2)

@@ -1,10 +1,10 @@
 // Marlin-style W8A16 MXFP8 GEMM: y[M, N] = x[M, K] . dequantize(W)[N, K]^T (+ bias), fp32
 // accumulation, with the weight dequantized in registers right before the tensor-core mma.
 //
-// Written from the technique description in shared/design/marlin.md (IST-DASLab/marlin and
-// vLLM's Marlin template are the sources it summarizes); no code is copied from them.
+// The technique is that of IST-DASLab/marlin and vLLM's Marlin template; no code is copied
+// from them.
 //
-// Packed weight (jax_mxfp8/backends/marlin.py builds it; the formulas there are the spec):
+// Packed weight (jax_mxfp8/backends/marlin/layout.py builds it; its formulas are the spec):
 //   qweight uint8 [K/16, 16*N]: one 1 KiB tile per (k16 row kt, 64-column tile nt), stored
 //   [kt][nt][half 2][lane 32][word 4][byte 4]. Lane l = 4g + c, word j = 4*half + w holds
 //   column n = 64*nt + g + 8j and rows k = 16*kt + {2c, 2c+8, 2c+1, 2c+9} (bytes 0..3), i.e.
@@ -47,6 +47,7 @@
 #include <type_traits>
 
 #include "jax_mxfp8/ffi_common.h"
+#include "jax_mxfp8/marlin_workspace.h"
 #include "marlin_common.cuh"
 
 namespace jax_mxfp8 {
@@ -54,9 +55,8 @@ namespace {
 
 using namespace marlin;  // NOLINT: the shared dequantization and epilogue helpers
 
+// kStageK (K per pipeline stage) and kMaxClusterSplits: jax_mxfp8/marlin_workspace.h.
 constexpr int kThreads = 128;
-constexpr int kMaxClusterSplits = 8;     // the portable thread-block cluster size
-constexpr int kStageK = 64;              // K per pipeline stage
 constexpr int kSubTiles = kStageK / 16;  // k16 sub-tiles per stage
 
 // ---- PTX helpers ---------------------------------------------------------------------------
@@ -493,7 +493,7 @@ ffi::Error LaunchGemm(cudaStream_t stream, const GemmArgs& args) {
 
 template <typename XT>
 ffi::Error DispatchTile(cudaStream_t stream, const GemmArgs& args, int mb, int wn) {
-  // The tile configurations jax_mxfp8/backends/marlin.py may ask for (TILE_CONFIGS there).
+  // The tile configurations jax_mxfp8/backends/marlin/kernels.py may ask for (TILE_CONFIGS).
   switch (mb * 10 + wn) {
     case 11: return LaunchGemm<1, 1, 8, XT>(stream, args);
     case 12: return LaunchGemm<1, 2, 6, XT>(stream, args);
@@ -534,10 +534,9 @@ ffi::Error MarlinGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi
   args.m = static_cast<int>(m);
   args.n = static_cast<int>(n);
   args.k = static_cast<int>(k);
-  const int kt_total = static_cast<int>(k / kStageK);
-  args.splits = splits > kt_total ? kt_total : splits;
-  args.kt_per_split = (kt_total + args.splits - 1) / args.splits;
-  args.splits = (kt_total + args.kt_per_split - 1) / args.kt_per_split;  // no empty splits
+  const SplitK split = MarlinSplitK(k, splits);  // no empty splits
+  args.splits = split.splits;
+  args.kt_per_split = split.kt_per_split;
   const int rows = 16 * m_blocks;
   args.m_chunks = static_cast<int>((m + rows - 1) / rows);
   args.bias_type = g.bias_type;
@@ -555,16 +554,14 @@ ffi::Error MarlinGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi
     args.cluster = 1;
   }
   if (args.splits > 1 && !args.cluster) {
-    const size_t n_tiles = static_cast<size_t>(n) / (64 * warps_n);
-    const size_t counter_bytes = (n_tiles * args.m_chunks * 4 + 255) / 256 * 256;
-    const size_t partial_bytes = static_cast<size_t>(args.splits) * args.m_chunks * rows * n * 4;
-    if (workspace->element_count() < counter_bytes + partial_bytes)
+    const SplitWorkspace layout = MarlinWorkspace(m, n, k, m_blocks, warps_n, splits, false);
+    if (workspace->element_count() < static_cast<size_t>(layout.counter_bytes + layout.partial_bytes))
       return ffi::Error::InvalidArgument("marlin: workspace too small for splits=" +
                                          std::to_string(args.splits));
     uint8_t* ws = workspace->typed_data();
     args.counters = reinterpret_cast<int32_t*>(ws);
-    args.partial = reinterpret_cast<float*>(ws + counter_bytes);
-    JAX_MXFP8_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(ws, 0, counter_bytes, stream));
+    args.partial = reinterpret_cast<float*>(ws + layout.counter_bytes);
+    JAX_MXFP8_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(ws, 0, layout.counter_bytes, stream));
   }
   if (g.x_type == kBF16) return DispatchTile<__nv_bfloat16>(stream, args, m_blocks, warps_n);
   return DispatchTile<__half>(stream, args, m_blocks, warps_n);

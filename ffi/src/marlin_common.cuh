@@ -65,10 +65,11 @@ __device__ __forceinline__ uint32_t ScalePair(uint32_t word, int byte) {
 // One packed word (column n; the codes of rows 2c, 2c+8, 2c+1, 2c+9) -> two bf16x2 registers:
 // r0 holds rows (2c, 2c+1), r1 rows (2c+8, 2c+9), the lower row in the low half. That is the B
 // fragment of mma.m16n8k16 for column n, and half of the A fragment of row n for wgmma.
-// The word's bits are interleaved at packing time (marlin.py pack_values) so that r0's codes
-// already sit where bf16 wants them (sign at 15/31, exponent and mantissa at 10..4/26..20) and
-// r1's come out of one rotation and one shift: 5 integer ops per word instead of 7 for plain
-// bytes. The dequantization is the main-loop cost of the wgmma kernel at M <= 64 (RESULTS.md).
+// The word's bits are interleaved at packing time (pack_values in
+// jax_mxfp8/backends/marlin/layout.py) so that r0's codes already sit where bf16 wants them
+// (sign at 15/31, exponent and mantissa at 10..4/26..20) and r1's come out of one rotation and
+// one shift: 5 integer ops per word instead of 7 for plain bytes. The dequantization is the
+// main-loop cost of the wgmma kernel at M <= 64.
 template <bool kGeneral>
 __device__ __forceinline__ void Dequant(uint32_t q, uint32_t scale, uint32_t& r0, uint32_t& r1) {
   uint32_t h0 = q & 0x87F087F0u;

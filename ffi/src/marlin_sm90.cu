@@ -8,8 +8,7 @@
 // header) is, two words at a time, the A fragment of wgmma m64nNk16 (warp w of a warpgroup
 // owns weight rows 16w + g and 16w + g + 8 of the 64: words 2w and 2w + 1 of each lane).
 // This is the "weight as the register operand, activations from shared memory" structure of
-// vLLM's Machete and CUTLASS's Hopper mixed-input GEMMs (described in shared/design/marlin.md);
-// the code is our own.
+// vLLM's Machete and CUTLASS's Hopper mixed-input GEMMs; the code is our own.
 //
 // Block: one producer warpgroup and C consumer warpgroups (setmaxnreg moves registers from the
 // first to the others). The producer's one thread keeps STAGES stages of K = 64 in flight, each
@@ -22,7 +21,7 @@
 // H200). Epilogue: the fp32 tile is transposed through shared memory and stored row by row
 // with the bias, rounded once. Where N gives too few tiles for the SMs, K is split among
 // several blocks per tile (MarlinWgmmaKernel), and 1, 2 or 4 consumers with 1 or 2 blocks per
-// SM trade x reuse against parallelism (DispatchWgmma; marlin.py picks per shape and M).
+// SM trade x reuse against parallelism (DispatchWgmma; the planner picks per shape and M).
 #include <cuda.h>  // CUtensorMap; the encoder is fetched through the runtime (no -lcuda)
 #include <cudaTypedefs.h>
 #include <cuda_bf16.h>
@@ -32,18 +31,11 @@
 #include <string>
 
 #include "jax_mxfp8/ffi_common.h"
+#include "jax_mxfp8/marlin_workspace.h"
 #include "marlin_common.cuh"
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define JAX_MXFP8_WGMMA 1  // wgmma and setmaxnreg exist only in sm_90a code
-#endif
-
-// Per-block timeline points, recorded only by tools/wgmma_trace.cu (which defines this macro
-// before including this file): 0 entry, 1 first stage consumed, 2 main loop done, 3 partial
-// stored and counted (K splits through the workspace), 4 partials summed, 5 output stored.
-// The tool may also define WGMMA_NO_DEQUANT or WGMMA_NO_MMA (ablations of the main loop).
-#ifndef WGMMA_TRACE
-#define WGMMA_TRACE(cond, point)
 #endif
 
 namespace jax_mxfp8 {
@@ -52,8 +44,20 @@ namespace {
 using namespace marlin;  // NOLINT: the shared dequantization and epilogue helpers
 
 constexpr int kBK = 64;  // K per stage: one 128-byte swizzled row of x per token
-constexpr int kMaxClusterSplits = 8;  // K splits in one thread-block cluster: the portable size
-constexpr int kMaxSplits = 64;        // through the workspace
+static_assert(kBK == kStageK, "the packed layout's stage");
+// K split limits (kMaxClusterSplits, kMaxWgmmaSplits) and the workspace layout (WgmmaWorkspace):
+// jax_mxfp8/marlin_workspace.h, shared with the CPU module that sizes the workspace.
+
+// Instrumentation policy of the kernel. The library's is NoHooks, which compiles to nothing;
+// the timeline tool (tools/wgmma_trace.cu) passes one that records per-block timestamps and
+// can switch off parts of the main loop to show what bounds it. Point(cond, p) marks timeline
+// point p where cond holds: 0 entry, 1 first stage consumed, 2 main loop done, 3 partial
+// stored and counted (K splits through the workspace), 4 partials summed, 5 output stored.
+struct NoHooks {
+  static constexpr bool kDequant = true;  // false: Hooks::Fragments(q, sw, frag) stands in
+  static constexpr bool kMma = true;      // false: no wgmma issued
+  static __device__ __forceinline__ void Point(bool, int) {}
+};
 
 // How the K splits of an output tile are summed (one kernel instantiation each).
 enum class Reduce { kNone, kCluster, kWorkspace };
@@ -264,7 +268,7 @@ struct ConsumerView {
 // `frag` (free: the group that read it, stage kt - 2, was retired by the previous stage's
 // wait), then issue its four wgmmas as one group, which runs while the next stage is
 // dequantized.
-template <typename T, bool kGeneral>
+template <typename T, bool kGeneral, typename Hooks>
 __device__ __forceinline__ void ConsumeStage(float (&acc)[T::kBM / 2], uint32_t (&frag)[4][4],
                                              const uint8_t* smem, uint32_t sbase, uint32_t full0,
                                              uint32_t empty0, int kt, const ConsumerView& v,
@@ -272,7 +276,7 @@ __device__ __forceinline__ void ConsumeStage(float (&acc)[T::kBM / 2], uint32_t 
   constexpr int C = T::kC, STAGES = T::kStages;
   const int s = kt % STAGES;
   MbarWait(full0 + 8 * s, (kt / STAGES) & 1);
-  WGMMA_TRACE(kt == 0 && threadIdx.x == 128, 1);
+  Hooks::Point(kt == 0 && threadIdx.x == 128, 1);
   const uint8_t* wst = smem + T::kWOff + s * T::kWBytes + v.w_off;
   const uint8_t* sst = smem + T::kSOff + s * T::kSBytes + v.s_off;
   const uint32_t sw[2] = {*reinterpret_cast<const uint32_t*>(sst),
@@ -280,21 +284,17 @@ __device__ __forceinline__ void ConsumeStage(float (&acc)[T::kBM / 2], uint32_t 
   uint2 q[4];
 #pragma unroll
   for (int ks = 0; ks < 4; ++ks) q[ks] = *reinterpret_cast<const uint2*>(wst + ks * C * 1024);
-#ifndef WGMMA_NO_DEQUANT
+  if constexpr (Hooks::kDequant) {
 #pragma unroll
-  for (int ks = 0; ks < 4; ++ks) {
-    const uint32_t scale_lo = ScalePair<kGeneral>(sw[ks >> 1], v.sbyte);
-    const uint32_t scale_hi = ScalePair<kGeneral>(sw[ks >> 1], v.sbyte + 1);
-    Dequant<kGeneral>(q[ks].x, scale_lo, frag[ks][0], frag[ks][2]);
-    Dequant<kGeneral>(q[ks].y, scale_hi, frag[ks][1], frag[ks][3]);
+    for (int ks = 0; ks < 4; ++ks) {
+      const uint32_t scale_lo = ScalePair<kGeneral>(sw[ks >> 1], v.sbyte);
+      const uint32_t scale_hi = ScalePair<kGeneral>(sw[ks >> 1], v.sbyte + 1);
+      Dequant<kGeneral>(q[ks].x, scale_lo, frag[ks][0], frag[ks][2]);
+      Dequant<kGeneral>(q[ks].y, scale_hi, frag[ks][1], frag[ks][3]);
+    }
+  } else {
+    Hooks::Fragments(q, sw, frag);
   }
-#else  // ablation (tools/wgmma_trace.cu): the raw words as fragments, loads kept
-#pragma unroll
-  for (int ks = 0; ks < 4; ++ks) {
-    frag[ks][0] = q[ks].x, frag[ks][1] = q[ks].y;
-    frag[ks][2] = q[ks].x ^ sw[0], frag[ks][3] = q[ks].y ^ sw[1];
-  }
-#endif
   // Every input register of the group (fragments, descriptors) is written before its fence:
   // ptxas serializes wgmmas when other instructions define their inputs inside the group.
   // k16 step ks: 32 B along the row, 2 in the descriptor's address field (16-B units; the tile
@@ -307,10 +307,10 @@ __device__ __forceinline__ void ConsumeStage(float (&acc)[T::kBM / 2], uint32_t 
     FenceOperands(frag[ks], desc[ks]);
   }
   WgmmaFence();
-#ifndef WGMMA_NO_MMA  // ablation (tools/wgmma_trace.cu): no wgmma issued
+  if constexpr (Hooks::kMma) {
 #pragma unroll
-  for (int ks = 0; ks < 4; ++ks) WgmmaRS<T::kBM>::Mma(acc, frag[ks], desc[ks]);
-#endif
+    for (int ks = 0; ks < 4; ++ks) WgmmaRS<T::kBM>::Mma(acc, frag[ks], desc[ks]);
+  }
   WgmmaCommit();
   WgmmaWait<1>();  // stage kt - 1's group is done: its register buffer and its slot are free
   // No one reads kt - 1's slot any more: our loads of it were consumed by the dequantization,
@@ -320,7 +320,7 @@ __device__ __forceinline__ void ConsumeStage(float (&acc)[T::kBM / 2], uint32_t 
   if (kt >= 1 && lane == 0) MbarArrive(empty0 + 8 * ((kt - 1) % STAGES));
 }
 
-template <typename T, bool kGeneral>
+template <typename T, bool kGeneral, typename Hooks>
 __device__ __forceinline__ void Consume(float (&acc)[T::kBM / 2], const uint8_t* smem, uint32_t sbase,
                                         uint32_t full0, uint32_t empty0, int num_kt, int c,
                                         int wi, int lane) {
@@ -330,10 +330,10 @@ __device__ __forceinline__ void Consume(float (&acc)[T::kBM / 2], const uint8_t*
   // second stage ptxas cannot count the groups in flight and serializes every wgmma.
   uint32_t frag0[4][4], frag1[4][4];
   int kt = 0;
-  if (num_kt & 1) ConsumeStage<T, kGeneral>(acc, frag1, smem, sbase, full0, empty0, kt++, v, lane);
+  if (num_kt & 1) ConsumeStage<T, kGeneral, Hooks>(acc, frag1, smem, sbase, full0, empty0, kt++, v, lane);
   for (; kt < num_kt; kt += 2) {
-    ConsumeStage<T, kGeneral>(acc, frag0, smem, sbase, full0, empty0, kt, v, lane);
-    ConsumeStage<T, kGeneral>(acc, frag1, smem, sbase, full0, empty0, kt + 1, v, lane);
+    ConsumeStage<T, kGeneral, Hooks>(acc, frag0, smem, sbase, full0, empty0, kt, v, lane);
+    ConsumeStage<T, kGeneral, Hooks>(acc, frag1, smem, sbase, full0, empty0, kt + 1, v, lane);
   }
   WgmmaWait<0>();
   FenceAcc(acc);
@@ -347,10 +347,9 @@ __device__ __forceinline__ void Consume(float (&acc)[T::kBM / 2], const uint8_t*
 // kWorkspace - each block stores its partial to global memory and counts itself on the tile's
 // counter; where the grid is resident at once (WgmmaArgs::spread) the splits wait for each other
 // and each sums 1/splits of the tile's token rows, else the tile's last block sums it all
-// (marlin.cu's schemes). Each scheme is its own instantiation:
-// the cluster barriers mark a kernel for cluster launches, and with them the unsplit kernel ran
-// ~1.2x slower on the H200 (RESULTS.md, fifth session).
-template <int BM, int C, int STAGES, int BLOCKS, Reduce kReduce>
+// (marlin.cu's schemes). Each scheme is its own instantiation: the cluster barriers mark a
+// kernel for cluster launches, and with them the unsplit kernel ran ~1.2x slower on the H200.
+template <int BM, int C, int STAGES, int BLOCKS, Reduce kReduce, typename Hooks = NoHooks>
 __global__ void __launch_bounds__(WgTile<BM, C, STAGES, BLOCKS>::kThreads, BLOCKS)
     MarlinWgmmaKernel(const __grid_constant__ CUtensorMap x_map, const WgmmaArgs a) {
 #if JAX_MXFP8_WGMMA
@@ -365,7 +364,7 @@ __global__ void __launch_bounds__(WgTile<BM, C, STAGES, BLOCKS>::kThreads, BLOCK
   const int m0 = m_tile * BM, kt_total = a.k / kBK;
   const int kt_begin = split * kt_total / a.splits;  // near-equal ranges, none empty (host)
   const int num_kt = (split + 1) * kt_total / a.splits - kt_begin;
-  WGMMA_TRACE(tid == 0, 0);
+  Hooks::Point(tid == 0, 0);
   if (tid == 0) {
     for (int s = 0; s < STAGES; ++s) {
       MbarInit(full0 + 8 * s, 1);           // the producer's expect_tx arrival (+ bytes)
@@ -389,10 +388,10 @@ __global__ void __launch_bounds__(WgTile<BM, C, STAGES, BLOCKS>::kThreads, BLOCK
 #pragma unroll
   for (int i = 0; i < BM / 2; ++i) acc[i] = 0.f;
   if (__ldg(a.flags) & 1)
-    Consume<T, true>(acc, smem, sbase, full0, empty0, num_kt, c, wi, lane);
+    Consume<T, true, Hooks>(acc, smem, sbase, full0, empty0, num_kt, c, wi, lane);
   else
-    Consume<T, false>(acc, smem, sbase, full0, empty0, num_kt, c, wi, lane);
-  WGMMA_TRACE(tid == 128, 2);
+    Consume<T, false, Hooks>(acc, smem, sbase, full0, empty0, num_kt, c, wi, lane);
+  Hooks::Point(tid == 128, 2);
 
   int row_begin = 0, row_end = BM;  // the tile's token rows this block stores
   if constexpr (kReduce == Reduce::kWorkspace) {
@@ -421,7 +420,7 @@ __global__ void __launch_bounds__(WgTile<BM, C, STAGES, BLOCKS>::kThreads, BLOCK
       ConsumerBarrier(128 * C);
       if (ct == 0) ArriveAndWait(a.counters + tile, a.splits);
       ConsumerBarrier(128 * C);
-      WGMMA_TRACE(tid == 128, 3);
+      Hooks::Point(tid == 128, 3);
 #pragma unroll
       for (int i = 0; i < kQuads; i += 2) {  // two quads at a time, four splits' loads in flight
         const bool own0 = i >= q0 && i < q1, own1 = i + 1 >= q0 && i + 1 < q1;
@@ -456,7 +455,7 @@ __global__ void __launch_bounds__(WgTile<BM, C, STAGES, BLOCKS>::kThreads, BLOCK
       int* last = reinterpret_cast<int*>(smem + T::kFlagOff);
       if (ct == 0) *last = atomicAdd(a.counters + tile, 1) == a.splits - 1;
       ConsumerBarrier(128 * C);
-      WGMMA_TRACE(tid == 128, 3);
+      Hooks::Point(tid == 128, 3);
       if (!*last) return;
       __threadfence();
 #pragma unroll
@@ -467,7 +466,7 @@ __global__ void __launch_bounds__(WgTile<BM, C, STAGES, BLOCKS>::kThreads, BLOCK
         set_quad(i, v);
       }
     }
-    WGMMA_TRACE(tid == 128, 4);
+    Hooks::Point(tid == 128, 4);
   }
 
   // ---- epilogue: transpose through shared memory, then whole output rows ----
@@ -492,7 +491,7 @@ __global__ void __launch_bounds__(WgTile<BM, C, STAGES, BLOCKS>::kThreads, BLOCK
       StoreOut(a, m0 + row, n_tile * T::kBN + 4 * v,
                *reinterpret_cast<const float4*>(st + row * T::kOutStride + 4 * v));
     }
-    WGMMA_TRACE(tid == 128, 5);
+    Hooks::Point(tid == 128, 5);
   } else {
     ClusterSync();  // every rank's partial tile is in its shared memory
     const int per = (rows * kVecs + a.splits - 1) / a.splits;
@@ -503,7 +502,7 @@ __global__ void __launch_bounds__(WgTile<BM, C, STAGES, BLOCKS>::kThreads, BLOCK
                ClusterSum(SmemAddr(st + row * T::kOutStride + 4 * v), a.splits));
     }
     ClusterSync();  // no rank leaves (freeing its shared memory) while another still reads it
-    WGMMA_TRACE(tid == 128, 5);
+    Hooks::Point(tid == 128, 5);
   }
 #else
   __trap();  // unreachable: the host launches this kernel only from an sm_90a build on SM 9.0
@@ -552,11 +551,11 @@ ffi::Error EncodeX(CUtensorMap* map, const void* x, int64_t m, int64_t k, int bl
 
 // `spread`: let the K splits of a tile share its sum when the grid fits on the GPU at once
 // (they wait for each other; a block that is not resident yet would never arrive otherwise).
-template <int BM, int C, int STAGES, int BLOCKS, Reduce kReduce>
+template <int BM, int C, int STAGES, int BLOCKS, Reduce kReduce, typename Hooks = NoHooks>
 ffi::Error LaunchWgmmaKernel(cudaStream_t stream, const CUtensorMap& map, WgmmaArgs args,
                              unsigned blocks, bool spread = true) {
   using T = WgTile<BM, C, STAGES, BLOCKS>;
-  auto kernel = MarlinWgmmaKernel<BM, C, STAGES, BLOCKS, kReduce>;
+  auto kernel = MarlinWgmmaKernel<BM, C, STAGES, BLOCKS, kReduce, Hooks>;
   static SmemLimit smem_limit;  // one per instantiation
   JAX_MXFP8_CUDA_RETURN_IF_ERROR(AllowSmem(kernel, T::kSmemBytes, smem_limit));
   if constexpr (kReduce == Reduce::kWorkspace) {
@@ -573,7 +572,7 @@ ffi::Error LaunchWgmmaKernel(cudaStream_t stream, const CUtensorMap& map, WgmmaA
 
 // ws: the FFI workspace (K splits summed through global memory); spread = false keeps the
 // last-block sum even where the grid is resident (tools/wgmma_trace.cu compares the two).
-template <int BM, int C, int STAGES, int BLOCKS>
+template <int BM, int C, int STAGES, int BLOCKS, typename Hooks = NoHooks>
 ffi::Error LaunchWgmma(cudaStream_t stream, const CUtensorMap& map, WgmmaArgs args, bool cluster,
                        uint8_t* ws, size_t ws_bytes, bool spread = true) {
   using T = WgTile<BM, C, STAGES, BLOCKS>;
@@ -585,22 +584,23 @@ ffi::Error LaunchWgmma(cudaStream_t stream, const CUtensorMap& map, WgmmaArgs ar
   if (tiles * args.splits > 0x7FFFFFFF) return ffi::Error::InvalidArgument("marlin wgmma: grid too large");
   const unsigned blocks = static_cast<unsigned>(tiles * args.splits);
   if (args.splits == 1)
-    return LaunchWgmmaKernel<BM, C, STAGES, BLOCKS, Reduce::kNone>(stream, map, args, blocks);
-  if (cluster) return LaunchWgmmaKernel<BM, C, STAGES, BLOCKS, Reduce::kCluster>(stream, map, args, blocks);
-  // Counters, then the partial tiles (sized by marlin.py's wgmma_workspace_bytes).
-  const size_t counter_bytes = (static_cast<size_t>(tiles) * 4 + 255) / 256 * 256;
-  const size_t partial_bytes = static_cast<size_t>(tiles) * args.splits * BM * T::kBN * 4;
-  if (ws_bytes < counter_bytes + partial_bytes)
+    return LaunchWgmmaKernel<BM, C, STAGES, BLOCKS, Reduce::kNone, Hooks>(stream, map, args, blocks);
+  if (cluster)
+    return LaunchWgmmaKernel<BM, C, STAGES, BLOCKS, Reduce::kCluster, Hooks>(stream, map, args, blocks);
+  // Counters, then the partial tiles (WgmmaWorkspace, the size the lowering allocated).
+  const SplitWorkspace layout = WgmmaWorkspace(args.m, args.n, BM, C, args.splits, false);
+  const size_t needed = static_cast<size_t>(layout.counter_bytes + layout.partial_bytes);
+  if (ws_bytes < needed)
     return ffi::Error::InvalidArgument("marlin wgmma: workspace of " + std::to_string(ws_bytes) +
-                                       " bytes < the " + std::to_string(counter_bytes + partial_bytes) +
-                                       " needed");
+                                       " bytes < the " + std::to_string(needed) + " needed");
   args.counters = reinterpret_cast<int32_t*>(ws);
-  args.partial = reinterpret_cast<float*>(ws + counter_bytes);
-  JAX_MXFP8_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(ws, 0, counter_bytes, stream));
-  return LaunchWgmmaKernel<BM, C, STAGES, BLOCKS, Reduce::kWorkspace>(stream, map, args, blocks, spread);
+  args.partial = reinterpret_cast<float*>(ws + layout.counter_bytes);
+  JAX_MXFP8_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(ws, 0, layout.counter_bytes, stream));
+  return LaunchWgmmaKernel<BM, C, STAGES, BLOCKS, Reduce::kWorkspace, Hooks>(stream, map, args, blocks,
+                                                                             spread);
 }
 
-// The configurations jax_mxfp8/backends/marlin.py may ask for (WGMMA_CONFIGS there): x rows
+// The configurations jax_mxfp8/backends/marlin/kernels.py may ask for (WGMMA_CONFIGS): x rows
 // per block, consumer warpgroups, blocks per SM.
 ffi::Error DispatchWgmma(cudaStream_t stream, const CUtensorMap& map, const WgmmaArgs& args, int bm,
                          int c, int blocks_per_sm, bool cluster,
@@ -637,7 +637,7 @@ ffi::Error MarlinWgmmaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ff
     return ffi::Error::InvalidArgument("marlin wgmma: x must be bfloat16 (fp16 x uses the mma.sync kernel)");
   const int64_t m = g.m, k = g.k, n = g.n;
   if (m == 0) return ffi::Error::Success();
-  const int max_splits = cluster ? kMaxClusterSplits : kMaxSplits;
+  const int max_splits = cluster ? kMaxClusterSplits : kMaxWgmmaSplits;
   if (splits < 1 || splits > max_splits || splits > k / kBK)
     return ffi::Error::InvalidArgument("marlin wgmma: splits=" + std::to_string(splits) +
                                        " must be in [1, min(" + std::to_string(max_splits) +

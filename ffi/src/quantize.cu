@@ -1,9 +1,9 @@
 // MXFP8 quantize / dequantize / scale swizzle kernels and their XLA FFI handlers.
 //
-// Numerics follow shared/design/numerics.md bit for bit (jax_mxfp8/reference.py is the jnp
-// mirror): block maxima are taken on float32 bit patterns, scale exponents come from the
-// exponent/mantissa bits (no log2/exp2), powers of two are built from bits, and the only
-// rounding is one RNE conversion to e4m3 (quantize) or to the output dtype (dequantize).
+// Numerics match jax_mxfp8/reference.py (the jnp definition) bit for bit: block maxima are
+// taken on float32 bit patterns, scale exponents come from the exponent/mantissa bits (no
+// log2/exp2), powers of two are built from bits, and the only rounding is one RNE conversion
+// to e4m3 (quantize) or to the output dtype (dequantize).
 // Build without fast-math: subnormal float32 products must not be flushed.
 //
 // Work layout: K is a multiple of 32, so the flattened input is a sequence of 32-element

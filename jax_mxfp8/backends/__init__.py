@@ -6,24 +6,16 @@ import os
 import jax
 
 from jax_mxfp8 import _ffi
+from jax_mxfp8._devices import compute_capability
 from jax_mxfp8.backends.base import (  # noqa: F401
     Backend, BackendImpl, get_backend_impl, register_backend, registered_backends)
 from jax_mxfp8.backends import emulation  # noqa: F401  (registers EMULATION)
 from jax_mxfp8.backends import marlin  # noqa: F401  (registers MARLIN)
 from jax_mxfp8.backends import cutlass  # noqa: F401  (registers CUTLASS)
 
-ENV_VAR = "JAX_MXFP8_BACKEND"
+ENV_VAR = _ffi.BACKEND_ENV
 # Preference order for automatic selection: the fastest path a device can run first.
 PREFERENCE = (Backend.CUTLASS, Backend.MARLIN, Backend.EMULATION)
-
-
-def compute_capability(device) -> tuple[int, int] | None:
-    """(major, minor) of an NVIDIA GPU device, None for anything else."""
-    cc = getattr(device, "compute_capability", None)
-    if device.platform != "gpu" or cc is None:
-        return None
-    major, minor = str(cc).split(".")[:2]
-    return int(major), int(minor)
 
 
 def why_unavailable(backend: Backend, device) -> str | None:
@@ -42,6 +34,9 @@ def why_unavailable(backend: Backend, device) -> str | None:
         return (f"{backend.value} needs compute capability >= {need}; {device.device_kind} has "
                 f"{cc[0]}.{cc[1]}; use backend='emulation'" +
                 ("" if backend is not Backend.CUTLASS else " or 'marlin'"))
+    problem = _ffi.cuda_module_problem()
+    if problem is not None and impl.required_targets:
+        return f"{problem}; or use backend='emulation'"
     missing = [t for t in impl.required_targets if not _ffi.has_cuda_target(t)]
     if missing:
         return (f"{backend.value} kernels were not built into this installation (missing "

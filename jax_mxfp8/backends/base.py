@@ -5,6 +5,7 @@ import dataclasses
 import enum
 from typing import Any, Callable, Optional
 
+N_AXIS, K_AXIS = "n", "k"  # BackendImpl.array_axes' names of dims laid out tile-major over N / K
 
 class Backend(enum.Enum):
     EMULATION = "emulation"  # jnp on any device (CPU, TPU, any GPU)
@@ -30,9 +31,9 @@ class BackendImpl:
         repacks a weight once; `meta` is static (goes into the MxWeight treedef).
     unprepare(arrays, meta, shape) -> (values [N,K], scales [N,K/32]): the exact inverse.
     linear(x2d [M,K], weight: MxWeight, bias [N] | None, out_dtype, quantize_activations: bool) -> [M,N]
-        out_dtype may be float32 (row-parallel partial products, sharding.py) whatever x's dtype.
+        out_dtype may be float32 (row-parallel partial products, ops/linear.py) whatever x's dtype.
 
-    Sharding (sharding.py). array_axes(meta, shape) -> {array name: one entry per dim}: "n" for a
+    Sharding (weight.py, ops/linear.py). array_axes(meta, shape) -> {array name: one entry per dim}: "n" for a
     dim laid out N-tile-major (split into p equal contiguous chunks, chunk i is that array of the
     prepared weight rows [i*N/p, (i+1)*N/p)), "k" likewise over K, None for a dim every shard
     needs whole (an array with no "n"/"k" dim is given whole to every shard; prepared per shard,

@@ -1,13 +1,13 @@
 """CUTLASS: native MXFP8 x MXFP8 (W8A8) GEMM on Blackwell (SM100, tcgen05 block-scaled MMA).
 
-Compiled and layout-verified, NOT yet run on hardware: no SM100 GPU was available while it
-was written. The kernels are CUTLASS 4.2's block-scaled collectives (ffi/src/sm100/); the
-scale layout they read is proven equal to reference.swizzle_scales on the host
-(tests/test_cutlass.py, through the _jax_mxfp8_sm100_layout module).
+Compiled and layout-verified, NOT yet run on hardware: no SM100 GPU has been available. The
+kernels are CUTLASS 4.2's block-scaled collectives (ffi/src/sm100/); the scale layout they read
+is proven equal to reference.swizzle_scales on the host (tests/test_cutlass.py, through a
+host-only oracle the tests build from tests/oracles/).
 
 prepare: values [N, K] e4m3 stay as they are; scales are swizzled once into the F8_128x4
     layout, stored as [Np/128, Kbp/4, 512] (N-tile-major, then K-tile-major, so shards along
-    N or K of whole 128-tiles are contiguous chunks; see sharding.py).
+    N or K of whole 128-tiles are contiguous chunks; see weight.py).
 linear: x is quantized with the "ceil" rule straight into swizzled scales (the quantize
     primitive with swizzle=True), then one GEMM launch computes
     out = dequant(x) . dequant(w)^T + bias in float32 and rounds once to out_dtype.
@@ -18,17 +18,16 @@ from __future__ import annotations
 import enum
 import functools
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
-from jax_mxfp8 import _ffi, reference
+from jax_mxfp8 import _checks, _ffi, reference
 from jax_mxfp8._compat import ShapedArray
 from jax_mxfp8.backends.base import Backend, BackendImpl, register_backend
-from jax_mxfp8.primitives import base
-from jax_mxfp8.primitives.quantize import quantize_p
-from jax_mxfp8.primitives.swizzle import swizzle_scales, unswizzle_scales
+from jax_mxfp8.ops.base import Op, register
+from jax_mxfp8.ops.quantize import quantize_local
+from jax_mxfp8.ops.swizzle import swizzle_scales, unswizzle_scales
+from jax_mxfp8.partitioning import move_to_front
 
 GEMM_TARGET = "jax_mxfp8_cutlass_gemm_cuda"
 ROW_TILE = 128   # rows of one swizzle atom, and the N/K sharding granularity
@@ -105,37 +104,12 @@ def check_problem(m: int, n: int, k: int) -> None:
 
 # ---- the GEMM primitive ----------------------------------------------------------------------
 # Operands: x [M, K] e4m3, x_scales [Mp*Kbp] u8 (swizzled), w [N, K] e4m3, w_scales [Np*Kbp] u8
-# (swizzled), bias [N] f32 (or [0] when has_bias=False). Results: out [M, N] and the kernel's
-# workspace [W] u8 (hidden: the public gemm() drops it).
-
-def _gemm_abstract(x, x_scales, w, w_scales, bias, *, config, out_dtype, has_bias):
-    for what, a, dtype in (("x", x, jnp.float8_e4m3fn), ("w", w, jnp.float8_e4m3fn),
-                           ("x_scales", x_scales, jnp.uint8), ("w_scales", w_scales, jnp.uint8),
-                           ("bias", bias, jnp.float32)):
-        base.check_dtype(f"cutlass gemm {what}", a.dtype, (dtype,), "Use linear() or gemm().")
-    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
-        raise ValueError(f"cutlass gemm: x {x.shape} and w {w.shape} must be [M, K] and [N, K]")
-    (m, k), n = x.shape, w.shape[0]
-    check_problem(max(m, 1), n, k)
-    for what, a, rows in (("x_scales", x_scales, m), ("w_scales", w_scales, n)):
-        if a.shape != (swizzled_scale_size(rows, k),):
-            raise ValueError(f"cutlass gemm: {what} has shape {a.shape}; expected the swizzled "
-                             f"({swizzled_scale_size(rows, k)},) buffer of a [{rows}, {k // 32}] scale "
-                             f"matrix (quantize(..., swizzle=True) / swizzle_scales)")
-    if bias.shape != ((n,) if has_bias else (0,)):
-        raise ValueError(f"cutlass gemm: bias has shape {bias.shape}; expected ({n},)")
-    out_dtype = jnp.dtype(out_dtype)
-    if out_dtype not in OUT_DTYPE_CODES or Config(config) not in COMPILED[out_dtype]:
-        raise ValueError(f"cutlass gemm: no kernel for out_dtype={out_dtype.name} with config "
-                         f"{Config(config).name}; compiled: "
-                         f"{ {d.name: [c.name for c in cs] for d, cs in COMPILED.items()} }")
-    ws = workspace_bytes(int(config), out_dtype, m, n, k)
-    return ShapedArray((m, n), out_dtype), ShapedArray((ws,), jnp.uint8)
-
+# (swizzled), bias [N] f32 (or [0] when has_bias=False, left out of the custom call). Result:
+# out [M, N]; the kernel's workspace is hidden by the lowering.
 
 def reference_gemm(x, x_scales, w, w_scales, bias, *, out_dtype, has_bias=True, **_):
-    """What the kernel computes, in jnp (numerics.md): unswizzle, dequantize exactly, float32
-    dot, + bias in float32, one rounding to out_dtype. Used by tests; never a lowering."""
+    """What the kernel computes, in jnp (docs/numerics.md): unswizzle, dequantize exactly,
+    float32 dot, + bias in float32, one rounding to out_dtype. Used by tests; never a lowering."""
     (m, k), n = x.shape, w.shape[0]
     xs = unswizzle_scales(x_scales, m, k // 32)
     ws = unswizzle_scales(w_scales, n, k // 32)
@@ -145,43 +119,73 @@ def reference_gemm(x, x_scales, w, w_scales, bias, *, out_dtype, has_bias=True, 
                                    bias if use_bias else None, out_dtype)
 
 
-def _gemm_unsupported(*args, **params):
-    raise NotImplementedError(
-        "the CUTLASS MXFP8 GEMM runs only on NVIDIA GPUs with compute capability >= 10.0 "
-        "(Blackwell, sm_100a), through the CUDA lowering. Prepare the weight for "
-        "backend='emulation' (or 'marlin' on SM80-SM90) to run elsewhere")
-
-
-def _gemm_cuda(ctx, x, x_scales, w, w_scales, bias, *, config, out_dtype, has_bias):
-    if not _ffi.has_cuda_target(GEMM_TARGET):
-        raise NotImplementedError(
-            f"the CUTLASS SM100 GEMM ({GEMM_TARGET}) was not compiled into this installation: "
-            f"rebuild with a CUDA >= 12.8 toolkit and the nvidia-cutlass headers (JAX_MXFP8_CUTLASS, "
-            f"see BUILD.md), or use backend='emulation'")
+def _check_compiled(config, out_dtype) -> None:
     compiled = compiled_instances()
-    code = OUT_DTYPE_CODES[jnp.dtype(out_dtype)]
-    if compiled is not None and (int(config), code) not in compiled:
-        raise NotImplementedError(f"the CUTLASS GEMM for config {Config(config).name} and "
-                                  f"out_dtype {jnp.dtype(out_dtype).name} was not compiled")
-    _ffi.register_cuda_targets()
-    if not has_bias:  # the bias is the handler's OptionalArg: leave the [0] placeholder out
-        ctx = ctx.replace(avals_in=ctx.avals_in[:4])
-        return jax.ffi.ffi_lowering(GEMM_TARGET)(ctx, x, x_scales, w, w_scales, config=np.int32(config))
-    return jax.ffi.ffi_lowering(GEMM_TARGET)(ctx, x, x_scales, w, w_scales, bias,
-                                             config=np.int32(config))
+    if compiled is not None and (int(config), OUT_DTYPE_CODES[out_dtype]) not in compiled:
+        raise _ffi.KernelUnavailableError(
+            f"the CUTLASS GEMM for config {Config(config).name} and out_dtype {out_dtype.name} "
+            f"was not compiled into this installation")
 
 
-def _gemm_batch(args, dims, **params):
-    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-    moved = tuple(base.move_to_front(a, d, size) for a, d in zip(args, dims))
-    # Swizzled x scales are padded per matrix, so a batch cannot fold into M: one launch each.
-    out, ws = lax.map(lambda ops: tuple(cutlass_gemm_p.bind(*ops, **params)), moved)
-    return (out, ws), (0, 0)
+@register
+class CutlassGemm(Op):
+    name = "mxfp8_cutlass_gemm"
+    cuda_target = GEMM_TARGET
+
+    @staticmethod
+    def abstract(x, x_scales, w, w_scales, bias, *, config, out_dtype, has_bias):
+        for what, a, dtype in (("x", x, jnp.float8_e4m3fn), ("w", w, jnp.float8_e4m3fn),
+                               ("x_scales", x_scales, jnp.uint8), ("w_scales", w_scales, jnp.uint8),
+                               ("bias", bias, jnp.float32)):
+            _checks.check_dtype(f"cutlass gemm {what}", a.dtype, (dtype,), "Use linear() or gemm().")
+        if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
+            raise ValueError(f"cutlass gemm: x {x.shape} and w {w.shape} must be [M, K] and [N, K]")
+        (m, k), n = x.shape, w.shape[0]
+        check_problem(max(m, 1), n, k)
+        for what, a, rows in (("x_scales", x_scales, m), ("w_scales", w_scales, n)):
+            if a.shape != (swizzled_scale_size(rows, k),):
+                raise ValueError(f"cutlass gemm: {what} has shape {a.shape}; expected the swizzled "
+                                 f"({swizzled_scale_size(rows, k)},) buffer of a [{rows}, {k // 32}] "
+                                 f"scale matrix (quantize(..., swizzle=True) / swizzle_scales)")
+        if bias.shape != ((n,) if has_bias else (0,)):
+            raise ValueError(f"cutlass gemm: bias has shape {bias.shape}; expected ({n},)")
+        out_dtype = jnp.dtype(out_dtype)
+        if out_dtype not in OUT_DTYPE_CODES or Config(config) not in COMPILED[out_dtype]:
+            raise ValueError(f"cutlass gemm: no kernel for out_dtype={out_dtype.name} with config "
+                             f"{Config(config).name}; compiled: "
+                             f"{ {d.name: [c.name for c in cs] for d, cs in COMPILED.items()} }")
+        return ShapedArray((m, n), out_dtype)
+
+    @staticmethod
+    def reference(*args, **params):
+        raise NotImplementedError(
+            "the CUTLASS MXFP8 GEMM runs only on NVIDIA GPUs with compute capability >= 10.0 "
+            "(Blackwell, sm_100a), through the CUDA lowering. Prepare the weight for "
+            "backend='emulation' (or 'marlin' on SM80-SM90) to run elsewhere")
+
+    @staticmethod
+    def cuda_attrs(*, config, out_dtype, has_bias):
+        _check_compiled(config, jnp.dtype(out_dtype))
+        return {"config": int(config)}
+
+    @staticmethod
+    def cuda_workspace(avals_in, avals_out, *, config, out_dtype, has_bias):
+        (m, k), n = avals_in[0].shape, avals_in[2].shape[0]
+        return workspace_bytes(int(config), jnp.dtype(out_dtype), m, n, k)
+
+    @staticmethod
+    def cuda_operands(*, config, out_dtype, has_bias):
+        return (0, 1, 2, 3, 4) if has_bias else (0, 1, 2, 3)  # bias is the handler's OptionalArg
+
+    @classmethod
+    def batch(cls, args, dims, **params):
+        size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+        moved = tuple(move_to_front(a, d, size) for a, d in zip(args, dims))
+        # Swizzled x scales are padded per matrix, so a batch cannot fold into M: one launch each.
+        return lax.map(lambda ops: cls.inner.bind(*ops, **params), moved), 0
 
 
-cutlass_gemm_p = base.define_primitive(
-    "mxfp8_cutlass_gemm", abstract_eval=_gemm_abstract, reference=_gemm_unsupported,
-    batcher=_gemm_batch, multiple_results=True, lowerings={"cuda": _gemm_cuda})
+cutlass_gemm_p = CutlassGemm.inner
 
 
 def gemm(x_values, x_scales, w_values, w_scales, bias=None, *, out_dtype=jnp.bfloat16,
@@ -200,9 +204,8 @@ def gemm(x_values, x_scales, w_values, w_scales, bias=None, *, out_dtype=jnp.bfl
     config = choose_config(m, out_dtype) if config is None else Config(config)
     has_bias = bias is not None
     bias = jnp.zeros((0,), jnp.float32) if bias is None else jnp.asarray(bias).astype(jnp.float32)
-    out, _ = cutlass_gemm_p.bind(x_values, x_scales, w_values, w_scales, bias, config=int(config),
-                                 out_dtype=out_dtype, has_bias=has_bias)
-    return out
+    return CutlassGemm.inner.bind(x_values, x_scales, w_values, w_scales, bias, config=int(config),
+                                  out_dtype=out_dtype, has_bias=has_bias)
 
 
 # ---- the backend -----------------------------------------------------------------------------
@@ -235,9 +238,9 @@ def _linear(x, weight, bias, out_dtype, quantize_activations):
     m = x.shape[0]
     if m == 0:
         return jnp.zeros((0, n), out_dtype)
-    # linear() calls this per device (sharding.linear_body), so x is a local shard: bind the
+    # linear() calls this per device (ops/linear.py's body), so x is a local shard: the
     # per-device quantize, not the partitioned one (a K-sharded x is whole here).
-    x_values, x_scales = quantize_p.bind(x, rounding="ceil", swizzle=True)
+    x_values, x_scales = quantize_local(x, rounding="ceil", swizzle=True)
     return gemm(x_values, x_scales, weight.arrays["values"], weight.arrays["scales"].reshape(-1),
                 bias, out_dtype=out_dtype)
 

@@ -1,9 +1,10 @@
-"""EMULATION: the jnp math of numerics.md on any device; weights stay [N, K] + [N, K/32]."""
+"""EMULATION: the jnp math of docs/numerics.md on any device; weights stay [N, K] + [N, K/32]."""
 from __future__ import annotations
 
 from jax_mxfp8 import reference
 from jax_mxfp8.backends.base import Backend, BackendImpl, register_backend
-from jax_mxfp8.primitives import dequantize, quantize
+from jax_mxfp8.ops.dequantize import dequantize
+from jax_mxfp8.ops.quantize import quantize
 
 
 def _prepare(values, scales):

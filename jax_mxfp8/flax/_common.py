@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from jax_mxfp8.backends import Backend, ensure_available, select_backend
-from jax_mxfp8.linear import prepare_weight
-from jax_mxfp8.primitives.quantize import check_rounding, quantize
+from jax_mxfp8.weight import prepare_weight
+from jax_mxfp8.ops.quantize import check_rounding, quantize
 
 
 def resolve_backend(backend) -> Backend:

@@ -11,8 +11,8 @@ from flax import nnx
 
 from jax_mxfp8.flax._common import (
     Progress, default_predicate, kernel_to_weight, output_dtype, resolve_backend, show_progress)
-from jax_mxfp8.linear import linear
-from jax_mxfp8.primitives.quantize import check_rounding
+from jax_mxfp8.ops.linear import linear
+from jax_mxfp8.ops.quantize import check_rounding
 from jax_mxfp8.weight import MxWeight
 
 Predicate = Callable[[str, nnx.Module], bool]

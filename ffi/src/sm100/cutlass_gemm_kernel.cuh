@@ -1,7 +1,7 @@
 // One CUTLASS 4.2 block-scaled MXFP8 x MXFP8 GEMM for sm_100a, parameterized by
 // tile, cluster, 1SM/2SM, operand swap and output type. Included only by the
 // ffi/src/sm100/gemm_<config>_<out>.cu files, one instantiation each (every
-// instantiation costs ~50 s of nvcc front end, see shared/design/cutlass.md 2.3).
+// instantiation costs ~50 s of nvcc front end).
 //
 // Built from CUTLASS's own pieces: the OpClassBlockScaledTensorOp collective
 // builder (sm100_blockscaled_umma_builder.inl) with mx_float8_t operands and the
@@ -75,8 +75,8 @@ struct MxGemm {
                                                       Epilogue, void>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 
-  // The scale layout the kernel reads is the one the host layout check
-  // (_jax_mxfp8_sm100_layout) proves equal to reference.swizzle_scales.
+  // The scale layout the kernel reads is the one the host layout oracle
+  // (tests/oracles/sm100_layout) proves equal to reference.swizzle_scales.
   using ScaleConfig = typename Mainloop::Sm1xxBlkScaledConfig;
   static_assert(std::is_same_v<ScaleConfig, cutlass::detail::Sm1xxBlockScaledConfig<32>>,
                 "the mainloop's scale layout is not the one the host layout test checks");

@@ -1,0 +1,87 @@
+"""MARLIN: fused-dequant W8A16 GEMMs for SM80+ (mma.sync) and sm_90a (wgmma), one packed weight.
+
+layout.py is the packed format (prepare repacks [N, K] e4m3 values + [N, K/32] scales on the
+device; unprepare is its exact inverse), kernels.py the primitives of the kernels, planner.py
+which kernel and configuration each (M, N, K) runs. This module is the backend entry: linear
+pads x along K and slices y along N where the weight was padded, and runs the planned kernel or
+"dequantize the packed weight to bf16 (one kernel) + XLA dot" (in column slices for large
+weights up to M = 2048: the emulation math, faster than the emulation path itself because the
+dequantize kernel runs at copy bandwidth).
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from jax_mxfp8 import reference
+from jax_mxfp8.backends.base import Backend, BackendImpl, register_backend
+from jax_mxfp8.backends.marlin.kernels import (  # noqa: F401  (the kernels' API)
+    DEQUANT_TARGET, GEMM_TARGET, KERNEL_DTYPES, MAX_CLUSTER_SPLITS, MAX_WGMMA_SPLITS,
+    TILE_CONFIGS, WGMMA_CONFIGS, WGMMA_TARGET, Tile, WgmmaConfig, dequantize_packed,
+    device_has_clusters, device_has_wgmma, effective_splits, gemm, gemm_sm90, wgmma_config,
+    workspace_bytes, wgmma_workspace_bytes)
+from jax_mxfp8.backends.marlin.layout import (  # noqa: F401  (the format's API)
+    FAST_MAX_SCALE, META_TAG, TILE, layout_meta, pack_scales, pack_values, pack_weight,
+    unpack_padded, unpack_scales, unpack_values, unpack_weight)
+from jax_mxfp8.backends.marlin.planner import (  # noqa: F401  (the planner's API)
+    M_BUCKETS, MAX_KERNEL_M, WGMMA_MIN_M, WGMMA_MIN_SPLIT_STAGES, Plan, TuningTable, choose_plan,
+    dequant_slices, tuning_table, tuning_tables)
+
+
+def dequant_dot(x, weight_arrays, bias, out_dtype, slices=None):
+    """x @ dequantize(packed weight).T: the dequantize kernel then an XLA dot, in column slices
+    (planner.dequant_slices) so one slice of bf16 weight exists at a time."""
+    qweight, scales = weight_arrays["qweight"], weight_arrays["scales"]
+    op_dtype = reference.dot_dtype(x.dtype)
+    x = x.astype(op_dtype)
+    ys = []
+    for n_begin, rows in slices or dequant_slices(scales.shape[1], x.shape[1], x.shape[0]):
+        w = dequantize_packed(qweight, scales, n_begin, rows).astype(op_dtype)
+        b = None if bias is None else bias[n_begin:n_begin + rows]
+        ys.append(reference.dot_with_bias(x, w, b, out_dtype))
+    return ys[0] if len(ys) == 1 else jnp.concatenate(ys, axis=1)
+
+
+def _linear(x, weight, bias, out_dtype, quantize_activations):
+    if quantize_activations:
+        raise ValueError("marlin computes W8A16 only")
+    n, k = weight.shape
+    _, n_pad, k_pad = weight.meta
+    m = x.shape[0]
+    if m == 0:
+        return jnp.zeros((0, n), out_dtype)
+    if k_pad != k:
+        x = jnp.pad(x, ((0, 0), (0, k_pad - k)))
+    if bias is not None and n_pad != n:
+        bias = jnp.pad(bias, (0, n_pad - n))
+    plan = choose_plan(m, n_pad, k_pad, x.dtype)
+    a = weight.arrays
+    if plan.kind == "kernel":
+        y = gemm(x, a["qweight"], a["scales"], a["flags"], bias, m_blocks=plan.m_blocks,
+                 warps_n=plan.warps_n, splits=plan.splits, cluster=plan.cluster, out_dtype=out_dtype)
+    elif plan.kind == "wgmma":
+        y = gemm_sm90(x, a["qweight"], a["scales"], a["flags"], bias, block_m=plan.block_m,
+                      consumers=plan.consumers, blocks_per_sm=plan.blocks_per_sm,
+                      splits=plan.splits, cluster=plan.cluster, out_dtype=out_dtype)
+    else:
+        y = dequant_dot(x, a, bias, out_dtype)
+    return y[:, :n] if n_pad != n else y
+
+
+def _array_axes(meta, shape):
+    """qweight and scales are 64-tile-major along K (rows) and N (columns), so whole-tile
+    chunks are the packed shards; flags go whole to every shard."""
+    n, k = shape
+    if n % TILE or k % TILE:  # padded tiles: only whole weights
+        return {"qweight": (None, None), "scales": (None, None), "flags": (None,)}
+    return {"qweight": ("k", "n"), "scales": ("k", "n"), "flags": (None,)}
+
+
+def _shard_meta(meta, shape):
+    return layout_meta(*shape)
+
+
+register_backend(BackendImpl(
+    backend=Backend.MARLIN, min_compute_capability=(8, 0),
+    required_targets=(GEMM_TARGET, DEQUANT_TARGET), default_quantize_activations=False,
+    supports_w8a16=True, supports_w8a8=False, prepare=pack_weight, unprepare=unpack_weight,
+    linear=_linear, array_axes=_array_axes, n_tile=TILE, k_tile=TILE, shard_meta=_shard_meta))
