@@ -103,7 +103,8 @@ def has_cuda_target(name: str) -> bool:
 def kernels_enabled() -> bool:
     """Whether the elementwise ops bind their CUDA kernels. False only by choice: a build
     without the CUDA module, JAX_MXFP8_DISABLE_CUDA=1 or JAX_MXFP8_BACKEND=emulation. A CUDA
-    module that is installed but broken leaves this True, so its lowering raises."""
+    module that is installed but broken leaves this True, so its lowering raises. Read when a
+    function is traced (jit caches traces): set JAX_MXFP8_BACKEND before the first call."""
     if os.environ.get(BACKEND_ENV, "").strip().lower() == "emulation" or _flag(DISABLE_CUDA_ENV):
         return False
     return _load(CUDA_MODULE)[1] != "absent"

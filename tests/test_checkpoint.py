@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 
 import jax_mxfp8 as mx
-import mx_reference as ref
 from jax_mxfp8.checkpoint import CheckpointError, read_safetensors
 
-RNG = np.random.default_rng()
+from oracles import mxfp8 as ref
 
 
 def assemble(path, header: dict, data: bytes, *, header_len=None, pad=True):
@@ -45,21 +44,21 @@ def bf16_bytes(x_f32: np.ndarray) -> bytes:
     return (np.asarray(x_f32, "<f4").view("<u4") >> 16).astype("<u2").tobytes()
 
 
-def random_mx_weight(n, k):
+def random_mx_weight(rng, n, k):
     """Random e4m3 codes (no NaN codes) and scale bytes in a sane range."""
-    codes = RNG.integers(0, 256, size=(n, k), dtype=np.uint8)
+    codes = rng.integers(0, 256, size=(n, k), dtype=np.uint8)
     codes[(codes & 0x7F) == 0x7F] = 0x00
-    scales = RNG.integers(100, 140, size=(n, k // 32), dtype=np.uint8)
+    scales = rng.integers(100, 140, size=(n, k // 32), dtype=np.uint8)
     return codes, scales
 
 
 @pytest.mark.parametrize("scale_dtype", ["U8", "F8_E8M0"])
-def test_hand_assembled_modelopt_file(tmp_path, scale_dtype):
+def test_hand_assembled_modelopt_file(tmp_path, scale_dtype, rng):
     n, k = 48, 96
-    codes, scales = random_mx_weight(n, k)
-    bias = RNG.integers(-64, 64, size=n).astype(np.float32) / 8  # exact in bf16
-    norm = RNG.standard_normal(k).astype(np.float32)
-    half = RNG.standard_normal(5).astype(np.float16)
+    codes, scales = random_mx_weight(rng, n, k)
+    bias = rng.integers(-64, 64, size=n).astype(np.float32) / 8  # exact in bf16
+    norm = rng.standard_normal(k).astype(np.float32)
+    half = rng.standard_normal(5).astype(np.float16)
     path = entries_to_file(tmp_path / "model.safetensors", [
         ("layers.0.mlp.up_proj.weight", "F8_E4M3", (n, k), codes.tobytes()),
         ("layers.0.mlp.up_proj.weight_scale", scale_dtype, (n, k // 32), scales.tobytes()),
@@ -94,8 +93,8 @@ def test_header_without_padding_and_metadata(tmp_path):
     np.testing.assert_array_equal(np.asarray(out["x"]), data.reshape(2, 3))
 
 
-def test_reader_is_memory_mapped_and_read_only(tmp_path):
-    codes, scales = random_mx_weight(32, 64)
+def test_reader_is_memory_mapped_and_read_only(tmp_path, rng):
+    codes, scales = random_mx_weight(rng, 32, 64)
     path = entries_to_file(tmp_path / "m.safetensors", [
         ("w", "F8_E4M3", codes.shape, codes.tobytes()),
         ("w_scale", "U8", scales.shape, scales.tobytes())])
@@ -108,14 +107,14 @@ def test_reader_is_memory_mapped_and_read_only(tmp_path):
     assert not raw["w"].flags.writeable
 
 
-def test_round_trip_single_file(tmp_path):
-    w = RNG.standard_normal((64, 128)).astype(np.float32)
+def test_round_trip_single_file(tmp_path, rng):
+    w = rng.standard_normal((64, 128)).astype(np.float32)
     weight = mx.quantize_weight(w, backend="emulation")
     tensors = {
         "a.weight": weight,
-        "a.bias": jnp.asarray(RNG.standard_normal(64), jnp.bfloat16),
-        "nested": {"f16": jnp.asarray(RNG.standard_normal((3, 4)), jnp.float16),
-                   "f32": jnp.asarray(RNG.standard_normal(7), jnp.float32)},
+        "a.bias": jnp.asarray(rng.standard_normal(64), jnp.bfloat16),
+        "nested": {"f16": jnp.asarray(rng.standard_normal((3, 4)), jnp.float16),
+                   "f32": jnp.asarray(rng.standard_normal(7), jnp.float32)},
         "ids": np.arange(5, dtype=np.int32),
     }
     (file,) = mx.save_safetensors(tmp_path / "x.safetensors", tensors)
@@ -152,10 +151,10 @@ def test_writer_output_follows_the_format(tmp_path):
     assert np.frombuffer(data[b0:b1], "<f4").tolist() == [1.0, 1.0, 1.0]
 
 
-def test_round_trip_sharded_directory(tmp_path):
-    weights = {f"layers.{i}.weight": mx.quantize_weight(RNG.standard_normal((32, 64)), backend="emulation")
+def test_round_trip_sharded_directory(tmp_path, rng):
+    weights = {f"layers.{i}.weight": mx.quantize_weight(rng.standard_normal((32, 64)), backend="emulation")
                for i in range(5)}
-    weights["embed"] = jnp.asarray(RNG.standard_normal((10, 8)), jnp.bfloat16)
+    weights["embed"] = jnp.asarray(rng.standard_normal((10, 8)), jnp.bfloat16)
     files = mx.save_safetensors(tmp_path / "ck", weights, max_shard_bytes=4096)
     index = json.loads((tmp_path / "ck" / "model.safetensors.index.json").read_text())
     assert len(files) > 3 and files[-1].name == "model.safetensors.index.json"
@@ -207,17 +206,17 @@ def test_malformed_files_raise(tmp_path, make, message):
         mx.load_safetensors(path)
 
 
-def test_truncated_file_from_our_writer(tmp_path):
+def test_truncated_file_from_our_writer(tmp_path, rng):
     (file,) = mx.save_safetensors(tmp_path / "t.safetensors",
-                                  {"w": mx.quantize_weight(RNG.standard_normal((64, 64)))})
+                                  {"w": mx.quantize_weight(rng.standard_normal((64, 64)))})
     blob = file.read_bytes()
     file.write_bytes(blob[:-10])
     with pytest.raises(CheckpointError, match="out of range"):
         mx.load_safetensors(file)
 
 
-def mx_entries(n=32, k=64, *, scale_dtype="U8", scale_shape=None, value_shape=None, scale_bytes=None):
-    codes, scales = random_mx_weight(n, k)
+def mx_entries(rng, n=32, k=64, *, scale_dtype="U8", scale_shape=None, value_shape=None, scale_bytes=None):
+    codes, scales = random_mx_weight(rng, n, k)
     scale_shape = scale_shape or scales.shape
     itemsize = {"U8": 1, "F8_E8M0": 1, "BF16": 2, "F32": 4}[scale_dtype]
     scale_raw = scale_bytes if scale_bytes is not None else np.resize(
@@ -226,21 +225,22 @@ def mx_entries(n=32, k=64, *, scale_dtype="U8", scale_shape=None, value_shape=No
             ("w_scale", scale_dtype, scale_shape, scale_raw)]
 
 
-@pytest.mark.parametrize("entries, message", [
-    (mx_entries(scale_shape=(32, 1)), r"needs \[32, 2\]"),
-    (mx_entries(scale_shape=(2, 32)), r"needs \[32, 2\]"),
-    (mx_entries(scale_dtype="BF16", scale_shape=(32, 1)), "not an MXFP8 scale"),
-    (mx_entries(scale_dtype="F32", scale_shape=(16, 1)), "not an MXFP8 scale"),
-    (mx_entries(k=48, n=32, scale_shape=(32, 1)), "not a multiple of 32"),
-    (mx_entries(value_shape=(2, 16, 64), scale_shape=(2, 16, 2)), "only 2-D"),
-    (mx_entries()[:1], "has no 'w_scale'"),
-    (mx_entries(scale_bytes=b"\x7f" * 63 + b"\xff"), "NaN byte"),
-    ([("w", "F8_E5M2", (32, 64), b"\0" * 2048)], "not an MXFP8"),
-    ([("w_scale", "F8_E8M0", (32, 2), b"\0" * 64)], "not an MXFP8"),
-    ([("w", "BF16", (32, 64), b"\0" * 4096), ("w_scale", "U8", (32, 2), b"\0" * 64)], "not F8_E4M3"),
+@pytest.mark.parametrize("make_entries, message", [  # make_entries(rng) -> the file's entries
+    (lambda rng: mx_entries(rng, scale_shape=(32, 1)), r"needs \[32, 2\]"),
+    (lambda rng: mx_entries(rng, scale_shape=(2, 32)), r"needs \[32, 2\]"),
+    (lambda rng: mx_entries(rng, scale_dtype="BF16", scale_shape=(32, 1)), "not an MXFP8 scale"),
+    (lambda rng: mx_entries(rng, scale_dtype="F32", scale_shape=(16, 1)), "not an MXFP8 scale"),
+    (lambda rng: mx_entries(rng, k=48, n=32, scale_shape=(32, 1)), "not a multiple of 32"),
+    (lambda rng: mx_entries(rng, value_shape=(2, 16, 64), scale_shape=(2, 16, 2)), "only 2-D"),
+    (lambda rng: mx_entries(rng)[:1], "has no 'w_scale'"),
+    (lambda rng: mx_entries(rng, scale_bytes=b"\x7f" * 63 + b"\xff"), "NaN byte"),
+    (lambda rng: [("w", "F8_E5M2", (32, 64), b"\0" * 2048)], "not an MXFP8"),
+    (lambda rng: [("w_scale", "F8_E8M0", (32, 2), b"\0" * 64)], "not an MXFP8"),
+    (lambda rng: [("w", "BF16", (32, 64), b"\0" * 4096), ("w_scale", "U8", (32, 2), b"\0" * 64)],
+     "not F8_E4M3"),
 ])
-def test_bad_mxfp8_tensors_raise(tmp_path, entries, message):
-    path = entries_to_file(tmp_path / "bad.safetensors", entries)
+def test_bad_mxfp8_tensors_raise(tmp_path, make_entries, message, rng):
+    path = entries_to_file(tmp_path / "bad.safetensors", make_entries(rng))
     with pytest.raises(CheckpointError, match=message):
         mx.load_safetensors(path, backend="emulation")
 
@@ -266,8 +266,8 @@ def test_index_errors(tmp_path):
         mx.load_safetensors(tmp_path)
 
 
-def test_scale_in_another_shard_pairs(tmp_path):
-    codes, scales = random_mx_weight(32, 64)
+def test_scale_in_another_shard_pairs(tmp_path, rng):
+    codes, scales = random_mx_weight(rng, 32, 64)
     entries_to_file(tmp_path / "s1.safetensors", [("w", "F8_E4M3", codes.shape, codes.tobytes())])
     entries_to_file(tmp_path / "s2.safetensors", [("w_scale", "U8", scales.shape, scales.tobytes())])
     write_index(tmp_path, {"w": "s1.safetensors", "w_scale": "s2.safetensors"})
@@ -297,14 +297,15 @@ def test_writer_errors(tmp_path):
     assert not (tmp_path / "a.safetensors").exists()
 
 
-def test_interop_with_the_safetensors_library(tmp_path):
+def test_interop_with_the_safetensors_library(tmp_path, rng):
     """Files the safetensors library writes load here; files written here pass its validation
-    (its numpy reader still cannot decode F8 tensors, safetensors issue 682, so it reads U8/F32)."""
+    (its numpy reader still cannot decode F8 tensors, huggingface/safetensors#682, so it reads
+    U8/F32)."""
     st_numpy = pytest.importorskip("safetensors.numpy")
     from safetensors import safe_open
     import ml_dtypes
 
-    codes, scales = random_mx_weight(32, 64)
+    codes, scales = random_mx_weight(rng, 32, 64)
     st_numpy.save_file({"w": codes.view(ml_dtypes.float8_e4m3fn), "w_scale": scales,
                         "b": np.arange(3, dtype=np.float32)}, str(tmp_path / "theirs.safetensors"))
     loaded = mx.load_safetensors(tmp_path / "theirs.safetensors", backend="emulation")

@@ -13,21 +13,19 @@ import flax.linen as nn  # noqa: E402
 from flax.core import FrozenDict  # noqa: E402
 
 import jax_mxfp8 as mx  # noqa: E402
-import mx_reference as ref  # noqa: E402
 from jax_mxfp8.flax import (  # noqa: E402
     Mxfp8Dense, Mxfp8Linear, intercept_dense, load_state_dict, quantize_model, quantize_params,
     state_dict)
 
+from helpers import rel_fro  # noqa: E402
+from oracles import mxfp8 as ref  # noqa: E402
+
 BACKEND = "emulation"
 
 
-def seed():
-    return int(np.random.default_rng().integers(1 << 30))
-
-
-def rel_error(got, want):
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+def new_seed(rng) -> int:
+    """A seed for flax / jax.random, drawn from the test's seeded generator."""
+    return int(rng.integers(1 << 30))
 
 
 def cosine(got, want):
@@ -41,15 +39,15 @@ def codes(values):
 
 # ---- NNX: the layer ------------------------------------------------------------------------------
 
-def test_from_linear_quantizes_the_transposed_kernel_exactly():
-    layer = nnx.Linear(96, 48, rngs=nnx.Rngs(seed()))
-    layer.bias.set_value(jax.random.normal(jax.random.key(seed()), (48,)))
+def test_from_linear_quantizes_the_transposed_kernel_exactly(rng):
+    layer = nnx.Linear(96, 48, rngs=nnx.Rngs(new_seed(rng)))
+    layer.bias.set_value(jax.random.normal(jax.random.key(new_seed(rng)), (48,)))
     q = Mxfp8Linear.from_linear(layer, backend=BACKEND)
     values, scales = q.weight.get_value().unpack()
     want_codes, want_scales = ref.quantize(np.asarray(layer.kernel.get_value()).T)  # [out, in]
     np.testing.assert_array_equal(codes(values), want_codes)
     np.testing.assert_array_equal(np.asarray(scales), want_scales)
-    x = np.asarray(jax.random.normal(jax.random.key(seed()), (5, 96), jnp.float32))
+    x = np.asarray(jax.random.normal(jax.random.key(new_seed(rng)), (5, 96), jnp.float32))
     want = ref.linear(x, want_codes, want_scales, np.asarray(layer.bias.get_value()))
     got = q(jnp.asarray(x))
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
@@ -62,19 +60,19 @@ def test_from_linear_quantizes_the_transposed_kernel_exactly():
     ({"dtype": jnp.bfloat16, "param_dtype": jnp.bfloat16, "use_bias": False}, jnp.bfloat16, (1, 2, 4, 64)),
     ({"param_dtype": jnp.bfloat16, "preferred_element_type": jnp.float32}, jnp.bfloat16, (3, 64)),
 ])
-def test_drop_in_call_shape_and_dtype(kwargs, x_dtype, x_shape):
-    layer = nnx.Linear(64, 32, rngs=nnx.Rngs(seed()), **kwargs)
-    x = jax.random.normal(jax.random.key(seed()), x_shape, x_dtype)
+def test_drop_in_call_shape_and_dtype(kwargs, x_dtype, x_shape, rng):
+    layer = nnx.Linear(64, 32, rngs=nnx.Rngs(new_seed(rng)), **kwargs)
+    x = jax.random.normal(jax.random.key(new_seed(rng)), x_shape, x_dtype)
     want = layer(x)
     got = Mxfp8Linear.from_linear(layer, backend=BACKEND)(x)
     assert got.shape == want.shape and got.dtype == want.dtype
-    assert rel_error(got, want) < 0.06 and cosine(got, want) > 0.998
+    assert rel_fro(got, want) < 0.06 and cosine(got, want) > 0.998
 
 
-def test_w8a8_option_matches_the_reference():
-    layer = nnx.Linear(64, 32, rngs=nnx.Rngs(seed()), use_bias=False)
+def test_w8a8_option_matches_the_reference(rng):
+    layer = nnx.Linear(64, 32, rngs=nnx.Rngs(new_seed(rng)), use_bias=False)
     q = Mxfp8Linear.from_linear(layer, backend=BACKEND, quantize_activations=True)
-    x = np.asarray(jax.random.normal(jax.random.key(seed()), (4, 64), jnp.float32))
+    x = np.asarray(jax.random.normal(jax.random.key(new_seed(rng)), (4, 64), jnp.float32))
     values, scales = q.weight.get_value().unpack()
     want = ref.linear(x, codes(values), np.asarray(scales), quantize_activations=True)
     np.testing.assert_allclose(np.asarray(q(jnp.asarray(x))), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
@@ -120,14 +118,14 @@ class Model(nnx.Module):
         return self.heads["out"](x)
 
 
-def model_and_input():
-    model = Model(nnx.Rngs(seed()))
-    x = jax.random.normal(jax.random.key(seed()), (2, 8, 64), jnp.bfloat16)
+def model_and_input(rng):
+    model = Model(nnx.Rngs(new_seed(rng)))
+    x = jax.random.normal(jax.random.key(new_seed(rng)), (2, 8, 64), jnp.bfloat16)
     return model, x
 
 
-def test_quantize_model_converts_in_place_and_stays_close():
-    model, x = model_and_input()
+def test_quantize_model_converts_in_place_and_stays_close(rng):
+    model, x = model_and_input(rng)
     want = model(x)
     returned = quantize_model(model, backend=BACKEND)
     assert returned is model
@@ -138,11 +136,11 @@ def test_quantize_model_converts_in_place_and_stays_close():
     got = nnx.jit(lambda m, x: m(x))(model, x)
     assert got.shape == want.shape and got.dtype == want.dtype
     # MXFP8 (e4m3: 3 mantissa bits) through 7 linears with residuals; measured ~0.03-0.04.
-    assert rel_error(got, want) < 0.08 and cosine(got, want) > 0.997
+    assert rel_fro(got, want) < 0.08 and cosine(got, want) > 0.997
 
 
-def test_quantize_model_predicate_and_errors():
-    model, _ = model_and_input()
+def test_quantize_model_predicate_and_errors(rng):
+    model, _ = model_and_input(rng)
     seen = []
 
     def only_down(path, module):
@@ -172,8 +170,8 @@ def test_quantize_model_on_a_bare_linear_and_a_plain_list():
 
 
 @pytest.mark.parametrize("progress, shown", [(True, True), (False, False)])
-def test_progress_bar(progress, shown):
-    model, _ = model_and_input()
+def test_progress_bar(progress, shown, rng):
+    model, _ = model_and_input(rng)
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         quantize_model(model, backend=BACKEND, progress=progress)
@@ -181,8 +179,8 @@ def test_progress_bar(progress, shown):
     assert shown or err.getvalue() == ""
 
 
-def test_split_merge_state_and_jit():
-    model, x = model_and_input()
+def test_split_merge_state_and_jit(rng):
+    model, x = model_and_input(rng)
     quantize_model(model, backend=BACKEND)
     want = nnx.jit(lambda m, x: m(x))(model, x)  # eager and jit may round bf16 differently
     graphdef, state = nnx.split(model)
@@ -194,10 +192,10 @@ def test_split_merge_state_and_jit():
     np.testing.assert_array_equal(np.asarray(forward(nnx.state(clone), x)), np.asarray(want))
 
 
-def test_orbax_saves_nnx_state():
+def test_orbax_saves_nnx_state(rng):
     ocp = pytest.importorskip("orbax.checkpoint")
     import tempfile
-    model, x = model_and_input()
+    model, x = model_and_input(rng)
     quantize_model(model, backend=BACKEND)
     graphdef, state = nnx.split(model)
     with tempfile.TemporaryDirectory() as tmp:
@@ -208,15 +206,15 @@ def test_orbax_saves_nnx_state():
     np.testing.assert_array_equal(np.asarray(nnx.merge(graphdef, restored)(x)), np.asarray(model(x)))
 
 
-def test_state_dict_round_trip_through_safetensors(tmp_path):
-    model, x = model_and_input()
+def test_state_dict_round_trip_through_safetensors(tmp_path, rng):
+    model, x = model_and_input(rng)
     quantize_model(model, backend=BACKEND)
     tensors = state_dict(model)
     assert isinstance(tensors["blocks.0.up.weight"], mx.MxWeight)
     assert tensors["odd.weight"].shape == (64, 40)  # float Linear saved as [out, in]
     assert "tied.weight" not in tensors  # shared modules are saved once
     mx.save_safetensors(tmp_path / "ck", tensors)
-    fresh = Model(nnx.Rngs(seed()))  # float model: MXFP8 tensors turn its Linears into Mxfp8Linear
+    fresh = Model(nnx.Rngs(new_seed(rng)))  # float model: MXFP8 tensors turn its Linears into Mxfp8Linear
     loaded = load_state_dict(fresh, mx.load_safetensors(tmp_path / "ck", backend=BACKEND))
     assert isinstance(loaded.blocks[2].down, Mxfp8Linear) and isinstance(loaded.odd, nnx.Linear)
     np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(model(x)))
@@ -224,8 +222,8 @@ def test_state_dict_round_trip_through_safetensors(tmp_path):
                                   np.asarray(model.odd.kernel.get_value()))
 
 
-def test_load_state_dict_errors():
-    model, _ = model_and_input()
+def test_load_state_dict_errors(rng):
+    model, _ = model_and_input(rng)
     tensors = state_dict(model)
     with pytest.raises(ValueError, match="missing"):
         load_state_dict(Model(nnx.Rngs(0)), {k: v for k, v in tensors.items() if k != "odd.bias"})
@@ -252,14 +250,14 @@ class LinenMLP(nn.Module):
         return nn.Dense(48, name="odd")(x[..., :40])  # in_features 40: stays float
 
 
-def linen_setup():
-    x = jax.random.normal(jax.random.key(seed()), (2, 8, 64), jnp.float32)
-    params = LinenMLP().init(jax.random.key(seed()), x)
+def linen_setup(rng):
+    x = jax.random.normal(jax.random.key(new_seed(rng)), (2, 8, 64), jnp.float32)
+    params = LinenMLP().init(jax.random.key(new_seed(rng)), x)
     return params, x
 
 
-def test_quantize_params_structure():
-    params, _ = linen_setup()
+def test_quantize_params_structure(rng):
+    params, _ = linen_setup(rng)
     frozen = FrozenDict(params)
     q = quantize_params(frozen, backend=BACKEND)
     assert isinstance(q, FrozenDict)
@@ -276,8 +274,8 @@ def test_quantize_params_structure():
     assert "kernel" in only_up["params"]["down"] and "weight" in only_up["params"]["up"]
 
 
-def test_mxfp8_dense_and_intercept_match_and_stay_close():
-    params, x = linen_setup()
+def test_mxfp8_dense_and_intercept_match_and_stay_close(rng):
+    params, x = linen_setup(rng)
     want = LinenMLP().apply(params, x)
     q = quantize_params(params, backend=BACKEND)
     got = jax.jit(LinenMLP(dense=Mxfp8Dense).apply)(q, x)
@@ -285,14 +283,14 @@ def test_mxfp8_dense_and_intercept_match_and_stay_close():
         intercepted = jax.jit(LinenMLP().apply)(q, x)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(intercepted))
     assert got.shape == want.shape and got.dtype == want.dtype
-    assert rel_error(got, want) < 0.06 and cosine(got, want) > 0.998
+    assert rel_fro(got, want) < 0.06 and cosine(got, want) > 0.998
     with intercept_dense():  # float params: nn.Dense runs unchanged
         np.testing.assert_array_equal(np.asarray(LinenMLP().apply(params, x)), np.asarray(want))
 
 
-def test_mxfp8_dense_init_matches_quantize_params_tree():
+def test_mxfp8_dense_init_matches_quantize_params_tree(rng):
     import functools
-    params, x = linen_setup()
+    params, x = linen_setup(rng)
     q = quantize_params(params, backend=BACKEND)
     dense = functools.partial(Mxfp8Dense, backend=BACKEND)  # the backend is in the treedef
     init = jax.eval_shape(LinenMLP(dense=dense).init, jax.random.key(0), x)
@@ -305,19 +303,19 @@ def test_mxfp8_dense_init_matches_quantize_params_tree():
     assert fresh["params"]["up"]["weight"].backend is mx.select_backend()
 
 
-def test_mxfp8_dense_rejects_mismatched_weight():
-    params, x = linen_setup()
+def test_mxfp8_dense_rejects_mismatched_weight(rng):
+    params, x = linen_setup(rng)
     q = quantize_params(params, backend=BACKEND)
     q = {"params": {**q["params"], "up": {**q["params"]["up"], "weight": q["params"]["down"]["weight"]}}}
     with pytest.raises(ValueError, match=r"expects \[out, in\]"):
         LinenMLP(dense=Mxfp8Dense).apply(q, x)
 
 
-def test_mxfp8_dense_apply_does_not_rerun_init():
+def test_mxfp8_dense_apply_does_not_rerun_init(rng):
     """apply uses the stored MxWeight as is (whatever backend prepared it): the layer's own
     init backend (here one this CPU cannot run) is never consulted."""
     import functools
-    params, x = linen_setup()
+    params, x = linen_setup(rng)
     q = quantize_params(params, backend=BACKEND)
     dense = functools.partial(Mxfp8Dense, backend="cutlass")
     want = LinenMLP(dense=Mxfp8Dense).apply(q, x)

@@ -5,19 +5,15 @@ import numpy as np
 import pytest
 
 import jax_mxfp8 as mx
-import mx_reference as R
 
-
-def rel_fro(got, want):
-    got = np.asarray(got).astype(np.float64)
-    return np.linalg.norm(got - want) / np.linalg.norm(want)
+from helpers import cpu_only, rel_fro
+from oracles import mxfp8 as R
 
 
 @pytest.mark.parametrize("quantize_activations", [False, True])
 @pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
 @pytest.mark.parametrize("lead,n,k", [((1,), 64, 32), ((3, 5), 96, 256), ((17,), 160, 512)])
-def test_linear_emulation_vs_float64(quantize_activations, x_dtype, lead, n, k):
-    rng = np.random.default_rng()
+def test_linear_emulation_vs_float64(quantize_activations, x_dtype, lead, n, k, rng):
     x = jnp.asarray(rng.standard_normal((*lead, k)), x_dtype)
     w = rng.standard_normal((n, k)) * np.exp2(rng.integers(-4, 4, (n, 1)))
     bias = jnp.asarray(rng.standard_normal(n), jnp.float32)
@@ -78,7 +74,7 @@ def test_select_backend_on_cpu_and_env_override(monkeypatch):
         mx.select_backend(cpu)
 
 
-@pytest.mark.skipif(any(d.platform == "gpu" for d in jax.devices()), reason="CPU-only expectation")
+@cpu_only("CPU-only expectation")
 def test_forcing_gpu_backend_on_cpu_raises():
     values, scales = mx.quantize(jnp.ones((32, 64)))
     with pytest.raises(ValueError, match="compute capability|not part of this build"):

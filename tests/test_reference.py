@@ -5,9 +5,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-import mx_reference as R
-from edge_cases import edge_case_blocks
 from jax_mxfp8 import reference
+
+from oracles import mxfp8 as R
+from oracles.edge_cases import edge_case_blocks
 
 DTYPES = [np.float32, ml_dtypes.bfloat16, np.float16]
 RULES = ["ceil", "floor", "naive"]
@@ -23,8 +24,7 @@ def check_quantize(x, rule):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("shape", [(1, 32), (7, 64), (3, 130, 96), (2, 2, 5, 1024)])
-def test_quantize_random(dtype, rule, shape):
-    rng = np.random.default_rng()
+def test_quantize_random(dtype, rule, shape, rng):
     spread = np.exp2(rng.integers(-30, 30, (*shape[:-1], shape[-1] // 32, 1)))
     x = (rng.standard_normal((*shape[:-1], shape[-1] // 32, 32)) * spread).reshape(shape)
     with np.errstate(over="ignore"):
@@ -34,9 +34,9 @@ def test_quantize_random(dtype, rule, shape):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rule", RULES)
-def test_quantize_edge_cases(dtype, rule):
+def test_quantize_edge_cases(dtype, rule, rng):
     with np.errstate(over="ignore"):
-        x = edge_case_blocks(np.random.default_rng()).astype(dtype)
+        x = edge_case_blocks(rng).astype(dtype)
     check_quantize(x.reshape(-1, 64) if x.shape[0] % 2 == 0 else x, rule)
 
 
@@ -57,8 +57,7 @@ def test_ceil_never_clips_and_floor_saturates():
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
-def test_dequantize_normal_range(dtype):
-    rng = np.random.default_rng()
+def test_dequantize_normal_range(dtype, rng):
     codes = rng.integers(0, 256, (9, 128)).astype(np.uint8)
     codes[(codes & 0x7F) == 0x7F] = 0x3C  # no NaN codes
     # scales keep every result in the normal range of the output dtype
@@ -72,8 +71,7 @@ def test_dequantize_normal_range(dtype):
     assert np.all(np.isnan(np.asarray(got)[0, :32].astype(np.float32)))
 
 
-def test_swizzle_matches_offset_formula():
-    rng = np.random.default_rng()
+def test_swizzle_matches_offset_formula(rng):
     for shape in [(1, 1), (130, 3), (2, 300, 33), (128, 4), (256, 8)]:
         s = rng.integers(1, 255, shape).astype(np.uint8)
         got = np.asarray(reference.swizzle_scales(jnp.asarray(s)))

@@ -9,16 +9,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 import jax_mxfp8 as mx
 
-
-def bits(a):
-    a = np.asarray(a)
-    return a.view(np.uint8) if a.dtype.itemsize == 1 else a.view(np.uint16 if a.dtype.itemsize == 2 else np.uint32)
-
-
-def assert_same_bits(a, b):
-    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        assert u.shape == v.shape and u.dtype == v.dtype
-        np.testing.assert_array_equal(bits(u), bits(v))
+from helpers import assert_same_bits
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 Compiled and layout-verified, NOT yet run on hardware: no SM100 GPU has been available. The
 kernels are CUTLASS 4.2's block-scaled collectives (ffi/src/sm100/); the scale layout they read
-is proven equal to reference.swizzle_scales on the host (tests/test_cutlass.py, through a
+is proven equal to reference.swizzle_scales on the host (tests/test_backends_cutlass.py, through a
 host-only oracle the tests build from tests/oracles/).
 
 prepare: values [N, K] e4m3 stay as they are; scales are swizzled once into the F8_128x4

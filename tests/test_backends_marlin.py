@@ -1,7 +1,5 @@
 """MARLIN backend: packing and plans (any machine), the GEMM and dequantize kernels (GPU),
-against the independent float64 reference of numerics.md (mx_reference)."""
-import os
-
+against the independent float64 reference of docs/numerics.md (tests/oracles/mxfp8.py)."""
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -9,22 +7,17 @@ import numpy as np
 import pytest
 
 import jax_mxfp8 as mx
-import mx_reference as R
-from jax_mxfp8 import _ffi
 from jax_mxfp8.backends import marlin
 
-GPU = any(d.platform == "gpu" for d in jax.devices())
-KERNELS = GPU and _ffi.has_cuda_target(marlin.GEMM_TARGET) and _ffi.has_cuda_target(marlin.DEQUANT_TARGET)
-needs_kernels = pytest.mark.skipif(not KERNELS, reason="needs an NVIDIA GPU and the Marlin CUDA kernels")
-needs_wgmma = pytest.mark.skipif(not (KERNELS and marlin.device_has_wgmma()),
-                                 reason="needs a compute capability 9.0 GPU (H100/H200) and a build "
-                                        "with sm_90a code (the wgmma kernel)")
+from helpers import gpu_test, has_cuda_targets, has_gpu, needs_cuda_targets, rel_fro
+from oracles import mxfp8 as R
+
+KERNELS = has_gpu() and has_cuda_targets(marlin.GEMM_TARGET, marlin.DEQUANT_TARGET)
+needs_kernels = gpu_test(KERNELS, reason="needs an NVIDIA GPU and the Marlin CUDA kernels")
+needs_wgmma = gpu_test(KERNELS and marlin.device_has_wgmma(),
+                       reason="needs a compute capability 9.0 GPU (H100/H200) and a build "
+                              "with sm_90a code (the wgmma kernel)")
 SCALE_BYTES = (0, 1, 120, 127, 134, 254)
-
-
-def fresh_rng():
-    seed = int.from_bytes(os.urandom(4), "little")
-    return np.random.default_rng(seed), seed
 
 
 def random_weight(rng, n, k, spread=3):
@@ -35,13 +28,8 @@ def random_weight(rng, n, k, spread=3):
 
 def prepare(codes, scales):
     values = jnp.asarray(codes.view(ml_dtypes.float8_e4m3fn))
-    arrays, meta = marlin._prepare(values, jnp.asarray(scales))
+    arrays, meta = marlin.pack_weight(values, jnp.asarray(scales))
     return arrays, meta
-
-
-def rel_fro(got, want):
-    got = np.asarray(got).astype(np.float64)
-    return np.linalg.norm(got - want) / np.linalg.norm(want)
 
 
 def poison_device_memory(nbytes):
@@ -53,13 +41,12 @@ def poison_device_memory(nbytes):
 # ---- packing, flags, plans: any machine ------------------------------------------------------
 
 @pytest.mark.parametrize("n,k", [(64, 64), (192, 256), (100, 96), (64, 32), (320, 4160)])
-def test_prepare_unprepare_identity(n, k):
-    rng, seed = fresh_rng()
+def test_prepare_unprepare_identity(n, k, rng, seed):
     codes = rng.integers(0, 256, (n, k), dtype=np.uint8)  # every code, NaN codes included
     scales = rng.integers(0, 256, (n, k // 32), dtype=np.uint8)
     arrays, meta = prepare(codes, scales)
     assert meta[1] % 64 == 0 and meta[2] % 64 == 0
-    values, back = marlin._unprepare(arrays, meta, (n, k))
+    values, back = marlin.unpack_weight(arrays, meta, (n, k))
     np.testing.assert_array_equal(np.asarray(values).view(np.uint8), codes, err_msg=f"seed {seed}")
     np.testing.assert_array_equal(np.asarray(back), scales, err_msg=f"seed {seed}")
 
@@ -74,10 +61,9 @@ def _codes_as_the_kernel_reads(words):
                     axis=-1).astype(np.uint8)
 
 
-def test_packed_layout_is_what_the_kernel_reads():
+def test_packed_layout_is_what_the_kernel_reads(rng, seed):
     """The layout formula of ffi/src/marlin.cu's header and the kernels' bit extraction,
     checked element by element."""
-    rng, seed = fresh_rng()
     n, k = 128, 64
     codes = rng.integers(0, 256, (n, k), dtype=np.uint8)
     scales = rng.integers(0, 256, (n, k // 32), dtype=np.uint8)
@@ -126,7 +112,8 @@ def test_plans_use_compiled_tiles(m, n, k):
             assert plan.kind == "dequant_dot"
             continue
         if x_dtype == jnp.bfloat16 and plan.kind == "dequant_dot":  # measured to win there
-            assert marlin.H100_TABLE[(n, k)][next(b for b in marlin.M_BUCKETS if m <= b)] is None
+            table = marlin.tuning_table(132, "NVIDIA H100 80GB HBM3").entries
+            assert table[(n, k)][next(b for b in marlin.M_BUCKETS if m <= b)] is None
             continue
         assert plan.kind == "kernel"
         assert marlin.Tile(plan.m_blocks, plan.warps_n) in marlin.TILE_CONFIGS
@@ -134,10 +121,13 @@ def test_plans_use_compiled_tiles(m, n, k):
 
 
 @pytest.mark.parametrize("kind", ["NVIDIA H100 80GB HBM3", "NVIDIA H200"])
-def test_measured_tables_are_used_and_their_entries_compiled_and_fit(kind):
-    table = marlin.measured_table(132, kind)
-    assert table is (marlin.H200_TABLE if "H200" in kind else marlin.H100_TABLE)
-    assert marlin.measured_table(108, kind) is None
+def test_tuning_tables_are_used_and_their_entries_compiled_and_fit(kind):
+    tuning = marlin.tuning_table(132, kind)
+    assert tuning is not None and tuning.device_kind_contains in kind and tuning.date
+    assert ("H200" in kind) == ("H200" in tuning.gpu)
+    assert marlin.tuning_table(108, kind) is None
+    assert marlin.tuning_table(132, "NVIDIA A100-SXM4-80GB") is None
+    table = tuning.entries
     for (n, k), row in table.items():
         for m, bucket in ((1, 16), (17, 32), (64, 64), (100, 128)):
             plan = marlin.choose_plan(m, n, k, jnp.float16, sms=132, clusters=True, device_kind=kind)
@@ -156,7 +146,8 @@ def test_rule_plan_stays_in_bounds_on_other_gpus(n, k):
     """Shapes and SM counts the table does not cover take the rule: a compiled tile that divides
     N, at most two blocks per SM unless one tile row already exceeds that, no split above 128."""
     for sms, clusters in ((108, False), (78, True), (132, False), (132, True)):
-        if sms == marlin.H100_SMS and clusters and (n, k) in marlin.H100_TABLE:
+        table = marlin.tuning_table(sms, jax.devices()[0].device_kind)
+        if clusters and table is not None and (n, k) in table.entries:
             continue  # the measured table, not the rule
         for m in (1, 16, 17, 32, 64, 65, 128, 256):
             plan = marlin.choose_plan(m, n, k, jnp.float16, sms=sms, clusters=clusters)
@@ -167,9 +158,8 @@ def test_rule_plan_stays_in_bounds_on_other_gpus(n, k):
             assert not plan.cluster or (clusters and 1 < plan.splits <= marlin.MAX_CLUSTER_SPLITS)
 
 
-def test_primitive_reference_lowering_matches_float64():
+def test_primitive_reference_lowering_matches_float64(rng, seed):
     """The jnp lowering (CPU and any non-CUDA platform) computes the same math."""
-    rng, seed = fresh_rng()
     codes, scales = random_weight(rng, 128, 256)
     arrays, _ = prepare(codes, scales)
     x = rng.standard_normal((5, 256)).astype(ml_dtypes.bfloat16)
@@ -188,10 +178,9 @@ def test_primitive_reference_lowering_matches_float64():
 
 
 @pytest.mark.parametrize("x_dtype,m", [(np.float32, 5), (ml_dtypes.bfloat16, 3), (ml_dtypes.bfloat16, 300)])
-def test_padded_shapes_through_backend_linear(x_dtype, m):
+def test_padded_shapes_through_backend_linear(x_dtype, m, rng, seed):
     """N and K not multiples of 64: prepare pads, linear pads x along K and slices y (both
     plans; jnp lowerings on CPU)."""
-    rng, seed = fresh_rng()
     n, k = 100, 96
     codes, scales = random_weight(rng, n, k)
     cpu = jax.devices("cpu")[0]
@@ -223,9 +212,8 @@ def test_dequant_slices_tile_the_columns_within_the_budget(n, k, slice_bytes):
 
 
 @pytest.mark.parametrize("x_dtype", [ml_dtypes.bfloat16, np.float32])
-def test_sliced_dequant_dot_matches_float64(x_dtype):
+def test_sliced_dequant_dot_matches_float64(x_dtype, rng, seed):
     """The large-M path in four column slices (jnp lowerings on CPU), bias split with them."""
-    rng, seed = fresh_rng()
     n, k, m = 256, 128, 9
     codes, scales = random_weight(rng, n, k)
     cpu = jax.devices("cpu")[0]
@@ -235,7 +223,7 @@ def test_sliced_dequant_dot_matches_float64(x_dtype):
         bias = rng.standard_normal(n).astype(np.float32)
         slices = marlin.dequant_slices(n, k, m, 64 * k * 2, whole_bytes=0)
         assert len(slices) == 4
-        y = jax.jit(lambda x, a, b: marlin._dequant_dot(x, a, b, jnp.float32, slices))(x, arrays, bias)
+        y = jax.jit(lambda x, a, b: marlin.dequant_dot(x, a, b, jnp.float32, slices))(x, arrays, bias)
     assert rel_fro(y, R.linear(x, codes, scales, bias)) <= 1e-5, f"seed {seed}"
 
 
@@ -253,7 +241,7 @@ def test_dequantize_slice_bounds_are_checked():
         marlin.dequantize_packed(arrays["qweight"], arrays["scales"], 32, 64)
 
 
-@pytest.mark.skipif(not _ffi.has_cuda_target(marlin.GEMM_TARGET), reason="CUDA module not built")
+@needs_cuda_targets(marlin.GEMM_TARGET, reason="CUDA module not built")
 def test_lowers_to_custom_calls():
     arrays, _ = prepare(*random_weight(np.random.default_rng(2), 64, 64))
     x = jax.ShapeDtypeStruct((3, 64), jnp.bfloat16)
@@ -282,10 +270,9 @@ LINEAR_CASES = ([(m, n, k) for m in (1, 2, 3, 7, 16, 31, 64, 100, 256, 1024, 409
 
 @needs_kernels
 @pytest.mark.parametrize("case", range(len(LINEAR_CASES)))
-def test_linear_marlin_vs_float64(case):
+def test_linear_marlin_vs_float64(case, rng, seed):
     m, n, k = LINEAR_CASES[case]
     with_bias = case % 2 == 1
-    rng, seed = fresh_rng()
     codes, scales = random_weight(rng, n, k)
     weight = mx.prepare_weight(jnp.asarray(codes.view(ml_dtypes.float8_e4m3fn)), jnp.asarray(scales),
                                backend="marlin")
@@ -299,34 +286,31 @@ def test_linear_marlin_vs_float64(case):
     assert rel_fro(y, R.linear(x, codes, scales, bias)) <= 1e-2, f"seed {seed}"
 
 
-def check_fp32_gemm(run, n, k, ms):
+def check_fp32_gemm(rng, run, n, k, ms):
     """run(x, arrays, bias) -> fp32 y on a fresh weight, x and bias per M, against float64."""
-    rng, seed = fresh_rng()
     codes, scales = random_weight(rng, n, k)
     arrays, _ = prepare(codes, scales)
     for m in ms:
         x = rng.standard_normal((m, k)).astype(ml_dtypes.bfloat16)
         bias = rng.standard_normal(n).astype(np.float32)
-        assert rel_fro(run(x, arrays, bias), R.linear(x, codes, scales, bias)) <= 1e-4, \
-            f"seed {seed} m {m}"
+        assert rel_fro(run(x, arrays, bias), R.linear(x, codes, scales, bias)) <= 1e-4, f"m {m}"
 
 
 @needs_kernels
 @pytest.mark.parametrize("tile", marlin.TILE_CONFIGS)
 @pytest.mark.parametrize("splits,cluster", [(1, False), (3, False), (3, True), (8, True), (12, False)])
 @pytest.mark.parametrize("m", [1, 17, 100, 300])
-def test_every_tile_and_split(tile, splits, cluster, m):
-    check_fp32_gemm(lambda x, arrays, bias: run_gemm(x, arrays, bias, tile=tile, splits=splits,
-                                                     cluster=cluster, out_dtype=jnp.float32),
+def test_every_tile_and_split(tile, splits, cluster, m, rng):
+    check_fp32_gemm(rng, lambda x, arrays, bias: run_gemm(x, arrays, bias, tile=tile, splits=splits,
+                                                          cluster=cluster, out_dtype=jnp.float32),
                     512, 1536, [m])
 
 
 @needs_kernels
 @pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
 @pytest.mark.parametrize("tile", [(1, 1), (2, 4), (4, 4)])
-def test_fp16_activations_are_exact_inputs(tile, out_dtype):
+def test_fp16_activations_are_exact_inputs(tile, out_dtype, rng, seed):
     """fp16 x is split into bf16 hi + lo in the kernel: the result matches the fp32 math."""
-    rng, seed = fresh_rng()
     n, k, m = 256, 512, 40
     # wide weight range for fp32 outputs; narrower where the output itself is fp16/bf16
     codes, scales = random_weight(rng, n, k, spread=8 if out_dtype == jnp.float32 else 2)
@@ -362,9 +346,8 @@ def test_exhaustive_dequantize_kernel(scale_bytes, general):
 
 
 @needs_kernels
-def test_sliced_dequant_dot_on_the_gpu_matches_float64():
+def test_sliced_dequant_dot_on_the_gpu_matches_float64(rng, seed):
     """The large-M path in column slices (CUDA dequantize per slice + cuBLAS), bias with it."""
-    rng, seed = fresh_rng()
     n, k, m = 448, 256, 300
     codes, scales = random_weight(rng, n, k)
     arrays, _ = prepare(codes, scales)
@@ -373,7 +356,7 @@ def test_sliced_dequant_dot_on_the_gpu_matches_float64():
     slices = marlin.dequant_slices(n, k, m, 128 * k * 2, whole_bytes=0)
     assert len(slices) == 4 and {r for _, r in slices} == {64, 128}  # uneven slices too
     poison_device_memory(m * n * 4)
-    y = jax.jit(lambda x, a, b: marlin._dequant_dot(x, a, b, jnp.bfloat16, slices))(x, arrays, bias)
+    y = jax.jit(lambda x, a, b: marlin.dequant_dot(x, a, b, jnp.bfloat16, slices))(x, arrays, bias)
     assert rel_fro(np.asarray(y.astype(jnp.float32)), R.linear(x, codes, scales, bias)) <= 1e-2, f"seed {seed}"
 
 
@@ -425,8 +408,7 @@ def test_exhaustive_through_the_gemm(scale_bytes, general, tile):
 
 @needs_kernels
 @pytest.mark.parametrize("tile", [(1, 1), (1, 4)])
-def test_deterministic_run_to_run(tile):
-    rng, _ = fresh_rng()
+def test_deterministic_run_to_run(tile, rng):
     codes, scales = random_weight(rng, 1024, 4096)
     arrays, _ = prepare(codes, scales)
     x = rng.standard_normal((16, 4096)).astype(ml_dtypes.bfloat16)
@@ -442,11 +424,10 @@ def test_deterministic_run_to_run(tile):
 
 @needs_kernels
 @pytest.mark.skipif(not (KERNELS and marlin.device_has_clusters()), reason="needs an SM90+ GPU")
-def test_cluster_and_plain_launches_of_one_tile_interleave():
+def test_cluster_and_plain_launches_of_one_tile_interleave(rng, seed):
     """One tile launched with a cluster (larger shared memory), then plainly, then with a
     cluster again: the plain launch must not lower the kernel's shared-memory limit under the
     cluster launch's (seen on an H200: 'invalid argument' on the third launch)."""
-    rng, seed = fresh_rng()
     codes, scales = random_weight(rng, 256, 1024)
     arrays, _ = prepare(codes, scales)
     x = rng.standard_normal((100, 1024)).astype(ml_dtypes.bfloat16)
@@ -457,8 +438,7 @@ def test_cluster_and_plain_launches_of_one_tile_interleave():
 
 
 @needs_kernels
-def test_fp32_activations_take_the_dequantize_path():
-    rng, seed = fresh_rng()
+def test_fp32_activations_take_the_dequantize_path(rng, seed):
     codes, scales = random_weight(rng, 128, 256)
     weight = mx.prepare_weight(jnp.asarray(codes.view(ml_dtypes.float8_e4m3fn)), jnp.asarray(scales),
                                backend="marlin")
@@ -469,8 +449,7 @@ def test_fp32_activations_take_the_dequantize_path():
 
 
 @needs_kernels
-def test_unprepare_on_device_round_trip():
-    rng, _ = fresh_rng()
+def test_unprepare_on_device_round_trip(rng):
     codes = rng.integers(0, 256, (192, 640), dtype=np.uint8)
     scales = rng.integers(0, 256, (192, 20), dtype=np.uint8)
     weight = mx.prepare_weight(jnp.asarray(codes.view(ml_dtypes.float8_e4m3fn)), jnp.asarray(scales),
@@ -504,7 +483,7 @@ def test_wgmma_plans_use_compiled_configs(n, k):
 
 
 def test_wgmma_plans_at_m64_and_m128_match_the_h200_sweep():
-    """The plans the sixth session's sweep found fastest or within 5 % (RESULTS.md): the
+    """The plans the H200 sweeps (2026-11-30, docs/performance.md) found fastest or within 5 %: the
     largest block, K splits up to one wave, cluster sums for pairs and small grids, the
     workspace otherwise."""
     want = {64: {(28672, 8192): (1, False), (14336, 4096): (2, True), (8192, 8192): (4, False),
@@ -518,9 +497,8 @@ def test_wgmma_plans_at_m64_and_m128_match_the_h200_sweep():
             assert (plan.splits, plan.cluster) == (splits, cluster), (m, n, k, plan)
 
 
-def test_wgmma_reference_lowering_and_vmap_match_float64():
+def test_wgmma_reference_lowering_and_vmap_match_float64(rng, seed):
     """The jnp lowering of the wgmma primitive (CPU), and vmap folding the batch into M."""
-    rng, seed = fresh_rng()
     codes, scales = random_weight(rng, 128, 192)
     cpu = jax.devices("cpu")[0]
     arrays, _ = prepare(codes, scales)
@@ -561,7 +539,7 @@ def test_wgmma_rejects_bad_inputs():
                          splits=9, cluster=True, out_dtype=jnp.bfloat16)
 
 
-@pytest.mark.skipif(not _ffi.has_cuda_target(marlin.WGMMA_TARGET), reason="CUDA module not built")
+@needs_cuda_targets(marlin.WGMMA_TARGET, reason="CUDA module not built")
 def test_wgmma_lowers_to_its_custom_call():
     arrays, _ = prepare(*random_weight(np.random.default_rng(6), 128, 64))
     x = jax.ShapeDtypeStruct((3, 64), jnp.bfloat16)
@@ -583,9 +561,8 @@ def run_wgmma(x, arrays, bias, *, config, out_dtype, splits=1, cluster=False):
 @needs_wgmma
 @pytest.mark.parametrize("config", marlin.WGMMA_CONFIGS)
 @pytest.mark.parametrize("m", [1, 5, 64, 100, 129, 256, 300, 1000])
-def test_wgmma_every_config_vs_float64(config, m):
+def test_wgmma_every_config_vs_float64(config, m, rng, seed):
     """K = 1536 cycles every stage ring several times; M tails inside a block and across blocks."""
-    rng, seed = fresh_rng()
     n, k = 768, 1536  # a multiple of every config's block width (256 at most)
     codes, scales = random_weight(rng, n, k)
     arrays, _ = prepare(codes, scales)
@@ -599,13 +576,13 @@ def test_wgmma_every_config_vs_float64(config, m):
 @pytest.mark.parametrize("config", marlin.WGMMA_CONFIGS)
 @pytest.mark.parametrize("splits,cluster", [(2, True), (3, True), (8, True), (2, False), (5, False),
                                             (24, False)])
-def test_wgmma_k_splits_vs_float64(config, splits, cluster):
+def test_wgmma_k_splits_vs_float64(config, splits, cluster, rng):
     """K split among blocks (24 stages: 12 each; 8 each; 3 each; 5 uneven; 1 each), summed in
     a cluster through distributed shared memory or through the workspace - shared by the
     tile's blocks where the grid fits at once, by its last block where it does not (24 splits
     at M = 300); M tails inside a block and across blocks."""
-    check_fp32_gemm(lambda x, arrays, bias: run_wgmma(x, arrays, bias, config=config, splits=splits,
-                                                      cluster=cluster, out_dtype=jnp.float32),
+    check_fp32_gemm(rng, lambda x, arrays, bias: run_wgmma(x, arrays, bias, config=config, splits=splits,
+                                                           cluster=cluster, out_dtype=jnp.float32),
                     768, 1536, (1, 100, 300))  # N: a multiple of every config's block width
 
 
@@ -616,8 +593,7 @@ def test_wgmma_k_splits_vs_float64(config, splits, cluster):
 @pytest.mark.parametrize("out_dtype,bias_dtype", [(jnp.bfloat16, ml_dtypes.bfloat16),
                                                   (jnp.float16, np.float16),
                                                   (jnp.bfloat16, None)])
-def test_wgmma_shapes_and_output_dtypes(n, k, config, out_dtype, bias_dtype):
-    rng, seed = fresh_rng()
+def test_wgmma_shapes_and_output_dtypes(n, k, config, out_dtype, bias_dtype, rng, seed):
     codes, scales = random_weight(rng, n, k, spread=2)
     arrays, _ = prepare(codes, scales)
     m = 77
@@ -640,11 +616,10 @@ def test_wgmma_exhaustive_through_the_gemm(scale_bytes, general, config, splits,
 
 
 @needs_wgmma
-def test_wgmma_deterministic_and_equal_to_the_mma_sync_kernel():
+def test_wgmma_deterministic_and_equal_to_the_mma_sync_kernel(rng, seed):
     """Run to run bitwise; K splits summed in a cluster and through the workspace bitwise equal
     (the same partials added in the same order); against the mma.sync kernel (same fp32
     products, summed in another order) within fp32 rounding."""
-    rng, seed = fresh_rng()
     codes, scales = random_weight(rng, 1024, 4096)
     arrays, _ = prepare(codes, scales)
     x = rng.standard_normal((200, 4096)).astype(ml_dtypes.bfloat16)
@@ -663,8 +638,7 @@ def test_wgmma_deterministic_and_equal_to_the_mma_sync_kernel():
 
 
 @needs_wgmma
-def test_linear_takes_the_wgmma_kernel_above_the_threshold():
-    rng, seed = fresh_rng()
+def test_linear_takes_the_wgmma_kernel_above_the_threshold(rng, seed):
     n, k = 1024, 2048
     codes, scales = random_weight(rng, n, k)
     weight = mx.prepare_weight(jnp.asarray(codes.view(ml_dtypes.float8_e4m3fn)), jnp.asarray(scales),

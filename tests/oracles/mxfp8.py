@@ -1,4 +1,4 @@
-"""An independent numpy reference for MXFP8, written from shared/design/numerics.md.
+"""An independent numpy reference for MXFP8, written from the contract in docs/numerics.md.
 
 Exact float64 arithmetic and its own e4m3 decoding table (no ml_dtypes casts, no
 jax), so kernels and the jnp reference are both checked against the contract.

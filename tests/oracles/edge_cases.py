@@ -1,7 +1,7 @@
-"""Inputs that exercise the corners of numerics.md (float32 rows, one block = 32 values)."""
+"""Inputs that exercise the corners of docs/numerics.md (float32 rows, one block = 32 values)."""
 import numpy as np
 
-from mx_reference import E4M3
+from .mxfp8 import E4M3
 
 
 def edge_case_blocks(rng) -> np.ndarray:

@@ -1,14 +1,12 @@
 """CUTLASS SM100 W8A8 backend: what can be proven without a Blackwell GPU, plus the GPU test
 that will run on the first one.
 
-Host-only: CUTLASS's own scale-factor layout (evaluated by _jax_mxfp8_sm100_layout) equals
-reference.swizzle_scales byte for byte, padding included; the kernels' host checks reject
-the shapes they cannot run; the Python glue hands the kernel exactly the W8A8 problem
-(checked by evaluating the traced program with a jnp stand-in for the kernel); the CUDA
-lowering emits the custom call with the per-M tile config.
+Host-only: CUTLASS's own scale-factor layout (evaluated on the host by _jax_mxfp8_sm100_layout,
+which tests/oracles/build.py compiles on first use) equals reference.swizzle_scales byte for
+byte, padding included; the kernels' host checks reject the shapes they cannot run; the Python
+glue hands the kernel exactly the W8A8 problem (checked by evaluating the traced program with a
+jnp stand-in for the kernel); the CUDA lowering emits the custom call with the per-M tile config.
 """
-import importlib
-import os
 import re
 
 import jax
@@ -17,18 +15,13 @@ import numpy as np
 import pytest
 
 import jax_mxfp8 as mx
-import mx_reference as R
 from jax_mxfp8 import _ffi, reference
 from jax_mxfp8.backends import Backend, cutlass, ensure_available, why_unavailable
 from jax_mxfp8.weight import MxWeight
 
-try:
-    layout = importlib.import_module("jax_mxfp8._jax_mxfp8_sm100_layout")
-except ImportError:
-    layout = None
-needs_layout = pytest.mark.skipif(
-    layout is None, reason="_jax_mxfp8_sm100_layout not built (needs the nvidia-cutlass headers and "
-                           "the CUDA toolkit's include directory at build time)")
+from helpers import gpu_test, has_sm100_gpu, needs_cuda_targets, rel_fro
+from oracles import mxfp8 as R
+from oracles.build import load_sm100_layout
 
 cuda = _ffi.cuda_module()
 needs_kernels = pytest.mark.skipif(
@@ -37,20 +30,17 @@ needs_kernels = pytest.mark.skipif(
            "the nvidia-cutlass headers)")
 
 
-def _sm100_gpu():
-    try:
-        devices = jax.devices("gpu")
-    except RuntimeError:
-        return False
-    return any(tuple(int(v) for v in str(d.compute_capability).split(".")[:2]) >= (10, 0)
-               for d in devices)
-
-
-def _seed():
-    return int.from_bytes(os.urandom(4), "little")
-
-
 # ---- the scale layout --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def layout():
+    """The host layout oracle, built on first use (tests/oracles/build.py); skips naming the
+    missing piece (a C++ compiler, nanobind, the CUTLASS headers, the CUDA include directory)."""
+    module, why = load_sm100_layout()
+    if module is None:
+        pytest.skip(why)
+    return module
+
 
 LAYOUT_SHAPES = [  # (rows, K, batch): rows and K/32 below, at and past the 128 x 4 atom
     (1, 32, 1), (7, 96, 1), (127, 128, 1), (128, 160, 2), (129, 256, 1), (300, 1024, 1),
@@ -58,10 +48,9 @@ LAYOUT_SHAPES = [  # (rows, K, batch): rows and K/32 below, at and past the 128 
 ]
 
 
-@needs_layout
 @pytest.mark.parametrize("which", ["sfa", "sfb"])
 @pytest.mark.parametrize("rows,k,batch", LAYOUT_SHAPES)
-def test_cutlass_scale_layout_is_swizzle_scales(which, rows, k, batch):
+def test_cutlass_scale_layout_is_swizzle_scales(layout, which, rows, k, batch):
     offsets = getattr(layout, f"{which}_offsets")(rows, k, batch)  # [batch, Mp, Kbp]
     cols = k // 32
     mp, kbp = reference.padded_scale_shape(rows, cols)
@@ -77,9 +66,7 @@ def test_cutlass_scale_layout_is_swizzle_scales(which, rows, k, batch):
     np.testing.assert_array_equal(swizzled[offsets], want)
 
 
-@needs_layout
-def test_cutlass_reads_the_swizzled_bytes_of_the_public_op():
-    rng = np.random.default_rng(_seed())
+def test_cutlass_reads_the_swizzled_bytes_of_the_public_op(layout, rng):
     rows, k, batch = 200, 480, 2
     scales = rng.integers(0, 255, (batch, rows, k // 32), dtype=np.uint8)
     swizzled = np.asarray(mx.swizzle_scales(jnp.asarray(scales))).reshape(-1)
@@ -89,9 +76,9 @@ def test_cutlass_reads_the_swizzled_bytes_of_the_public_op():
     assert layout.sfa_cosize(rows, k, batch) == swizzled.size
 
 
-@needs_layout
-def test_cutlass_layout_worked_example():
-    # shared/design/cutlass.md section 1.3: M=300, K=1024 (KT=8).
+def test_cutlass_layout_worked_example(layout):
+    # M=300, K=1024 (KT=8): the layout CUTLASS prints, and three offsets that the F8_128x4
+    # formula of docs/numerics.md ("Swizzled scales") gives as well.
     assert layout.cutlass_version[:2] >= (4, 2)
     assert layout.sfa_layout_string(300, 1024, 1) == (
         "(((_32,_4),3),((_32,_4),8),(_1,1)):(((_16,_4),4096),((_0,_1),_512),(_0,12288))")
@@ -148,7 +135,7 @@ def test_python_checks_name_the_fix():
 
 
 def test_forcing_cutlass_without_sm100_raises():
-    if _sm100_gpu():
+    if has_sm100_gpu():
         pytest.skip("an SM100 GPU is present")
     with pytest.raises(ValueError, match="10.0"):
         ensure_available(Backend.CUTLASS)
@@ -182,7 +169,7 @@ def _eval_with_reference_kernel(fn, *args):
     for eqn in closed.jaxpr.eqns:
         ins = [read(v) for v in eqn.invars]
         if eqn.primitive is cutlass.cutlass_gemm_p:
-            outs, kernels = [cutlass.reference_gemm(*ins, **eqn.params), None], kernels + 1
+            outs, kernels = [cutlass.reference_gemm(*ins, **eqn.params)], kernels + 1
         else:
             outs = eqn.primitive.bind(*ins, **eqn.params)
             outs = outs if eqn.primitive.multiple_results else [outs]
@@ -194,9 +181,7 @@ def _eval_with_reference_kernel(fn, *args):
 @pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
 @pytest.mark.parametrize("m,n,k,with_bias", [(1, 64, 32, True), (77, 200, 160, False),
                                              (300, 136, 1024, True)])
-def test_glue_computes_the_w8a8_linear(m, n, k, with_bias, out_dtype):
-    seed = _seed()
-    rng = np.random.default_rng(seed)
+def test_glue_computes_the_w8a8_linear(m, n, k, with_bias, out_dtype, rng, seed):
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     w = rng.standard_normal((n, k)) * np.exp2(rng.integers(-4, 4, (n, 1)))
     bias = jnp.asarray(rng.standard_normal(n), jnp.float32) if with_bias else None
@@ -209,7 +194,7 @@ def test_glue_computes_the_w8a8_linear(m, n, k, with_bias, out_dtype):
     want = R.linear(np.asarray(x), np.asarray(values).view(np.uint8), np.asarray(scales),
                     None if bias is None else np.asarray(bias), quantize_activations=True)
     got = np.asarray(y).astype(np.float64)
-    assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 1e-2, seed
+    assert rel_fro(got, want) <= 1e-2, seed
     emulated = mx.linear(x, mx.prepare_weight(values, scales, backend="emulation"), bias,
                          out_dtype=out_dtype, quantize_activations=True)
     tol = {jnp.bfloat16: 1e-2, jnp.float16: 2e-3, jnp.float32: 1e-5}[out_dtype]
@@ -217,8 +202,7 @@ def test_glue_computes_the_w8a8_linear(m, n, k, with_bias, out_dtype):
                                atol=tol * np.abs(want).max(), err_msg=f"seed {seed}")
 
 
-def test_prepare_roundtrip_and_layout():
-    rng = np.random.default_rng(_seed())
+def test_prepare_roundtrip_and_layout(rng):
     weight, values, scales = _cutlass_weight(rng.standard_normal((200, 160)))
     assert weight.arrays["scales"].shape == (2, 2, 512)  # [Np/128, Kbp/4, 512]
     np.testing.assert_array_equal(
@@ -235,9 +219,16 @@ def test_gemm_off_cuda_is_a_clear_error():
     # Lowered for the host explicitly, so this holds whatever the default device is.
     with pytest.raises(NotImplementedError, match="compute capability >= 10.0"):
         f.trace(x).lower(lowering_platforms=("cpu",))
+
+
+def test_gemm_on_a_default_device_without_cutlass_is_a_clear_error():
     if why_unavailable(Backend.CUTLASS, jax.devices()[0]) is None:
-        return  # the default device runs CUTLASS (SM100, kernels built): nothing to refuse there
-    # The default device's own lowering: a GPU without the kernels says they were not compiled.
+        pytest.skip("the default device runs CUTLASS (SM100, kernels built): nothing to refuse there")
+    weight, _, _ = _cutlass_weight(np.ones((64, 64)))
+    f = jax.jit(lambda x: cutlass._linear(x, weight, None, jnp.dtype(jnp.bfloat16), True))
+    x = jnp.ones((4, 64), jnp.bfloat16)
+    # The default device's own lowering: a CPU says which GPU it needs, a GPU without the
+    # kernels that they were not compiled.
     with pytest.raises(NotImplementedError,
                        match="compute capability >= 10.0|was not compiled into this installation"):
         f.lower(x)
@@ -250,7 +241,7 @@ def test_vmap_shapes():
     assert out.shape == (3, 5, 64) and out.dtype == jnp.bfloat16
 
 
-@pytest.mark.skipif(not _ffi.has_cuda_target(cutlass.GEMM_TARGET),
+@needs_cuda_targets(cutlass.GEMM_TARGET,
                     reason="jax_mxfp8_cutlass_gemm_cuda not built into this installation")
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("m,config", [(1, 0), (64, 0), (100, 1), (1000, 2)])
@@ -271,14 +262,12 @@ def test_cuda_lowering_emits_the_custom_call(m, config, with_bias):
 
 # ---- on a Blackwell GPU ----------------------------------------------------------------------------
 
-@pytest.mark.skipif(not _sm100_gpu(), reason="needs an NVIDIA GPU with compute capability >= 10.0 "
-                                             "(the CUTLASS path has not yet run on hardware)")
+@gpu_test(has_sm100_gpu(), reason="needs an NVIDIA GPU with compute capability >= 10.0 "
+                                  "(the CUTLASS path has not yet run on hardware)")
 @pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
 @pytest.mark.parametrize("m,n,k", [(1, 256, 1024), (5, 1000, 160), (64, 4096, 32), (65, 128, 4096),
                                    (300, 8, 256), (1000, 1000, 1024), (4097, 512, 7168)])
-def test_cutlass_linear_on_sm100(m, n, k, out_dtype):
-    seed = _seed()
-    rng = np.random.default_rng(seed)
+def test_cutlass_linear_on_sm100(m, n, k, out_dtype, rng, seed):
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     w = rng.standard_normal((n, k)) * np.exp2(rng.integers(-4, 4, (n, 1)))
     bias = jnp.asarray(rng.standard_normal(n), jnp.float32)
@@ -294,7 +283,7 @@ def test_cutlass_linear_on_sm100(m, n, k, out_dtype):
         assert not np.isnan(got).any(), seed
         exact = R.linear(np.asarray(x), np.asarray(values).view(np.uint8), np.asarray(scales),
                          None if b is None else np.asarray(b), quantize_activations=True)
-        assert np.linalg.norm(got - exact) / np.linalg.norm(exact) <= 1e-2, seed
+        assert rel_fro(got, exact) <= 1e-2, seed
         tol = {jnp.bfloat16: 1e-2, jnp.float16: 2e-3, jnp.float32: 1e-5}[out_dtype]
         np.testing.assert_allclose(got, np.asarray(want, np.float64), rtol=tol,
                                    atol=tol * np.abs(exact).max(), err_msg=f"seed {seed}")

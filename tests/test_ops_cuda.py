@@ -1,8 +1,8 @@
 """CUDA quantize / dequantize / swizzle kernels (ffi/src/quantize.cu) against the numpy contract.
 
-GPU tests skip without a GPU. On a GPU they fail (rather than silently testing the jnp
-fallback) when the CUDA targets are missing and JAX_MXFP8_REQUIRE_CUDA=1 (tools/gpu_check.sh
-sets it). JAX_MXFP8_SMALL_ONLY=1 keeps only small shapes (the compute-sanitizer run).
+GPU tests (marker `gpu`) skip without a GPU. On a GPU they fail (rather than silently testing
+the jnp fallback) when the CUDA targets are missing and JAX_MXFP8_REQUIRE_CUDA=1 (`tools/gpu.sh
+test` sets it). JAX_MXFP8_SMALL_ONLY=1 keeps only small shapes (the compute-sanitizer run).
 The CUDA-lowering test at the end runs on any machine that built the CUDA module.
 """
 import os
@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 
 import jax_mxfp8 as mx
-import mx_reference as R
-from edge_cases import edge_case_blocks
 from jax_mxfp8 import _ffi
+
+from helpers import assert_same_bits_any_nan, gpu_test, has_cuda_targets, has_gpu, hlo, needs_cuda_targets
+from oracles import mxfp8 as R
+from oracles.edge_cases import edge_case_blocks
 
 TARGETS = {
     "quantize": "jax_mxfp8_quantize_cuda",
@@ -24,15 +26,14 @@ TARGETS = {
     "swizzle": "jax_mxfp8_swizzle_scales_cuda",
     "unswizzle": "jax_mxfp8_unswizzle_scales_cuda",
 }
-HAS_GPU = any(d.platform == "gpu" for d in jax.devices())
-HAS_TARGETS = all(_ffi.has_cuda_target(t) for t in TARGETS.values())
+HAS_GPU = has_gpu()
+HAS_TARGETS = has_cuda_targets(*TARGETS.values())
 SMALL_ONLY = os.environ.get("JAX_MXFP8_SMALL_ONLY", "") not in ("", "0")
 
 if HAS_GPU and not HAS_TARGETS and os.environ.get("JAX_MXFP8_REQUIRE_CUDA", "") not in ("", "0"):
     raise RuntimeError(f"JAX_MXFP8_REQUIRE_CUDA=1 but the CUDA module lacks {TARGETS}: "
                        f"build info {_ffi.build_info()}")
-gpu = pytest.mark.skipif(not (HAS_GPU and HAS_TARGETS),
-                         reason="needs an NVIDIA GPU and the CUDA module (tools/gpu_build.sh)")
+gpu = gpu_test(HAS_TARGETS, reason="needs an NVIDIA GPU and the CUDA module (tools/gpu.sh build)")
 
 DTYPES = [jnp.bfloat16, jnp.float16, jnp.float32]
 RULES = ["ceil", "floor", "naive"]
@@ -42,10 +43,6 @@ RULES = ["ceil", "floor", "naive"]
 SMALL_SHAPES = [(1, 32), (3, 64), (5, 96), (2, 3, 160), (130, 224), (2, 65536), (16, 16384)]
 SHAPES = SMALL_SHAPES[1:5] if SMALL_ONLY else SMALL_SHAPES
 LARGE_SHAPE = (2, 1111, 2048)  # 284K units: more than the resident threads, M % 128 != 0, batch
-
-
-def compiled_text(fn, *args) -> str:
-    return jax.jit(fn).lower(*args).compile().as_text()
 
 
 def run_kernel(op: str, fn, *args):
@@ -89,8 +86,8 @@ def check_quantize(x, rule, swizzle):
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_quantize_random(shape, dtype, rule, swizzle):
-    check_quantize(random_blocks(np.random.default_rng(), shape, dtype), rule, swizzle)
+def test_quantize_random(shape, dtype, rule, swizzle, rng):
+    check_quantize(random_blocks(rng, shape, dtype), rule, swizzle)
 
 
 @gpu
@@ -98,19 +95,19 @@ def test_quantize_random(shape, dtype, rule, swizzle):
 @pytest.mark.parametrize("dtype,rule,swizzle", [
     (jnp.bfloat16, "ceil", True), (jnp.bfloat16, "floor", False),
     (jnp.float16, "naive", True), (jnp.float32, "ceil", False)], ids=str)
-def test_quantize_large_grid_stride(dtype, rule, swizzle):
-    check_quantize(random_blocks(np.random.default_rng(), LARGE_SHAPE, dtype), rule, swizzle)
+def test_quantize_large_grid_stride(dtype, rule, swizzle, rng):
+    check_quantize(random_blocks(rng, LARGE_SHAPE, dtype), rule, swizzle)
 
 
 @gpu
 @pytest.mark.parametrize("swizzle", [False, True], ids=["rowmajor", "swizzled"])
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
-def test_quantize_edge_cases(dtype, rule, swizzle):
+def test_quantize_edge_cases(dtype, rule, swizzle, rng):
     # zeros, -0, NaN/Inf blocks, amax 448*2^k and neighbours, e4m3 rounding ties, tiny,
     # subnormal, huge; in the input dtype (bf16/fp16 round the float32 constructions).
     with np.errstate(over="ignore"):
-        x = np.asarray(jnp.asarray(edge_case_blocks(np.random.default_rng()), dtype))
+        x = np.asarray(jnp.asarray(edge_case_blocks(rng), dtype))
     check_quantize(x, rule, swizzle)                      # [blocks, 32]: Kb = 1, swizzle pads
     check_quantize(x[: x.shape[0] // 4 * 4].reshape(-1, 128), rule, swizzle)
 
@@ -131,29 +128,18 @@ def test_quantize_dtype_boundaries(dtype):
         check_quantize(x, rule, True)
 
 
-def assert_same_bits(got, want):
-    """Bit-exact, except that any NaN matches any NaN (payloads are not part of the contract)."""
-    got, want = np.asarray(got), np.asarray(want)
-    both_nan = np.isnan(got.astype(np.float32)) & np.isnan(want.astype(np.float32))
-    bits = {2: np.uint16, 4: np.uint32}[got.dtype.itemsize]
-    mismatch = (got.view(bits) != want.view(bits)) & ~both_nan
-    assert not mismatch.any(), (f"{mismatch.sum()} mismatches, first at {np.argwhere(mismatch)[:5].tolist()}: "
-                                f"got {got[mismatch][:5]} want {want[mismatch][:5]}")
-
-
 def check_dequantize(codes, scales, dtype):
     want = R.dequantize(codes, scales, jnp.dtype(dtype))
     values = np.asarray(codes, np.uint8).view(ml_dtypes.float8_e4m3fn)
     got = run_kernel("dequantize", lambda v, s: mx.dequantize(v, s, dtype=dtype), values, scales)
-    assert_same_bits(got, want)
+    assert_same_bits_any_nan(got, want)
 
 
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("shape", SHAPES + ([] if SMALL_ONLY else [LARGE_SHAPE]), ids=str)
-def test_dequantize_random(shape, dtype):
+def test_dequantize_random(shape, dtype, rng):
     """Every e4m3 code (NaN codes included) with scales that keep results normal in dtype."""
-    rng = np.random.default_rng()
     codes = rng.integers(0, 256, shape).astype(np.uint8)
     lo, hi = (122, 135) if dtype == jnp.float16 else (50, 200)
     scales = rng.integers(lo, hi, (*shape[:-1], shape[-1] // 32)).astype(np.uint8)
@@ -177,8 +163,7 @@ SCALE_SHAPES = [(1, 1), (5, 3), (130, 7), (2, 3, 129, 5), (256, 8), (3, 1, 4)]
 
 @gpu
 @pytest.mark.parametrize("shape", SCALE_SHAPES, ids=str)
-def test_swizzle_and_unswizzle(shape):
-    rng = np.random.default_rng()
+def test_swizzle_and_unswizzle(shape, rng):
     scales = rng.integers(0, 256, shape).astype(np.uint8)
     want = R.swizzle(scales)
     got = run_kernel("swizzle", mx.swizzle_scales, scales)
@@ -189,9 +174,9 @@ def test_swizzle_and_unswizzle(shape):
 
 
 @gpu
-def test_vmap_and_batch_dims_use_the_kernel():
+def test_vmap_and_batch_dims_use_the_kernel(rng):
     """vmap folds into leading dims; swizzled scales are padded per batch index."""
-    x = random_blocks(np.random.default_rng(), (3, 70, 96), jnp.bfloat16)
+    x = random_blocks(rng, (3, 70, 96), jnp.bfloat16)
     values, scales = run_kernel("quantize", jax.vmap(lambda a: mx.quantize(a, swizzle=True)), x)
     codes, want = R.quantize(x, "ceil")
     np.testing.assert_array_equal(np.asarray(values).view(np.uint8), codes)
@@ -203,12 +188,12 @@ def test_vmap_and_batch_dims_use_the_kernel():
 def test_decode_quantize_is_one_launch(shape):
     """Swizzled quantize at decode sizes: one custom call and nothing else that launches."""
     x = jnp.zeros(shape, jnp.bfloat16)
-    text = compiled_text(lambda a: mx.quantize(a, swizzle=True), x)
+    text = hlo(lambda a: mx.quantize(a, swizzle=True), x)
     assert text.count("custom-call(") == 1 and TARGETS["quantize"] in text, text
     assert "fusion(" not in text and " copy(" not in text, text
 
 
-@pytest.mark.skipif(not HAS_TARGETS, reason="CUDA module not built (no nvcc at build time)")
+@needs_cuda_targets(*TARGETS.values(), reason="CUDA module not built (no nvcc at build time)")
 def test_every_op_lowers_to_its_custom_call_for_cuda():
     """Runs without a GPU: lowering for the "cuda" platform emits each FFI target."""
     x = jax.ShapeDtypeStruct((4, 64), jnp.bfloat16)

@@ -1,0 +1,81 @@
+"""The benchmark CLIs on CPU (jax_mxfp8.bench): `python -m jax_mxfp8 bench` (the op harness,
+harness.py + ops.py) and the Marlin lab's sweep (`python -m jax_mxfp8.bench.marlin sweep`, whose
+GEMM primitives lower to their jnp reference on CPU), each in a fresh CPU-only process, with
+the smallest sizes they take. The TP benchmark (bench/tp.py): test_models_tp_mlp.py."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jax_mxfp8 import bench
+from jax_mxfp8.backends import marlin
+
+
+def run_cpu(args, cwd, timeout=300):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=str(cwd), env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def test_harness_registers_the_ops_and_rejects_unknown_ones(tmp_path):
+    assert {"quantize", "dequantize", "linear"} <= set(bench.registered_ops())
+    with pytest.raises(ValueError, match="unknown op"):
+        bench.run(["nope"], bench.Config(), str(tmp_path))
+    with pytest.raises(SystemExit):  # argparse: R = 1 leaves nothing to subtract
+        bench.main(["--sets", "1"])
+
+
+@pytest.mark.slow
+def test_bench_cli_quantize_and_dequantize(tmp_path):
+    """The op harness end to end: every case under 4 MiB (the decode-size ones) timed with the
+    R-difference and annotated (speedup, kernel count), bench.md and bench.json written. The
+    copy-bandwidth arrays are 8 MiB instead of 512 (a 2-core CPU needs ~20 s more for those)."""
+    out = run_cpu(["-m", "jax_mxfp8", "bench", "--op", "quantize", "--op", "dequantize", "--quick",
+                   "--sets", "2", "--repeats", "1", "--no-profile", "--max-mib", "4", "--copy-mib", "8",
+                   "--out", "out"], tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert (tmp_path / "out" / "bench.md").is_file()
+    report = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert report["meta"]["platform"] == "cpu" and report["meta"]["copy_mib"] == 8
+    rows = report["results"]
+    assert {r["op"] for r in rows} == {"quantize", "dequantize"}
+    ours = [r for r in rows if r["impl"] == "jax_mxfp8"]
+    assert len(ours) == 3, rows  # quantize row-major and swizzled, dequantize: [16, 16384] bf16
+    for r in ours:
+        assert "error" not in r and r["time_us"] > 0 and r["bytes"] <= 4 << 20, r
+        assert r["speedup"] > 0 and r["kernels"] >= 1, r
+    assert {r["impl"] for r in rows} == {"jax_mxfp8", "jnp"}
+    assert all("time_us" in r for r in rows), rows
+
+
+# The sweep measures copy bandwidth on 512 MiB arrays in 8 sets (4 GiB, ~2 minutes on a 2-core
+# CPU) and has no option for it: this runs the lab's main() with 8 MiB arrays instead.
+MARLIN_LAB = """
+import functools, sys
+from jax_mxfp8 import timing
+timing.copy_bandwidth = functools.partial(timing.copy_bandwidth, copy_mib=8)
+from jax_mxfp8.bench import marlin
+sys.exit(marlin.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_marlin_lab_sweep_writes_a_tuning_file(tmp_path):
+    """The sweep over every candidate tile x K split at one (shape, M), on CPU: its tuning file
+    reads back through the planner's reader with the winner for (128, 128) at M bucket 16."""
+    tuning = tmp_path / "tuning.json"
+    out = run_cpu(["-c", MARLIN_LAB, "sweep", "--shapes", "128x128", "--ms", "16", "--metric", "rdiff",
+                   "--out", "out", "--tuning-out", str(tuning)], tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    table = marlin.TuningTable.read(tuning)
+    assert table.gpu == "cpu" and table.date
+    assert set(table.entries) == {(128, 128)} and set(table.entries[(128, 128)]) == {16}
+    m_blocks, warps_n, splits, cluster = table.entries[(128, 128)][16]  # a kernel plan at M = 16
+    assert marlin.Tile(m_blocks, warps_n) in marlin.TILE_CONFIGS and 128 % (64 * warps_n) == 0
+    assert splits >= 1 and isinstance(cluster, bool)
+    sweep = json.loads((tmp_path / "out" / "marlin_sweep.json").read_text())
+    (row,) = sweep["rows"]
+    assert (row["n"], row["k"], row["m"]) == (128, 128, 16)
+    name = f"t{m_blocks}{warps_n}x{splits}{'c' if cluster else ''}"  # the winner is the fastest
+    assert row[name] == min(v for key, v in row.items() if key.startswith("t") and v == v)  # not NaN
