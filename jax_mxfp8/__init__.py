@@ -6,6 +6,7 @@ on NVIDIA GPUs, and an MXFP8 `linear` with per-device backends.
 from jax_mxfp8.backends import Backend, select_backend
 from jax_mxfp8.checkpoint import load_safetensors, save_safetensors
 from jax_mxfp8.ops import dequantize, quantize, swizzle_scales, unswizzle_scales
+from jax_mxfp8.ops.fake_quantize import fake_quantize
 from jax_mxfp8.ops.linear import linear
 from jax_mxfp8.reference import BLOCK_SIZE
 from jax_mxfp8.weight import MxWeight, prepare_weight, quantize_weight
@@ -13,7 +14,7 @@ from jax_mxfp8.weight import MxWeight, prepare_weight, quantize_weight
 __version__ = "0.1.0"
 
 __all__ = [
-    "BLOCK_SIZE", "Backend", "MxWeight", "dequantize", "linear", "load_safetensors", "prepare_weight",
-    "quantize", "quantize_weight", "save_safetensors", "select_backend", "swizzle_scales",
-    "unswizzle_scales",
+    "BLOCK_SIZE", "Backend", "MxWeight", "dequantize", "fake_quantize", "linear",
+    "load_safetensors", "prepare_weight", "quantize", "quantize_weight", "save_safetensors",
+    "select_backend", "swizzle_scales", "unswizzle_scales",
 ]

@@ -5,13 +5,25 @@ import functools
 
 from jax._src import core as _core
 from jax._src import dispatch as _dispatch
+from jax._src.interpreters import ad as _ad
 from jax._src.interpreters import batching as _batching
 from jax._src.interpreters import mlir as _mlir
 
 Primitive = _core.Primitive
 ShapedArray = _core.ShapedArray
+ad = _ad
 batching = _batching
 mlir = _mlir
+
+
+def is_symbolic_zero(tangent) -> bool:
+    """A JVP tangent that JAX knows is zero (the input was not differentiated)."""
+    return type(tangent) is _ad.Zero
+
+
+def symbolic_zero(aval):
+    """The symbolic zero tangent / cotangent of a value of type `aval`."""
+    return _ad.Zero(aval.to_tangent_aval())
 
 
 def primitive_impl(prim: Primitive):

@@ -26,9 +26,13 @@ import numpy as np
 
 from jax_mxfp8._compat import ShapedArray
 
+# The version of the kernels' calling convention, the suffix of every target name (ffi_common.h:
+# JAX_MXFP8_FFI_VERSION); a serialized export names the version it was lowered for.
+FFI_VERSION = "v1"
 CUDA_MODULE = "jax_mxfp8._jax_mxfp8_cuda"
 CPU_MODULE = "jax_mxfp8._jax_mxfp8_cpu"
 BACKEND_ENV = "JAX_MXFP8_BACKEND"
+KERNEL_REFERENCES_ENV = "JAX_MXFP8_KERNEL_REFERENCES"
 DISABLE_CUDA_ENV = "JAX_MXFP8_DISABLE_CUDA"
 
 _lock = threading.Lock()
@@ -68,8 +72,14 @@ def require_cpu_module():
 
 
 def cuda_module():
-    """The CUDA module, or None when it was not built, cannot load or JAX_MXFP8_DISABLE_CUDA=1."""
-    return None if _flag(DISABLE_CUDA_ENV) else _load(CUDA_MODULE)[0]
+    """The CUDA module, or None when it was not built, cannot load, is of another FFI version,
+    or JAX_MXFP8_DISABLE_CUDA=1."""
+    return None if cuda_module_problem() else _load(CUDA_MODULE)[0]
+
+
+@functools.cache
+def _module_ffi_version(module) -> str:
+    return str(module.build_info().get("ffi_version", "none"))
 
 
 def cuda_module_problem() -> str | None:
@@ -78,6 +88,10 @@ def cuda_module_problem() -> str | None:
         return f"the CUDA kernels are disabled by {DISABLE_CUDA_ENV}=1"
     module, why = _load(CUDA_MODULE)
     if module is not None:
+        version = _module_ffi_version(module)
+        if version != FFI_VERSION:
+            return (f"the CUDA module's kernels are FFI version {version} but this Python package "
+                    f"expects {FFI_VERSION} (a stale build); reinstall jax_mxfp8 (BUILD.md)")
         return None
     if why == "absent":
         return ("this installation of jax_mxfp8 has no CUDA module (it was built without nvcc, "
@@ -96,6 +110,15 @@ def cuda_target_names() -> frozenset[str]:
     return _cuda_target_names() if cuda_module() is not None else frozenset()
 
 
+_LOWERED_TARGETS: set[str] = set()  # every target a kernel_lowering was made for
+
+
+def target_names() -> tuple[str, ...]:
+    """Every FFI target the package's lowerings can emit (built here or not): the custom calls
+    a jax.export of code using jax_mxfp8 may contain."""
+    return tuple(sorted(_LOWERED_TARGETS))
+
+
 def has_cuda_target(name: str) -> bool:
     return name in cuda_target_names()
 
@@ -110,11 +133,18 @@ def kernels_enabled() -> bool:
     return _load(CUDA_MODULE)[1] != "absent"
 
 
+def kernel_references_enabled() -> bool:
+    """JAX_MXFP8_KERNEL_REFERENCES=1: a GPU backend's weights may run off the GPU, their kernels
+    lowered to the jnp references of what they compute (slow; for testing layouts and sharding
+    on a CPU host). Off by default: linear refuses such a weight there."""
+    return _flag(KERNEL_REFERENCES_ENV)
+
+
 # What to rebuild when the CUDA module lacks a target; every other target is always built.
 _BUILD_HINTS = {
-    "jax_mxfp8_cutlass_gemm_cuda": "the CUTLASS SM100 kernels need a CUDA >= 12.8 toolkit, the "
+    "jax_mxfp8_cutlass_gemm_cuda_v1": "the CUTLASS SM100 kernels need a CUDA >= 12.8 toolkit, the "
                                    "nvidia-cutlass headers and JAX_MXFP8_CUTLASS=AUTO|ON",
-    "jax_mxfp8_marlin_wgmma_cuda": "the wgmma kernel needs 90a in CMAKE_CUDA_ARCHITECTURES",
+    "jax_mxfp8_marlin_wgmma_cuda_v1": "the wgmma kernel needs 90a in CMAKE_CUDA_ARCHITECTURES",
 }
 
 
@@ -165,6 +195,10 @@ def kernel_lowering(target: str, *, attrs: Callable[..., dict] = lambda **params
     operands(**params) -> the indices of the operands the handler takes (default: all), for
     optional operands bound as empty placeholders.
     """
+    if not target.endswith("_" + FFI_VERSION):
+        raise ValueError(f"FFI target {target!r} must end with the FFI version _{FFI_VERSION}")
+    _LOWERED_TARGETS.add(target)
+
     def rule(ctx, *args, **params):
         require_cuda_target(target)
         register_cuda_targets()

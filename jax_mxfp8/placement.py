@@ -6,7 +6,7 @@ import jax
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jax_mxfp8.backends import Backend, ensure_available, get_backend_impl, select_backend
+from jax_mxfp8.backends import Backend, get_backend_impl, select_backend
 from jax_mxfp8.backends.base import K_AXIS, N_AXIS
 from jax_mxfp8.partitioning import as_axes, named, spec_entry
 from jax_mxfp8.weight import (
@@ -38,9 +38,9 @@ def shard_weight(weight, mesh, *, n_axis=None, k_axis=None):
 
 def prepare_weight_sharded(values, scales, mesh, *, n_axis=None, k_axis=None, backend=None):
     """prepare_weight run per shard: each device repacks only its [N/pn, K/pk] piece (inside
-    shard_map), and the result is the same global MxWeight as shard_weight(prepare_weight(...))."""
-    backend = select_backend(mesh.devices.flat[0]) if backend is None else ensure_available(
-        Backend.parse(backend), mesh.devices.flat[0])
+    shard_map), and the result is the same global MxWeight as shard_weight(prepare_weight(...)).
+    backend: as in prepare_weight (None: the fastest the mesh's devices run)."""
+    backend = select_backend(mesh.devices.flat[0]) if backend is None else Backend.parse(backend)
     shape = tuple(values.shape)
     n_axes, k_axes = as_axes(n_axis), as_axes(k_axis)
     template = jax.eval_shape(lambda v, s: prepare_weight(v, s, backend=backend), values, scales)

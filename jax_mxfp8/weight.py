@@ -9,6 +9,7 @@ the prepared array of the sub-weight: that is what sharding and shard_map rely o
 from __future__ import annotations
 
 import functools
+import json
 from typing import Any, Hashable, Mapping
 
 import jax
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_mxfp8 import _checks
-from jax_mxfp8.backends import Backend, ensure_available, get_backend_impl, select_backend
+from jax_mxfp8.backends import Backend, get_backend_impl, select_backend
 from jax_mxfp8.backends.base import K_AXIS, N_AXIS
 from jax_mxfp8.ops.quantize import quantize
 from jax_mxfp8.partitioning import axes_size
@@ -50,6 +51,10 @@ class MxWeight:
         """The canonical (values [N, K] e4m3, scales [N, K/32] uint8) of this weight."""
         return get_backend_impl(self.backend).unprepare(self.arrays, self.meta, self.shape)
 
+    def to_backend(self, backend) -> "MxWeight":
+        """The same weight prepared for another backend (exact: unpack, then prepare)."""
+        return prepare_weight(*self.unpack(), backend=backend)
+
     def tree_flatten_with_keys(self):
         keys = tuple(sorted(self.arrays))
         children = [(jax.tree_util.DictKey(k), self.arrays[k]) for k in keys]
@@ -66,9 +71,43 @@ class MxWeight:
         return f"MxWeight(shape={self.shape}, backend={self.backend.value}, {parts})"
 
 
+def _encode_meta(meta):
+    return {"tuple": [_encode_meta(m) for m in meta]} if isinstance(meta, tuple) else meta
+
+
+def _decode_meta(data):
+    if isinstance(data, dict):
+        return tuple(_decode_meta(m) for m in data["tuple"])
+    return data
+
+
+def _serialize_aux(aux) -> bytes:
+    keys, shape, backend, meta = aux
+    return json.dumps({"format": 1, "keys": list(keys), "shape": list(shape),
+                       "backend": backend.value, "meta": _encode_meta(meta)}).encode()
+
+
+def _deserialize_aux(data: bytes):
+    aux = json.loads(data.decode())
+    if aux.get("format") != 1:
+        raise ValueError(f"an exported MxWeight of format {aux.get('format')!r}; this jax_mxfp8 "
+                         f"reads format 1: re-export with this version")
+    return (tuple(aux["keys"]), tuple(aux["shape"]), Backend.parse(aux["backend"]),
+            _decode_meta(aux["meta"]))
+
+
+# jax.export serializes the treedefs of its arguments: an exported function may take MxWeights.
+jax.export.register_pytree_node_serialization(
+    MxWeight, serialized_name="jax_mxfp8.MxWeight", serialize_auxdata=_serialize_aux,
+    deserialize_auxdata=_deserialize_aux)
+
+
 def prepare_weight(values, scales, *, backend: Backend | str | None = None) -> MxWeight:
     """Repacks an MXFP8 weight ([N, K] float8_e4m3fn values, [N, K/32] uint8 or e8m0
-    scales: the checkpoint layout) once, for `backend` (default: select_backend())."""
+    scales: the checkpoint layout) once, for `backend` (default: select_backend(), the fastest
+    the default device runs). An explicit backend prepares on any host, e.g. MARLIN weights on
+    a CPU machine for a GPU fleet (a layout transform); where the weight runs, linear checks
+    that the device can run its backend."""
     values = jnp.asarray(values)
     _checks.check_dtype("weight values", values.dtype, (jnp.float8_e4m3fn,),
                         "Quantize the weight first (quantize() or quantize_weight()).")
@@ -78,7 +117,7 @@ def prepare_weight(values, scales, *, backend: Backend | str | None = None) -> M
     _checks.check_last_axis_blocks("weight values", values.shape)
     scales = _checks.scales_to_uint8(scales)
     _checks.check_scales_match(values.shape, scales.shape, "weight scales")
-    backend = select_backend() if backend is None else ensure_available(Backend.parse(backend))
+    backend = select_backend() if backend is None else Backend.parse(backend)
     arrays, meta = get_backend_impl(backend).prepare(values, scales)
     return MxWeight(arrays, values.shape, backend, meta)
 

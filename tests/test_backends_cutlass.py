@@ -230,7 +230,7 @@ def test_gemm_on_a_default_device_without_cutlass_is_a_clear_error():
     # The default device's own lowering: a CPU says which GPU it needs, a GPU without the
     # kernels which build piece is missing (the lowering helper's KernelUnavailableError).
     with pytest.raises((NotImplementedError, _ffi.KernelUnavailableError),
-                       match="compute capability >= 10.0|was built without jax_mxfp8_cutlass_gemm_cuda"):
+                       match="compute capability >= 10.0|was built without jax_mxfp8_cutlass_gemm_cuda_v1"):
         f.lower(x)
 
 
@@ -242,7 +242,7 @@ def test_vmap_shapes():
 
 
 @needs_cuda_targets(cutlass.GEMM_TARGET,
-                    reason="jax_mxfp8_cutlass_gemm_cuda not built into this installation")
+                    reason="jax_mxfp8_cutlass_gemm_cuda_v1 not built into this installation")
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("m,config", [(1, 0), (64, 0), (100, 1), (1000, 2)])
 def test_cuda_lowering_emits_the_custom_call(m, config, with_bias):
@@ -256,8 +256,8 @@ def test_cuda_lowering_emits_the_custom_call(m, config, with_bias):
     # x, x_scales, w, w_scales (+ bias: the handler's optional argument)
     operands = re.search(rf"@{cutlass.GEMM_TARGET}\(([^)]*)\)", calls[0]).group(1).split(",")
     assert len(operands) == (5 if with_bias else 4)
-    if _ffi.has_cuda_target("jax_mxfp8_quantize_cuda"):
-        assert "custom_call @jax_mxfp8_quantize_cuda" in text
+    if _ffi.has_cuda_target("jax_mxfp8_quantize_cuda_v1"):
+        assert "custom_call @jax_mxfp8_quantize_cuda_v1" in text
 
 
 # ---- on a Blackwell GPU ----------------------------------------------------------------------------

@@ -247,9 +247,9 @@ def test_lowers_to_custom_calls():
     x = jax.ShapeDtypeStruct((3, 64), jnp.bfloat16)
     gemm = jax.jit(lambda x: marlin.gemm(x, arrays["qweight"], arrays["scales"], arrays["flags"],
                                          m_blocks=1, warps_n=1, splits=1, out_dtype=jnp.bfloat16))
-    assert "jax_mxfp8_marlin_gemm_cuda" in gemm.trace(x).lower(lowering_platforms=("cuda",)).as_text()
+    assert "jax_mxfp8_marlin_gemm_cuda_v1" in gemm.trace(x).lower(lowering_platforms=("cuda",)).as_text()
     dq = jax.jit(lambda: marlin.dequantize_packed(arrays["qweight"], arrays["scales"]))
-    assert "jax_mxfp8_marlin_dequantize_cuda" in dq.trace().lower(lowering_platforms=("cuda",)).as_text()
+    assert "jax_mxfp8_marlin_dequantize_cuda_v1" in dq.trace().lower(lowering_platforms=("cuda",)).as_text()
 
 
 # ---- kernels on the GPU ----------------------------------------------------------------------
@@ -545,7 +545,7 @@ def test_wgmma_lowers_to_its_custom_call():
     x = jax.ShapeDtypeStruct((3, 64), jnp.bfloat16)
     f = jax.jit(lambda x: marlin.gemm_sm90(x, arrays["qweight"], arrays["scales"], arrays["flags"],
                                            block_m=128, consumers=2, out_dtype=jnp.bfloat16))
-    assert "jax_mxfp8_marlin_wgmma_cuda" in f.trace(x).lower(lowering_platforms=("cuda",)).as_text()
+    assert "jax_mxfp8_marlin_wgmma_cuda_v1" in f.trace(x).lower(lowering_platforms=("cuda",)).as_text()
 
 
 def run_wgmma(x, arrays, bias, *, config, out_dtype, splits=1, cluster=False):

@@ -10,9 +10,9 @@ import pytest
 from jax_mxfp8 import _ffi
 
 # Targets every CUDA build has; the CUTLASS GEMM and the wgmma kernel depend on build options.
-CUDA_TARGETS = ("jax_mxfp8_quantize_cuda", "jax_mxfp8_dequantize_cuda", "jax_mxfp8_swizzle_scales_cuda",
-                "jax_mxfp8_unswizzle_scales_cuda", "jax_mxfp8_marlin_gemm_cuda",
-                "jax_mxfp8_marlin_dequantize_cuda")
+CUDA_TARGETS = ("jax_mxfp8_quantize_cuda_v1", "jax_mxfp8_dequantize_cuda_v1", "jax_mxfp8_swizzle_scales_cuda_v1",
+                "jax_mxfp8_unswizzle_scales_cuda_v1", "jax_mxfp8_marlin_gemm_cuda_v1",
+                "jax_mxfp8_marlin_dequantize_cuda_v1")
 
 
 def run(*args):

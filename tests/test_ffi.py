@@ -59,7 +59,7 @@ def test_the_helper_hides_the_workspace_and_passes_int32_attributes():
     text = cuda_text(lambda x, a: marlin.gemm(x, a["qweight"], a["scales"], a["flags"], m_blocks=1,
                                               warps_n=1, splits=4, out_dtype=jnp.bfloat16), x, arrays)
     ws = marlin.workspace_bytes(16, 256, 4096, 1, 1, 4, False)
-    call = next(line for line in text.splitlines() if "custom_call @jax_mxfp8_marlin_gemm_cuda" in line)
+    call = next(line for line in text.splitlines() if "custom_call @jax_mxfp8_marlin_gemm_cuda_v1" in line)
     assert f"tensor<{ws}xui8>" in call and "splits = 4 : i32" in call and "cluster = 0 : i32" in call
     main = next(line for line in text.splitlines() if "func.func public @main" in line)
     assert "-> (tensor<16x256xbf16>" in main and "ui8> {" not in main.split("->")[1]  # hidden
@@ -71,4 +71,4 @@ def test_missing_target_names_the_build_option(monkeypatch):
     with pytest.raises(_ffi.KernelUnavailableError, match="90a in CMAKE_CUDA_ARCHITECTURES"):
         _ffi.require_cuda_target(marlin.WGMMA_TARGET)
     with pytest.raises(_ffi.KernelUnavailableError, match="JAX_MXFP8_CUTLASS"):
-        _ffi.require_cuda_target("jax_mxfp8_cutlass_gemm_cuda")
+        _ffi.require_cuda_target("jax_mxfp8_cutlass_gemm_cuda_v1")

@@ -6,7 +6,7 @@ import pytest
 
 import jax_mxfp8 as mx
 
-from helpers import cpu_only, rel_fro
+from helpers import rel_fro
 from oracles import mxfp8 as R
 
 
@@ -74,11 +74,24 @@ def test_select_backend_on_cpu_and_env_override(monkeypatch):
         mx.select_backend(cpu)
 
 
-@cpu_only("CPU-only expectation")
-def test_forcing_gpu_backend_on_cpu_raises():
-    values, scales = mx.quantize(jnp.ones((32, 64)))
-    with pytest.raises(ValueError, match="compute capability|not part of this build"):
-        mx.prepare_weight(values, scales, backend="marlin")
+@pytest.mark.parametrize("backend", ["marlin", "cutlass"])
+def test_prepare_anywhere_run_where_the_backend_runs(rng, backend, monkeypatch):
+    """An explicit backend prepares on any host (offline conversion); compiling linear for a
+    platform that cannot run that backend is a clear error naming the exact conversion."""
+    monkeypatch.delenv("JAX_MXFP8_KERNEL_REFERENCES", raising=False)
+    w = jnp.asarray(rng.standard_normal((128, 128)), jnp.float32)
+    values, scales = mx.quantize(w)
+    weight = mx.prepare_weight(values, scales, backend=backend)
+    assert weight.backend.value == backend
+    for got, want in zip(weight.unpack(), (values, scales)):
+        np.testing.assert_array_equal(np.asarray(got).view(np.uint8), np.asarray(want).view(np.uint8))
+    x = jnp.ones((2, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match=f"prepared for {backend}.*compiled for cpu.*to_backend"):
+        jax.jit(mx.linear).trace(x, weight).lower(lowering_platforms=("cpu",))
+    converted = weight.to_backend("emulation")
+    np.testing.assert_array_equal(np.asarray(jax.jit(mx.linear)(x, converted)),
+                                  np.asarray(mx.linear(x, mx.prepare_weight(values, scales,
+                                                                            backend="emulation"))))
 
 
 BAD = [

@@ -21,10 +21,10 @@ from oracles import mxfp8 as R
 from oracles.edge_cases import edge_case_blocks
 
 TARGETS = {
-    "quantize": "jax_mxfp8_quantize_cuda",
-    "dequantize": "jax_mxfp8_dequantize_cuda",
-    "swizzle": "jax_mxfp8_swizzle_scales_cuda",
-    "unswizzle": "jax_mxfp8_unswizzle_scales_cuda",
+    "quantize": "jax_mxfp8_quantize_cuda_v1",
+    "dequantize": "jax_mxfp8_dequantize_cuda_v1",
+    "swizzle": "jax_mxfp8_swizzle_scales_cuda_v1",
+    "unswizzle": "jax_mxfp8_unswizzle_scales_cuda_v1",
 }
 HAS_GPU = has_gpu()
 HAS_TARGETS = has_cuda_targets(*TARGETS.values())

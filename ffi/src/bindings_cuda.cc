@@ -29,6 +29,7 @@ NB_MODULE(_jax_mxfp8_cuda, m) {
     nb::dict info;
     info["cuda_architectures"] = JAX_MXFP8_CUDA_ARCHS;
     info["cuda_runtime_version"] = CUDART_VERSION;
+    info["ffi_version"] = JAX_MXFP8_FFI_VERSION;
 #ifdef JAX_MXFP8_WITH_CUTLASS
     info["cutlass_sm100"] = true;
 #else

@@ -32,6 +32,9 @@ class BackendImpl:
     unprepare(arrays, meta, shape) -> (values [N,K], scales [N,K/32]): the exact inverse.
     linear(x2d [M,K], weight: MxWeight, bias [N] | None, out_dtype, quantize_activations: bool) -> [M,N]
         out_dtype may be float32 (row-parallel partial products, ops/linear.py) whatever x's dtype.
+    dequantize_weight(weight: MxWeight, bf16) -> [N, K] bf16 (optional): the exact dense weight
+        by the backend's own kernel, for linear's backward (dx = dy @ W); otherwise, and for
+        float32, unprepare + dequantize.
 
     Sharding (weight.py, ops/linear.py). array_axes(meta, shape) -> {array name: one entry per dim}: "n" for a
     dim laid out N-tile-major (split into p equal contiguous chunks, chunk i is that array of the
@@ -55,6 +58,7 @@ class BackendImpl:
     n_tile: int = 1
     k_tile: int = 32
     shard_meta: Optional[Callable[..., Any]] = None
+    dequantize_weight: Optional[Callable[..., Any]] = None
 
 
 _REGISTRY: dict[Backend, BackendImpl] = {}

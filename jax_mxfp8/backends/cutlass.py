@@ -29,7 +29,7 @@ from jax_mxfp8.ops.quantize import quantize_local
 from jax_mxfp8.ops.swizzle import swizzle_scales, unswizzle_scales
 from jax_mxfp8.partitioning import move_to_front
 
-GEMM_TARGET = "jax_mxfp8_cutlass_gemm_cuda"
+GEMM_TARGET = "jax_mxfp8_cutlass_gemm_cuda_v1"
 ROW_TILE = 128   # rows of one swizzle atom, and the N/K sharding granularity
 ATOM_BYTES = 512  # 128 rows x 4 scale columns
 

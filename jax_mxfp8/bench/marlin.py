@@ -8,6 +8,7 @@
   python -m jax_mxfp8.bench.marlin table  [--out D] # linear(MARLIN) vs bf16 / emulation / scaled_matmul
   python -m jax_mxfp8.bench.marlin extras [--out D] # prepare time, memory analysis
   python -m jax_mxfp8.bench.marlin timeline --n N --k K --ms M..  # GPU activity of one unrolled jit
+  python -m jax_mxfp8.bench.marlin backward [--shapes NxK..] [--ms M..]  # dx = dy @ W vs bf16
 
 Timing: jax_mxfp8.timing (profiler busy time by default, --metric rdiff for the R-difference).
 """
@@ -258,6 +259,46 @@ def sweep(args) -> int:
             json.dump({"copy_bps": copy, "rows": rows}, fh, indent=1)
     if args.tuning_out:
         write_tuning(args.tuning_out, winners, args.metric)
+    return 0
+
+
+def backward(args) -> int:
+    """linear's backward product dx = dy @ W (the VJP of linear with respect to x; the forward
+    is dead code in the timed jit) on MARLIN weights (dequantize kernel + bf16 GEMM) against
+    bf16 jnp.dot's backward, by busy time, same run."""
+    repeats, nsets = 5, 4
+    copy = timing.copy_bandwidth(sets=nsets, repeats=repeats, profile=True)[1]
+    log(f"copy bandwidth {copy / 1e12:.3f} TB/s (busy)")
+    shapes = SHAPES if not args.shapes else [tuple(map(int, s.split("x"))) for s in args.shapes]
+    rows = []
+    log("| M | N x K | MARLIN dx us | bf16 dx us | MARLIN / bf16 | weight-read floor us |")
+    log("| ---: | --- | ---: | ---: | ---: | ---: |")
+    for n, k in shapes:
+        wsets = packed_sets(n, k, nsets)
+        weights = [mx.MxWeight(w, (n, k), mx.Backend.MARLIN, marlin.layout_meta(n, k)) for w in wsets]
+        dense = [jax.random.normal(jax.random.key(50 + i), (n, k), jnp.bfloat16) for i in range(nsets)]
+        for m in args.ms or [16, 256, 2048]:
+            xs = [jax.random.normal(jax.random.key(7 + i), (m, k), jnp.bfloat16) for i in range(nsets)]
+            cts = [jax.random.normal(jax.random.key(90 + i), (m, n), jnp.bfloat16) for i in range(nsets)]
+
+            def ours(x, w, ct):
+                return jax.vjp(lambda x: mx.linear(x, w), x)[1](ct)[0]
+
+            def bf16(x, w, ct):
+                return jax.vjp(lambda x: jnp.dot(x, w.T, preferred_element_type=jnp.float32)
+                               .astype(jnp.bfloat16), x)[1](ct)[0]
+            t_ours = time_fn(ours, list(zip(xs, weights, cts)), repeats, "busy")
+            t_bf16 = time_fn(bf16, list(zip(xs, dense, cts)), repeats, "busy")
+            floor = n * k * (1 + 1 / 32) / copy * 1e6
+            rows.append({"n": n, "k": k, "m": m, "marlin_us": t_ours, "bf16_us": t_bf16,
+                         "floor_us": floor})
+            log(f"| {m} | {n}x{k} | {t_ours:.1f} | {t_bf16:.1f} | {t_ours / t_bf16:.2f} | {floor:.1f} |")
+        del wsets, weights, dense
+        gc.collect()
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "marlin_backward.json"), "w") as fh:
+            json.dump({"copy_bps": copy, "rows": rows}, fh, indent=1)
     return 0
 
 
@@ -558,7 +599,7 @@ def timeline(args) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("cmd", choices=["smoke", "probe", "sanitize", "sweep", "sweep90", "table", "extras",
-                                    "timeline", "slices"])
+                                    "timeline", "slices", "backward"])
     ap.add_argument("--n", type=int, default=512)
     ap.add_argument("--k", type=int, default=1536)
     ap.add_argument("--m", type=int, default=1)
@@ -586,7 +627,7 @@ def main(argv=None) -> int:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
     log("devices:", jax.devices(), "core_count:", getattr(jax.devices()[0], "core_count", None))
     return {"smoke": smoke, "probe": probe, "sanitize": sanitize, "sweep": sweep, "sweep90": sweep90,
-            "table": table,
+            "table": table, "backward": backward,
             "extras": extras, "timeline": timeline, "slices": slices}[args.cmd](args)
 
 

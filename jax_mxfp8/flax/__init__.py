@@ -1,13 +1,14 @@
 """Flax wrappers (needs `pip install jax_mxfp8[flax]`).
 
-NNX: `Mxfp8Linear` (inference drop-in for nnx.Linear), `quantize_model(model)`, and
-torch-style `state_dict` / `load_state_dict` for MXFP8 safetensors checkpoints.
+NNX: `Mxfp8Linear` (drop-in for nnx.Linear with a frozen MXFP8 weight; differentiable in its
+input and bias), `quantize_model(model)`, `add_lora(model, rank)` (trainable adapters beside the
+MXFP8 layers), and torch-style `state_dict` / `load_state_dict` for MXFP8 safetensors checkpoints.
 Linen: `Mxfp8Dense` (drop-in for nn.Dense), `quantize_params(params)`, `intercept_dense()`.
 MXFP8 weights are always called `weight` and laid out [out, in] (the checkpoint layout);
 `kernel` always means Flax's float (in, out) layout.
 """
 from jax_mxfp8.flax.linen import Mxfp8Dense, intercept_dense, quantize_params
-from jax_mxfp8.flax.nnx import Mxfp8Linear, load_state_dict, quantize_model, state_dict
+from jax_mxfp8.flax.nnx import Mxfp8Linear, add_lora, load_state_dict, quantize_model, state_dict
 
-__all__ = ["Mxfp8Dense", "Mxfp8Linear", "intercept_dense", "load_state_dict", "quantize_model",
-           "quantize_params", "state_dict"]
+__all__ = ["Mxfp8Dense", "Mxfp8Linear", "add_lora", "intercept_dense", "load_state_dict",
+           "quantize_model", "quantize_params", "state_dict"]

@@ -8,13 +8,15 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jax_mxfp8.backends import Backend, ensure_available, select_backend
+from jax_mxfp8.backends import Backend, select_backend
 from jax_mxfp8.weight import prepare_weight
 from jax_mxfp8.ops.quantize import check_rounding, quantize
 
 
 def resolve_backend(backend) -> Backend:
-    return select_backend() if backend is None else ensure_available(Backend.parse(backend))
+    """None: the fastest backend of the default device; explicit: that backend's layout, made
+    on any host like prepare_weight (where it runs, linear checks the device)."""
+    return select_backend() if backend is None else Backend.parse(backend)
 
 
 @functools.partial(jax.jit, static_argnames="rounding")

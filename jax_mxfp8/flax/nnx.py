@@ -18,11 +18,11 @@ from jax_mxfp8.weight import MxWeight
 Predicate = Callable[[str, nnx.Module], bool]
 
 
-def _get(variable):
+def get_value(variable):
     return variable.get_value() if hasattr(variable, "get_value") else variable.value
 
 
-def _set(variable, value) -> None:
+def set_value(variable, value) -> None:
     if hasattr(variable, "set_value"):
         variable.set_value(value)
     else:
@@ -62,10 +62,10 @@ class Mxfp8Linear(nnx.Module):
     def from_linear(cls, module: nnx.Linear, *, rounding: str = "ceil", backend=None,
                     quantize_activations: bool | None = None, name: str = "Linear") -> "Mxfp8Linear":
         """Quantizes an nnx.Linear: kernel (in, out) becomes an MxWeight [out, in]."""
-        kernel = _get(module.kernel)
+        kernel = get_value(module.kernel)
         weight = kernel_to_weight(kernel, rounding=rounding, backend=resolve_backend(backend),
                                   where=name)
-        return cls(weight, None if module.bias is None else _get(module.bias), dtype=module.dtype,
+        return cls(weight, None if module.bias is None else get_value(module.bias), dtype=module.dtype,
                    param_dtype=kernel.dtype,
                    preferred_element_type=getattr(module, "preferred_element_type", None),
                    quantize_activations=quantize_activations)
@@ -74,8 +74,8 @@ class Mxfp8Linear(nnx.Module):
         inputs = jnp.asarray(inputs)
         compute = jnp.dtype(self.dtype or jnp.result_type(inputs.dtype, self.param_dtype))
         out = output_dtype(inputs.dtype, self.dtype, self.param_dtype, self.preferred_element_type)
-        bias = None if self.bias is None else _get(self.bias)
-        y = linear(inputs.astype(compute), _get(self.weight), bias, out_dtype=out,
+        bias = None if self.bias is None else get_value(self.bias)
+        y = linear(inputs.astype(compute), get_value(self.weight), bias, out_dtype=out,
                    quantize_activations=self.quantize_activations)
         if out_sharding is not None:
             y = jax.lax.with_sharding_constraint(y, out_sharding)
@@ -162,6 +162,36 @@ def quantize_model(model, *, predicate: Predicate | None = None, rounding: str =
     return model
 
 
+def add_lora(model, rank: int, *, rngs, predicate: Predicate | None = None,
+             param_dtype=jnp.float32):
+    """Puts a LoRA adapter beside every Mxfp8Linear in `model` (in place) and returns it.
+
+    Each picked layer becomes nnx.LoRA(base_module=layer): y = layer(x) + (x @ A) @ B with A
+    [in, rank] and B [rank, out] trainable nnx.LoRAParam (B starts at zero, so the model's
+    output is unchanged until training). The MXFP8 weight stays frozen: differentiate with
+    nnx.grad(loss, wrt=nnx.LoRAParam) / nnx.DiffState(0, nnx.LoRAParam). predicate(path,
+    module) picks layers (default: all). The adapters compute in the layer's `dtype` (the
+    MXFP8 layer's compute dtype; None: promoted from x and param_dtype, as nnx.LoRA does).
+    """
+    if rank < 1:
+        raise ValueError(f"add_lora: rank must be >= 1; got {rank}")
+    targets = [(_path_name(path), node) for path, node in nnx.iter_graph(model)
+               if isinstance(node, Mxfp8Linear)]
+    targets = [(name, node) for name, node in targets if predicate is None or predicate(name, node)]
+    if not targets:
+        raise ValueError("add_lora: the model has no Mxfp8Linear layer (quantize_model first) "
+                         "or the predicate picked none")
+    references = _references(model, {id(node) for _, node in targets})
+    for _, module in targets:
+        # dtype: nnx.LoRA promotes x to it before calling the base, which must see its own dtype
+        lora = nnx.LoRA(module.in_features, rank, module.out_features, base_module=module,
+                        dtype=module.dtype, param_dtype=param_dtype, rngs=rngs)
+        if module is model:
+            return lora
+        _replace(references[id(module)], lora)
+    return model
+
+
 # ---- torch-style flat tensors ----------------------------------------------------------------
 
 SAVED_VARIABLES = (nnx.Param, nnx.BatchStat)
@@ -177,7 +207,7 @@ def state_dict(model) -> dict[str, Any]:
     for path, node in nodes.items():
         if not isinstance(node, SAVED_VARIABLES):
             continue
-        value = _get(node)
+        value = get_value(node)
         if path[-1] == "kernel" and isinstance(nodes.get(path[:-1]), nnx.Linear):
             out[_path_name((*path[:-1], "weight"))] = jnp.transpose(value)
         else:
@@ -208,30 +238,30 @@ def load_state_dict(model, tensors: Mapping[str, Any], *, strict: bool = True, q
     for name, variable in variables.items():
         if name not in tensors:
             continue
-        current, value = _get(variable), tensors[name]
+        current, value = get_value(variable), tensors[name]
         if isinstance(current, MxWeight) != isinstance(value, MxWeight):
             raise ValueError(f"{name}: the model holds {type(current).__name__} but the checkpoint "
                              f"has {type(value).__name__}")
         if value.shape != current.shape:
             raise ValueError(f"{name}: checkpoint shape {tuple(value.shape)} != model shape "
                              f"{tuple(current.shape)}")
-        _set(variable, value if isinstance(value, MxWeight) else jnp.asarray(value, current.dtype))
+        set_value(variable, value if isinstance(value, MxWeight) else jnp.asarray(value, current.dtype))
     swaps = {}
     for name, module in linears.items():
         if name not in tensors:
             continue
-        kernel, value = _get(module.kernel), tensors[name]
+        kernel, value = get_value(module.kernel), tensors[name]
         want = (kernel.shape[1], kernel.shape[0])
         if tuple(value.shape) != want:
             raise ValueError(f"{name}: checkpoint shape {tuple(value.shape)} != [out, in] = {want}")
         if isinstance(value, MxWeight):
             swaps[id(module)] = Mxfp8Linear(
-                value, None if module.bias is None else _get(module.bias), dtype=module.dtype,
+                value, None if module.bias is None else get_value(module.bias), dtype=module.dtype,
                 param_dtype=kernel.dtype,
                 preferred_element_type=getattr(module, "preferred_element_type", None),
                 quantize_activations=quantize_activations)
         else:
-            _set(module.kernel, jnp.asarray(value, kernel.dtype).T)
+            set_value(module.kernel, jnp.asarray(value, kernel.dtype).T)
     if id(model) in swaps:
         return swaps[id(model)]
     references = _references(model, set(swaps))

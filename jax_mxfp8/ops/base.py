@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Callable, ClassVar
 
 from jax_mxfp8 import _ffi, partitioning
-from jax_mxfp8._compat import Primitive, batching, mlir, primitive_impl
+from jax_mxfp8._compat import Primitive, ad, batching, is_symbolic_zero, mlir, primitive_impl
 
 
 class Op:
@@ -50,6 +50,9 @@ class Op:
         moved = [partitioning.move_to_front(a, d, size) for a, d in zip(args, dims)]
         out = cls.inner.bind(*moved, **params)
         return out, ((0,) * len(out) if cls.multiple_results else 0)
+
+    # A gradient through the op raises this (None: the op defines no derivative at all).
+    not_differentiable: ClassVar[str | None] = None
 
     # Optional: an op that defines these is partitioned under jit (partitioning.define_partitioned).
     sharding_rule: ClassVar[Callable | None] = None  # (static) -> SdyShardingRule
@@ -95,4 +98,15 @@ def register(op: type[Op]) -> type[Op]:
     if op.sharding_rule is not None:
         op.outer = partitioning.define_partitioned(
             prim, abstract_eval=abstract, rule=op.sharding_rule, partition=op.partition)
+    if op.not_differentiable:
+        for p in filter(None, (op.inner, op.outer)):
+            ad.primitive_jvps[p] = _refuse_tangents(op.not_differentiable)
     return op
+
+
+def _refuse_tangents(message: str):
+    def jvp(primals, tangents, **params):
+        if any(not is_symbolic_zero(t) for t in tangents):
+            raise TypeError(message)
+        raise AssertionError("JAX differentiates an op only when an input has a tangent")
+    return jvp

@@ -18,8 +18,13 @@ from jax_mxfp8.partitioning import (
 @register
 class Dequantize(Op):
     name = "mxfp8_dequantize"
-    cuda_target = "jax_mxfp8_dequantize_cuda"
+    cuda_target = "jax_mxfp8_dequantize_cuda_v1"
     selectable_kernel = True
+    not_differentiable = (
+        "dequantize is not differentiable in its inputs: e4m3 values and e8m0 scales are "
+        "codes, not trainable parameters. Differentiate with respect to a high-precision tensor "
+        "(jax_mxfp8.fake_quantize gives a straight-through gradient) or train parameters of your "
+        "own beside the frozen MXFP8 weight")
 
     @staticmethod
     def abstract(values, scales, *, dtype):

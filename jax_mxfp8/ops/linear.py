@@ -13,6 +13,13 @@ tiles) cannot be sharded; all arrays of an MxWeight split N and K over the same 
 leading-axis sharding; an activation K sharding that disagrees with the weight's is resharded
 (activations only). vmap over a batched weight runs the per-device body under vmap, without
 custom partitioning.
+
+Autodiff: linear is linear in x and affine in bias, so it has a JVP rule (the tangent is
+linear(dx) + db) and a transpose rule (dx = dy @ dequantize(W), float32 accumulation, through
+the backend's `dequantize_weight`). The weight is frozen: a tangent for it is an error (its
+e4m3 values and e8m0 scales are not trainable parameters; train adapters, or fake_quantize a
+high-precision weight). With W8A8 math the activation quantization counts as the identity in the
+backward (a straight-through estimator).
 """
 from __future__ import annotations
 
@@ -25,12 +32,13 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental.custom_partitioning import SdyShardingRule, custom_partitioning
 
-from jax_mxfp8 import _checks
+from jax_mxfp8 import _checks, _ffi, reference
 from jax_mxfp8._compat import (
-    Primitive, ShapedArray, batching, mlir, primitive_impl, require_devices_during_lowering,
-    without_explicit_shardings)
-from jax_mxfp8.backends import get_backend_impl
+    Primitive, ShapedArray, ad, batching, is_symbolic_zero, mlir, primitive_impl,
+    require_devices_during_lowering, symbolic_zero, without_explicit_shardings)
+from jax_mxfp8.backends import get_backend_impl, why_unavailable
 from jax_mxfp8.backends.base import K_AXIS, N_AXIS
+from jax_mxfp8.ops.dequantize import dequantize
 from jax_mxfp8.partitioning import (
     all_replicated, axes_size, dim_axes, mapped, move_to_front, named, sdy_rule,
     typed_abstract_eval, without_reused)
@@ -180,7 +188,28 @@ _linear_cp = custom_partitioning(lambda call, x, *rest: linear_body(call.cfg, ()
 _linear_cp.def_partition(partition=linear_partition, sharding_rule=linear_rule)
 
 
+def check_backend_runs_on(backend, platforms) -> None:
+    """A weight's backend must run where linear is compiled (prepare_weight makes any backend's
+    layout on any host): a clear error with the fix otherwise."""
+    impl = get_backend_impl(backend)
+    if impl.min_compute_capability is None or _ffi.kernel_references_enabled():
+        return
+    need = "%d.%d" % impl.min_compute_capability
+    fix = (f"Run it on an NVIDIA GPU of compute capability >= {need}, or convert the weight "
+           f"exactly with weight.to_backend('emulation')")
+    for platform in platforms:
+        if platform != "cuda":
+            raise ValueError(f"linear: the weight was prepared for {backend.value}, which runs on "
+                             f"NVIDIA GPUs, but this function is being compiled for {platform}. "
+                             f"{fix}")
+    if _ffi.jax_has_cuda_backend():  # compiling for this machine's GPU (export needs none)
+        reason = why_unavailable(backend, jax.devices("cuda")[0])
+        if reason is not None:
+            raise ValueError(f"linear: the weight was prepared for {backend.value}: {reason}")
+
+
 def _linear_lowering(ctx, *args, cfg):
+    check_backend_runs_on(cfg.backend, ctx.module_context.platforms)
     call = LinearCall(cfg, tuple(tuple(a.shape) for a in ctx.avals_in))
     return mlir.lower_fun(lambda *a: _linear_cp(call, *a), multiple_results=False)(
         without_explicit_shardings(ctx), *args)
@@ -207,6 +236,60 @@ linear_p.def_abstract_eval(typed_abstract_eval(_linear_abstract, _linear_out_sha
 mlir.register_lowering(linear_p, _linear_lowering)
 batching.primitive_batchers[linear_p] = _linear_batcher
 require_devices_during_lowering(linear_p)
+
+
+WEIGHT_GRADIENT_ERROR = (
+    "linear: the MXFP8 weight is frozen: its e4m3 values and e8m0 scales have no gradient. "
+    "Differentiate with respect to x, the bias or parameters of your own (e.g. LoRA adapters "
+    "beside the MXFP8 linear: nnx.grad(..., wrt=nnx.LoRAParam)); for quantization-aware "
+    "training keep a high-precision weight and use jax_mxfp8.fake_quantize on it")
+
+
+def _linear_jvp(primals, tangents, *, cfg: LinearConfig):
+    x = primals[0]
+    n_w = len(cfg.keys)
+    weights = primals[1:1 + n_w]
+    dx, dweights = tangents[0], tangents[1:1 + n_w]
+    dbias = tangents[1 + n_w] if cfg.has_bias else None
+    if not all(is_symbolic_zero(t) for t in dweights):
+        raise TypeError(WEIGHT_GRADIENT_ERROR)
+    y = linear_p.bind(*primals, cfg=cfg)
+    dy = None
+    if not is_symbolic_zero(dx):
+        dy = linear_p.bind(dx, *weights, cfg=dataclasses.replace(cfg, has_bias=False))
+    if dbias is not None and not is_symbolic_zero(dbias):
+        db = jnp.broadcast_to(dbias.astype(cfg.out_dtype), y.shape)
+        dy = db if dy is None else dy + db
+    return y, (symbolic_zero(jax.typeof(y)) if dy is None else dy)
+
+
+def dense_weight(weight: MxWeight, dtype):
+    """The exact [N, K] weight in `dtype` (bf16 / fp32), through the backend's own kernel
+    where it has one."""
+    impl = get_backend_impl(weight.backend)
+    if impl.dequantize_weight is not None and jnp.dtype(dtype) == jnp.bfloat16:
+        return impl.dequantize_weight(weight, jnp.dtype(dtype))
+    return dequantize(*impl.unprepare(weight.arrays, weight.meta, weight.shape), dtype=dtype)
+
+
+def _linear_transpose(ct, x, *rest, cfg: LinearConfig):
+    """dx = ct @ dequantize(W) for the tangent linear (x undefined, weights known, no bias)."""
+    if not ad.is_undefined_primal(x) or cfg.has_bias or any(
+            ad.is_undefined_primal(a) for a in rest):
+        raise TypeError(WEIGHT_GRADIENT_ERROR)
+    x_aval = x.aval
+    if is_symbolic_zero(ct):
+        return [symbolic_zero(x_aval), *([None] * len(rest))]
+    weight = MxWeight(dict(zip(cfg.keys, rest)), cfg.shape, cfg.backend, cfg.meta)
+    op_dtype = reference.dot_dtype(ct.dtype)
+    w = dense_weight(weight, op_dtype)
+    dx = lax.dot_general(ct.astype(op_dtype), w, (((ct.ndim - 1,), (0,)), ((), ())),
+                         precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    return [dx.astype(x_aval.dtype), *([None] * len(rest))]
+
+
+ad.primitive_jvps[linear_p] = _linear_jvp
+ad.primitive_transposes[linear_p] = _linear_transpose
 
 
 def _bind(x, weight, bias, out_dtype, quantize_activations: bool):

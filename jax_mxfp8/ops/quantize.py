@@ -39,8 +39,12 @@ def scale_shape(x_shape, swizzle: bool) -> tuple[int, ...]:
 class Quantize(Op):
     name = "mxfp8_quantize"
     multiple_results = True
-    cuda_target = "jax_mxfp8_quantize_cuda"
+    cuda_target = "jax_mxfp8_quantize_cuda_v1"
     selectable_kernel = True
+    not_differentiable = (
+        "quantize has no useful derivative (its e4m3 values are a step function of x, its "
+        "e8m0 scales integers). For quantization-aware training use jax_mxfp8.fake_quantize "
+        "(dequantize(quantize(x)) with a straight-through gradient)")
 
     @staticmethod
     def abstract(x, *, rounding, swizzle):

@@ -20,7 +20,7 @@ from jax_mxfp8.partitioning import (
 @register
 class Swizzle(Op):
     name = "mxfp8_swizzle_scales"
-    cuda_target = "jax_mxfp8_swizzle_scales_cuda"
+    cuda_target = "jax_mxfp8_swizzle_scales_cuda_v1"
     selectable_kernel = True
 
     @staticmethod
@@ -57,7 +57,7 @@ class Swizzle(Op):
 @register
 class Unswizzle(Op):
     name = "mxfp8_unswizzle_scales"
-    cuda_target = "jax_mxfp8_unswizzle_scales_cuda"
+    cuda_target = "jax_mxfp8_unswizzle_scales_cuda_v1"
     selectable_kernel = True
 
     @staticmethod

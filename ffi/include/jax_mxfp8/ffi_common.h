@@ -18,7 +18,7 @@ namespace jax_mxfp8 {
 namespace ffi = xla::ffi;
 
 struct TargetRegistration {
-  const char* name;       // e.g. "jax_mxfp8_quantize_cuda"
+  const char* name;       // e.g. "jax_mxfp8_quantize_cuda_v1"
   XLA_FFI_Handler* handler;
 };
 
@@ -47,10 +47,17 @@ inline ffi::Error CheckLaunch(const char* kernel) {
 
 }  // namespace jax_mxfp8
 
-// Registers an FFI handler symbol (from XLA_FFI_DEFINE_HANDLER_SYMBOL) under a target name.
+// The version of every target's calling convention (operands, attributes, results), appended
+// to its name: a serialized jax.export artifact names the version it was lowered for, and a
+// module of another version refuses it by name instead of misreading its buffers. Bump it with
+// jax_mxfp8/_ffi.py's FFI_VERSION whenever a handler's signature changes.
+#define JAX_MXFP8_FFI_VERSION "v1"
+
+// Registers an FFI handler symbol (from XLA_FFI_DEFINE_HANDLER_SYMBOL) under a target name
+// (with "_" JAX_MXFP8_FFI_VERSION appended).
 #define JAX_MXFP8_REGISTER_CUDA_TARGET(target_name, handler_symbol)             \
   static ::jax_mxfp8::RegisterCudaTarget jax_mxfp8_registration_##handler_symbol( \
-      target_name, handler_symbol)
+      target_name "_" JAX_MXFP8_FFI_VERSION, handler_symbol)
 
 // Returns from the enclosing handler if a CUDA call fails.
 #define JAX_MXFP8_CUDA_RETURN_IF_ERROR(expr)                          \

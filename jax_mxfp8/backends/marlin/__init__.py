@@ -67,6 +67,14 @@ def _linear(x, weight, bias, out_dtype, quantize_activations):
     return y[:, :n] if n_pad != n else y
 
 
+def _dequantize_weight(weight, dtype):
+    """The bf16 weight by the dequantize kernel on the packed weight (exact: the emulation
+    math's bf16 weight); linear's backward asks for it."""
+    n, k = weight.shape
+    w = dequantize_packed(weight.arrays["qweight"], weight.arrays["scales"])
+    return w if w.shape == (n, k) else w[:n, :k]
+
+
 def _array_axes(meta, shape):
     """qweight and scales are 64-tile-major along K (rows) and N (columns), so whole-tile
     chunks are the packed shards; flags go whole to every shard."""
@@ -84,4 +92,5 @@ register_backend(BackendImpl(
     backend=Backend.MARLIN, min_compute_capability=(8, 0),
     required_targets=(GEMM_TARGET, DEQUANT_TARGET), default_quantize_activations=False,
     supports_w8a16=True, supports_w8a8=False, prepare=pack_weight, unprepare=unpack_weight,
-    linear=_linear, array_axes=_array_axes, n_tile=TILE, k_tile=TILE, shard_meta=_shard_meta))
+    linear=_linear, array_axes=_array_axes, n_tile=TILE, k_tile=TILE, shard_meta=_shard_meta,
+    dequantize_weight=_dequantize_weight))

@@ -23,9 +23,9 @@ from jax_mxfp8.backends.marlin.layout import TILE, unpack_padded
 from jax_mxfp8.ops.base import Op, register
 from jax_mxfp8.partitioning import move_to_front
 
-GEMM_TARGET = "jax_mxfp8_marlin_gemm_cuda"
-WGMMA_TARGET = "jax_mxfp8_marlin_wgmma_cuda"
-DEQUANT_TARGET = "jax_mxfp8_marlin_dequantize_cuda"
+GEMM_TARGET = "jax_mxfp8_marlin_gemm_cuda_v1"
+WGMMA_TARGET = "jax_mxfp8_marlin_wgmma_cuda_v1"
+DEQUANT_TARGET = "jax_mxfp8_marlin_dequantize_cuda_v1"
 KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
