@@ -8,6 +8,7 @@ from jax_mxfp8.checkpoint import load_safetensors, save_safetensors
 from jax_mxfp8.ops import dequantize, quantize, swizzle_scales, unswizzle_scales
 from jax_mxfp8.ops.fake_quantize import fake_quantize
 from jax_mxfp8.ops.linear import linear
+from jax_mxfp8.quant_config import QuantConfig, read_quant_config
 from jax_mxfp8.reference import BLOCK_SIZE
 from jax_mxfp8.weight import MxWeight, prepare_weight, quantize_weight
 
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BLOCK_SIZE", "Backend", "MxWeight", "dequantize", "fake_quantize", "linear",
-    "load_safetensors", "prepare_weight", "quantize", "quantize_weight", "save_safetensors",
+    "QuantConfig", "load_safetensors", "prepare_weight", "quantize", "quantize_weight",
+    "read_quant_config", "save_safetensors",
     "select_backend", "swizzle_scales", "unswizzle_scales",
 ]

@@ -1,8 +1,21 @@
 """MXFP8 safetensors checkpoints: a validating, memory-mapped reader and a writer.
 
-Layout (what NVIDIA ModelOpt "MXFP8" and compressed-tensors "mxfp8-quantized" ship):
-`<name>` F8_E4M3 [out, in] + `<name>_scale` U8 (or F8_E8M0) [out, in/32] biased e8m0
-exponents. Every other tensor is an ordinary array.
+Layouts load_safetensors turns into MxWeights (each under its module's `<module>.weight` name):
+
+- NVIDIA ModelOpt "MXFP8", compressed-tensors "mxfp8-quantized" (llm-compressor) and this
+  library's writer: `<name>` F8_E4M3 [out, in] + `<name>_scale` U8 (or F8_E8M0) [out, in/32]
+  biased e8m0 exponents.
+- torchao MXTensor (MXDynamicActivationMXWeightConfig, transformers save_pretrained):
+  `<module>._weight_qdata` F8_E4M3 [out, in] + `<module>._weight_scale` F8_E8M0 in the 128x4
+  swizzled layout, [ceil(out/128)*32, ceil(in/128)*16] (the bytes of docs/numerics.md's F8_128x4
+  layout; or [out, in/32] when is_swizzled_scales is false), described by the JSON the safetensors
+  metadata holds under `<module>.weight` (`_type` MXTensor, elem_dtype, block_size, ...).
+- AMD Quark fake-quantized (QDQ) export, only when the directory's quantization config says
+  Quark MXFP8: `<name>` BF16/F16/F32 [out, in] holding e4m3 value x scale exactly, + `<name>_scale`
+  F32 [out, in/32] powers of two. Re-encoded exactly to e4m3 codes + e8m0 bytes; a tensor that is
+  not exactly representable is refused, naming the first element that is not.
+
+Every other tensor is an ordinary array.
 
 safetensors' own numpy/flax loaders cannot read F8 tensors, so the header is parsed here and
 tensors are numpy views of a read-only memory map (no torch).
@@ -15,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 import sys
 from pathlib import Path
@@ -25,12 +39,19 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from jax_mxfp8.weight import MxWeight, prepare_weight
+from jax_mxfp8._errors import CheckpointError
+from jax_mxfp8.quant_config import read_quant_config
+from jax_mxfp8.backends import Backend, get_backend_impl, registered_backends, select_backend
+from jax_mxfp8.weight import MxWeight, decode_meta, encode_meta, prepare_weight
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 SCALE_SUFFIX = "_scale"
+# save_safetensors(prepared=True): a weight's prepared arrays are `<name>.mx_<array>`, described
+# by the metadata entry PREPARED_KEY + name (backend, shape, layout meta, array names).
+PREPARED_KEY = "jax_mxfp8.prepared."
+PREPARED_INFIX = ".mx_"
 DEFAULT_METADATA = {"format": "pt"}  # what HF loaders check; the [out, in] layout is torch's
 
 DTYPES: dict[str, np.dtype] = {
@@ -43,10 +64,14 @@ DTYPES: dict[str, np.dtype] = {
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 SCALE_DTYPE_NAMES = ("U8", "F8_E8M0")
-
-
-class CheckpointError(ValueError):
-    """A safetensors file or directory that cannot be read as asked (the message says why)."""
+QDQ_DTYPE_NAMES = ("BF16", "F16", "F32")  # Quark fake-quantized weights and their scales
+TORCHAO_NAMES_KEY = "tensor_names"  # torchao's metadata: the state-dict names it flattened
+TORCHAO_ELEMENTS = {"float8_e4m3fn": "MXFP8", "float8_e5m2": "MXFP8 with E5M2 values",
+                    "float4_e2m1fn_x2": "MXFP4", "fp6_e2m3": "MXFP6 (e2m3)", "fp6_e3m2": "MXFP6 (e3m2)"}
+TORCHAO_SCHEMES = {"Float8Tensor": "FP8 (per-tensor / per-row / block scales)",
+                   "NVFP4Tensor": "NVFP4", "Int4Tensor": "INT4", "Int8Tensor": "INT8",
+                   "Int4TilePackedTo4dTensor": "INT4", "IntxUnpackedToInt8Tensor": "INTx",
+                   "Int4PlainInt32Tensor": "INT4"}
 
 
 def _require_little_endian() -> None:
@@ -191,16 +216,32 @@ def _files_of(path: Path) -> list[tuple[Path, set[str] | None]]:
                           f"{found or 'no .safetensors files'}")
 
 
-def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Every tensor of a safetensors file, or of a directory (with model.safetensors.index.json,
-    or a single model.safetensors), as read-only numpy views of a memory map. F8 tensors come
-    as ml_dtypes arrays. Raises CheckpointError for anything malformed."""
+def _merge_metadata(merged: dict[str, str], metadata: Mapping[str, str], file: Path) -> None:
+    """Shards' metadata together: torchao writes its per-tensor entries and a "tensor_names"
+    list into each shard (the lists are joined); for any other key the first shard's value is
+    kept (a producer may write per-shard values that nothing here reads)."""
+    for key, value in metadata.items():
+        if key == TORCHAO_NAMES_KEY:
+            try:
+                names = json.loads(value)
+                previous = json.loads(merged.get(key, "[]"))
+            except ValueError as err:
+                raise CheckpointError(f"{file}: metadata {key!r} is not valid JSON ({err})") from None
+            if not isinstance(names, list) or not isinstance(previous, list):
+                raise CheckpointError(f"{file}: metadata {key!r} must be a JSON list of names")
+            merged[key] = json.dumps(previous + [n for n in names if n not in previous])
+        else:
+            merged.setdefault(key, value)
+
+
+def _read_all(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     _require_little_endian()
     tensors: dict[str, np.ndarray] = {}
-    for file, expected in _files_of(Path(path)):
+    metadata: dict[str, str] = {}
+    for file, expected in _files_of(path):
         if not file.is_file():
             raise CheckpointError(f"{file}: listed in the index but missing")
-        found, _ = _read_file(file)
+        found, file_metadata = _read_file(file)
         if expected is not None and set(found) != expected:
             missing, extra = sorted(expected - set(found)), sorted(set(found) - expected)
             raise CheckpointError(f"{file} does not match {INDEX_NAME}: missing {missing[:5]}, not "
@@ -209,7 +250,22 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         if duplicates:
             raise CheckpointError(f"{file}: tensors {duplicates[:5]} also appear in another shard")
         tensors.update(found)
-    return tensors
+        _merge_metadata(metadata, file_metadata, file)
+    return tensors, metadata
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file, or of a directory (with model.safetensors.index.json,
+    or a single model.safetensors), as read-only numpy views of a memory map, under the names
+    the file uses (no layout conversion). F8 tensors come as ml_dtypes arrays. Raises
+    CheckpointError for anything malformed."""
+    return _read_all(Path(path))[0]
+
+
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The `__metadata__` string map of a safetensors file or checkpoint directory (shards'
+    maps merged)."""
+    return _read_all(Path(path))[1]
 
 
 def _mx_pair(name: str, values: np.ndarray, raw: Mapping[str, np.ndarray], dtype_names) -> np.ndarray:
@@ -235,28 +291,266 @@ def _mx_pair(name: str, values: np.ndarray, raw: Mapping[str, np.ndarray], dtype
         raise CheckpointError(f"{scale_name!r} has shape {list(scales.shape)}; MXFP8 weight "
                               f"{name!r} [{n}, {k}] needs [{n}, {k // 32}]")
     scales = scales.view(np.uint8)
-    if scales.size and int(scales.max()) == 255:
-        raise CheckpointError(f"{scale_name!r} contains the e8m0 NaN byte 0xFF: the weight would "
-                              f"dequantize to NaN (corrupt or non-finite source weights)")
+    _check_scale_bytes(scale_name, scales)
     return scales
 
 
-def load_safetensors(path: str | os.PathLike, *, backend=None) -> dict[str, Any]:
+def _check_scale_bytes(scale_name: str, scales: np.ndarray) -> None:
+    if scales.size and int(scales.max()) == 255:
+        raise CheckpointError(f"{scale_name!r} contains the e8m0 NaN byte 0xFF: the weight would "
+                              f"dequantize to NaN (corrupt or non-finite source weights)")
+
+
+# ---- torchao: <module>._<param>_qdata + <module>._<param>_scale, described by metadata JSON -------
+
+def _torchao_parts(tensor_name: str) -> tuple[str, str]:
+    """'model.layers.0.mlp.up_proj.weight' -> the names flatten_tensor_state_dict gives its data."""
+    module, _, param = tensor_name.rpartition(".")
+    prefix = f"{module}._{param}_" if module else f"_{param}_"
+    return prefix + "qdata", prefix + "scale"
+
+
+def _unswizzle(flat: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """F8_128x4 bytes (docs/numerics.md; torchao's to_blocked) -> row-major [rows, cols]."""
+    mp, kbp = -(-rows // 128) * 128, -(-cols // 4) * 4
+    tiles = flat.reshape(mp // 128, kbp // 4, 32, 4, 4)  # row tile, col tile, r % 32, r // 32, c % 4
+    return tiles.transpose(0, 3, 2, 1, 4).reshape(mp, kbp)[:rows, :cols]
+
+
+def _torchao_metadata(tensor_name: str, metadata: Mapping[str, str]) -> dict:
+    where = f"torchao metadata of {tensor_name!r}"
+    if tensor_name not in metadata:
+        raise CheckpointError(f"{where} is missing: the safetensors metadata has no {tensor_name!r} "
+                              f"entry describing its flattened tensors")
+    try:
+        info = json.loads(metadata[tensor_name])
+    except ValueError as err:
+        raise CheckpointError(f"{where} is not valid JSON ({err})") from None
+    if not isinstance(info, dict) or not isinstance(info.get("_type"), str):
+        raise CheckpointError(f"{where} must be a JSON object with a '_type'")
+    return info
+
+
+def _torchao_mx(tensor_name: str, info: dict, raw: Mapping[str, np.ndarray],
+                dtype_names: Mapping[str, str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Validates one torchao MXTensor and returns (values [N, K] e4m3, scales [N, K/32] uint8,
+    the flattened names it consumed)."""
+    kind, data = info["_type"], info.get("_data")
+    where = f"torchao tensor {tensor_name!r}"
+    if kind != "MXTensor":
+        scheme = TORCHAO_SCHEMES.get(kind, "not MXFP8")
+        raise CheckpointError(f"{where} is a torchao {kind} ({scheme}); jax_mxfp8 reads MXFP8 "
+                              f"(MXTensor with float8_e4m3fn elements, block 32) only")
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{where}: metadata '_data' must be an object")
+    elem = data.get("elem_dtype")
+    elem = elem.get("_data") if isinstance(elem, dict) else elem
+    if elem != "float8_e4m3fn":
+        raise CheckpointError(f"{where}: MXTensor elem_dtype {elem!r} "
+                              f"({TORCHAO_ELEMENTS.get(elem, 'unknown')}) is not MXFP8 E4M3")
+    if data.get("block_size") != 32:
+        raise CheckpointError(f"{where}: MXTensor block_size {data.get('block_size')!r}; MXFP8 "
+                              f"has one scale per 32 values")
+    swizzled = data.get("is_swizzled_scales", False)
+    if not isinstance(swizzled, bool):
+        raise CheckpointError(f"{where}: is_swizzled_scales {swizzled!r} is not a boolean")
+    names = info.get("_tensor_data_names")
+    if names is not None and sorted(names) != ["qdata", "scale"]:
+        raise CheckpointError(f"{where}: _tensor_data_names {names!r}; an MXTensor has "
+                              f"['qdata', 'scale']")
+    qdata_name, scale_name = _torchao_parts(tensor_name)
+    for part in (qdata_name, scale_name):
+        if part not in raw:
+            raise CheckpointError(f"{where}: the metadata describes an MXTensor but {part!r} is "
+                                  f"not in the checkpoint")
+    values, scales = raw[qdata_name], raw[scale_name]
+    if dtype_names[qdata_name] != "F8_E4M3":
+        raise CheckpointError(f"{qdata_name!r} has dtype {dtype_names[qdata_name]}; an MXFP8 "
+                              f"MXTensor's qdata is F8_E4M3")
+    if dtype_names[scale_name] not in SCALE_DTYPE_NAMES:
+        raise CheckpointError(f"{scale_name!r} has dtype {dtype_names[scale_name]}; an MXTensor's "
+                              f"scale is F8_E8M0")
+    if values.ndim != 2:
+        raise CheckpointError(f"{where} has shape {list(values.shape)}; only 2-D [out, in] weights "
+                              f"become MxWeights")
+    n, k = values.shape
+    if k % 32:
+        raise CheckpointError(f"{where} has in_features K={k}, not a multiple of 32")
+    if swizzled:
+        want = (-(-n // 128) * 32, -(-k // 128) * 16)  # torchao's swizzled scale dims
+        if scales.shape != want:
+            raise CheckpointError(f"{scale_name!r} has shape {list(scales.shape)}; the swizzled "
+                                  f"(128x4 tile) scales of a [{n}, {k}] MXTensor are {list(want)}")
+        scales = _unswizzle(scales.view(np.uint8).reshape(-1), n, k // 32)
+    elif scales.shape != (n, k // 32):
+        raise CheckpointError(f"{scale_name!r} has shape {list(scales.shape)}; MXTensor {where} "
+                              f"[{n}, {k}] needs [{n}, {k // 32}]")
+    scales = np.ascontiguousarray(scales.view(np.uint8))
+    _check_scale_bytes(scale_name, scales)
+    return values, scales, [qdata_name, scale_name]
+
+
+def _torchao_weights(raw, dtype_names, metadata) -> tuple[dict[str, tuple], set[str]]:
+    """{tensor name: (values, scales)} of every torchao-flattened tensor, and the names used."""
+    flattened = sorted(n for n in raw if re.search(r"(^|\.)_[^.]+_(qdata|scale)$", n))
+    if TORCHAO_NAMES_KEY not in metadata:
+        if flattened:
+            raise CheckpointError(f"{flattened[0]!r} looks like a torchao flattened tensor, but the "
+                                  f"safetensors metadata has no {TORCHAO_NAMES_KEY!r} / per-tensor "
+                                  f"description (torchao writes both); cannot tell its layout")
+        return {}, set()
+    try:
+        tensor_names = json.loads(metadata[TORCHAO_NAMES_KEY])
+    except ValueError as err:
+        raise CheckpointError(f"metadata {TORCHAO_NAMES_KEY!r} is not valid JSON ({err})") from None
+    if not isinstance(tensor_names, list) or not all(isinstance(n, str) for n in tensor_names):
+        raise CheckpointError(f"metadata {TORCHAO_NAMES_KEY!r} must be a JSON list of names")
+    out: dict[str, tuple] = {}
+    used: set[str] = set()
+    for tensor_name in tensor_names:
+        if tensor_name in raw and tensor_name not in metadata:
+            continue  # a plain tensor torchao did not describe
+        info = _torchao_metadata(tensor_name, metadata)
+        if info["_type"] in ("Tensor", "torch.Tensor"):
+            continue
+        if not any(p in raw for p in _torchao_parts(tensor_name)) and tensor_name not in raw:
+            continue  # in a shard this index does not include (a partial directory)
+        values, scales, names = _torchao_mx(tensor_name, info, raw, dtype_names)
+        out[tensor_name] = (values, scales)
+        used.update(names)
+    leftover = [n for n in flattened if n not in used]
+    if leftover:
+        raise CheckpointError(f"{leftover[0]!r} looks like a torchao flattened tensor, but no "
+                              f"MXTensor in the metadata's {TORCHAO_NAMES_KEY!r} accounts for it")
+    return out, used
+
+
+# ---- Quark fake-quantized (QDQ): float weight = e4m3 value x power-of-two scale --------------------
+
+QDQ_CHUNK = 1 << 22  # elements re-encoded at a time (float64 temporaries stay small)
+
+
+def _scale_bytes_from_powers_of_two(scale_name: str, scales: np.ndarray):
+    """float powers of two 2^(e-127), e in [0, 254] -> the e8m0 bytes e, and where the scale is
+    +0.0 (allowed for an all-zero block only; byte 0); anything else refused."""
+    bits = np.ascontiguousarray(scales.astype(np.float32)).view(np.uint32)
+    exponent, mantissa = (bits >> 23) & 0xFF, bits & 0x7FFFFF
+    normal = (bits >> 31 == 0) & (exponent >= 1) & (exponent <= 254) & (mantissa == 0)
+    smallest = bits == 0x00400000  # 2^-127: e8m0 byte 0, a float32 subnormal
+    zero = bits == 0
+    ok = normal | smallest | zero
+    if not ok.all():
+        index = tuple(int(i) for i in np.argwhere(~ok)[0])
+        raise CheckpointError(f"{scale_name!r}{list(index)} = {float(scales[index])!r} is not a power of "
+                              f"two in [2^-127, 2^127]: not an MXFP8 (e8m0) scale")
+    return np.where(normal, exponent, 0).astype(np.uint8), zero
+
+
+def _requantize_qdq(name: str, weight: np.ndarray, scales: np.ndarray, scale_name: str):
+    """A fake-quantized weight and its power-of-two block scales -> (e4m3 values, e8m0 bytes),
+    exactly: every element divided by its block's scale must be an e4m3 value."""
+    if weight.ndim != 2:
+        raise CheckpointError(f"MXFP8 (Quark fake-quantized) tensor {name!r} has shape "
+                              f"{list(weight.shape)}; only 2-D [out, in] weights become MxWeights")
+    n, k = weight.shape
+    if k % 32:
+        raise CheckpointError(f"MXFP8 (Quark fake-quantized) tensor {name!r} has in_features K={k}, "
+                              f"not a multiple of 32")
+    if scales.shape != (n, k // 32):
+        raise CheckpointError(f"{scale_name!r} has shape {list(scales.shape)}; MXFP8 weight {name!r} "
+                              f"[{n}, {k}] needs [{n}, {k // 32}]")
+    scale_bytes, zero_scale = _scale_bytes_from_powers_of_two(scale_name, scales)
+    codes = np.empty((n, k), ml_dtypes.float8_e4m3fn)
+    rows = max(1, QDQ_CHUNK // max(k, 1))
+    for r0 in range(0, n, rows):
+        w = weight[r0:r0 + rows].astype(np.float64)  # exact for bf16 / fp16 / fp32
+        blocks = w.reshape(w.shape[0], k // 32, 32)
+        e = scale_bytes[r0:r0 + rows].astype(np.int64) - 127
+        q = blocks * np.exp2(-e)[..., None]  # exact: a power of two, in float64's range
+        c = q.astype(ml_dtypes.float8_e4m3fn)
+        ok = (c.astype(np.float64) == q) & (np.abs(q) <= 448.0)
+        ok &= ~zero_scale[r0:r0 + rows, :, None] | (blocks == 0)  # scale 0: the block must be 0
+        if not ok.all():
+            r, b, i = (int(j) for j in np.argwhere(~ok)[0])
+            col = b * 32 + i
+            raise CheckpointError(
+                f"{name!r}[{r0 + r}, {col}] = {float(w[r, col])!r} is not an e4m3 value times its "
+                f"block's scale {float(scales[r0 + r, b])!r} (it is {float(q[r, b, i])!r} times "
+                f"2^{int(e[r, b])}): not an exactly representable MXFP8 fake-quantized weight")
+        codes[r0:r0 + rows] = c.reshape(w.shape)
+    return codes, scale_bytes
+
+
+def _quark_weights(raw, dtype_names) -> tuple[dict[str, tuple], set[str]]:
+    out: dict[str, tuple] = {}
+    used: set[str] = set()
+    for scale_name in sorted(raw):
+        if not scale_name.endswith(SCALE_SUFFIX):
+            continue
+        name = scale_name[:-len(SCALE_SUFFIX)]
+        if name not in raw or dtype_names[name] not in QDQ_DTYPE_NAMES:
+            continue
+        if dtype_names[scale_name] not in QDQ_DTYPE_NAMES:
+            raise CheckpointError(f"{scale_name!r} has dtype {dtype_names[scale_name]}; a Quark "
+                                  f"fake-quantized MXFP8 weight's scale is a float power of two "
+                                  f"(F32) [out, in/32]")
+        codes, scales = _requantize_qdq(name, raw[name], raw[scale_name], scale_name)
+        out[name] = (codes, scales)
+        used.update((name, scale_name))
+        zero_point = name + "_zero_point"
+        if zero_point in raw:
+            if np.any(np.asarray(raw[zero_point]) != 0):
+                raise CheckpointError(f"{zero_point!r} is not all zero: MXFP8 is symmetric")
+            used.add(zero_point)
+    return out, used
+
+
+def _resolve_quant_config(path: Path, quant_config):
+    if not isinstance(quant_config, str):
+        return quant_config
+    if quant_config != "auto":
+        raise ValueError(f"quant_config must be a QuantConfig, None or 'auto'; got {quant_config!r}")
+    directory = path if path.is_dir() else path.parent
+    return read_quant_config(directory)
+
+
+def load_safetensors(path: str | os.PathLike, *, backend=None, quant_config="auto") -> dict[str, Any]:
     """Loads a safetensors file or checkpoint directory.
 
-    MXFP8 pairs (`name` F8_E4M3 [out, in] + `name_scale` U8/F8_E8M0 [out, in/32]) become
-    MxWeights prepared for `backend` (default select_backend()) under `name`; other tensors
-    become jax arrays (numpy arrays for 64-bit dtypes when jax_enable_x64 is off). Anything
-    malformed raises CheckpointError instead of returning a wrong tensor.
+    MXFP8 weights in any of the layouts of the module docstring (ModelOpt / compressed-tensors
+    pairs, torchao MXTensors with swizzled scales, Quark fake-quantized weights) become
+    MxWeights prepared for `backend` (default select_backend()) under `<module>.weight`; other
+    tensors become jax arrays (numpy arrays for 64-bit dtypes when jax_enable_x64 is off).
+    Anything malformed raises CheckpointError instead of returning a wrong tensor.
+
+    quant_config: "auto" reads the directory's quantization config (jax_mxfp8.quant_config;
+    for a file path, the file's directory), which raises CheckpointError for a scheme that is
+    not MXFP8; or pass a QuantConfig, or None for none. Float weights are re-encoded as
+    Quark fake-quantized MXFP8 only when it is a Quark config (the values are never guessed at).
     """
-    raw = read_safetensors(path)
+    path = Path(path)
+    quant_config = _resolve_quant_config(path, quant_config)
+    raw, metadata = _read_all(path)
     dtype_names = {name: DTYPE_NAMES[a.dtype] for name, a in raw.items()}
-    scale_names = {name + SCALE_SUFFIX for name, d in dtype_names.items() if d == "F8_E4M3"}
-    out: dict[str, Any] = {}
+    prepared, used = _prepared_weights(raw, metadata, backend)
+    converted, torchao_used = _torchao_weights(raw, dtype_names, metadata)
+    used |= torchao_used
+    if quant_config is not None and quant_config.producer == "quark":
+        quark, quark_used = _quark_weights(raw, dtype_names)
+        converted.update(quark)
+        used |= quark_used
+    scale_names = {name + SCALE_SUFFIX for name, d in dtype_names.items()
+                   if d == "F8_E4M3" and name not in used}
+    out: dict[str, Any] = dict(prepared)
+    for name, (values, scales) in converted.items():
+        out[name] = prepare_weight(jnp.asarray(values), jnp.asarray(scales), backend=backend)
     for name, array in raw.items():
         kind = dtype_names[name]
-        if name in scale_names:
+        if name in scale_names or name in used:
             continue
+        if name in out:
+            raise CheckpointError(f"tensor {name!r} is stored both plainly and as a converted "
+                                  f"MXFP8 weight")
         if kind == "F8_E4M3":
             scales = _mx_pair(name, array, raw, dtype_names)
             out[name] = prepare_weight(jnp.asarray(array), jnp.asarray(scales), backend=backend)
@@ -274,6 +568,49 @@ def load_safetensors(path: str | os.PathLike, *, backend=None) -> dict[str, Any]
     return out
 
 
+# ---- prepared layouts (save_safetensors(prepared=True)) ------------------------------------------
+
+def _prepared_weights(raw, metadata, backend) -> tuple[dict[str, MxWeight], set[str]]:
+    """MxWeights stored in a backend's prepared layout. Used as stored (no repacking) when they
+    are for the backend asked for (default: select_backend()), else converted exactly; a layout
+    this version does not know is an error."""
+    out, used = {}, set()
+    for key, value in metadata.items():
+        if not key.startswith(PREPARED_KEY):
+            continue
+        name = key[len(PREPARED_KEY):]
+        try:
+            info = json.loads(value)
+            stored = Backend.parse(info["backend"])
+            shape = tuple(int(d) for d in info["shape"])
+            meta = decode_meta(info["meta"])
+            names = list(info["arrays"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"metadata {key!r} does not describe a prepared MXFP8 weight "
+                                  f"({err})") from None
+        if stored not in registered_backends():
+            raise CheckpointError(f"{name!r} is stored for backend {stored.value}, which this build "
+                                  f"lacks; re-save it from the checkpoint layout")
+        layout_of = get_backend_impl(stored).shard_meta  # the layout meta of a given shape
+        want = None if layout_of is None else layout_of(None, shape)
+        if meta != want:
+            raise CheckpointError(
+                f"{name!r} is stored in the {stored.value} layout {meta!r}, but this version of "
+                f"jax_mxfp8 reads {want!r}; load the weight from the checkpoint layout (values + "
+                f"scales) or re-save it with this version")
+        arrays = {}
+        for array in names:
+            tensor = f"{name}{PREPARED_INFIX}{array}"
+            if tensor not in raw:
+                raise CheckpointError(f"{name!r}: the prepared array {tensor!r} is missing")
+            arrays[array] = jnp.asarray(raw[tensor])
+            used.add(tensor)
+        weight = MxWeight(arrays, shape, stored, meta)
+        target = select_backend() if backend is None else Backend.parse(backend)
+        out[name] = weight if target is stored else weight.to_backend(target)
+    return out, used
+
+
 # ---- writing -------------------------------------------------------------------------------------
 
 def _flatten(tensors: Mapping, prefix: str = "") -> Iterable[tuple[str, Any]]:
@@ -285,12 +622,20 @@ def _flatten(tensors: Mapping, prefix: str = "") -> Iterable[tuple[str, Any]]:
             yield name, value
 
 
-def _host_arrays(tensors: Mapping) -> dict[str, list[tuple[str, np.ndarray]]]:
-    """name -> the (file name, host array) entries it writes (an MxWeight writes two)."""
+def _host_arrays(tensors: Mapping, prepared: bool = False,
+                 described: dict | None = None) -> dict[str, list[tuple[str, np.ndarray]]]:
+    """name -> the (file name, host array) entries it writes (an MxWeight writes two, or with
+    prepared=True its prepared arrays, described in `described`)."""
     groups: dict[str, list[tuple[str, np.ndarray]]] = {}
     seen: set[str] = set()
     for name, value in _flatten(tensors):
-        if isinstance(value, MxWeight):
+        if isinstance(value, MxWeight) and prepared and value.backend is not Backend.EMULATION:
+            entries = [(f"{name}{PREPARED_INFIX}{key}", np.asarray(a))
+                       for key, a in sorted(value.arrays.items())]
+            described[PREPARED_KEY + name] = json.dumps(
+                {"backend": value.backend.value, "shape": list(value.shape),
+                 "meta": encode_meta(value.meta), "arrays": sorted(value.arrays)})
+        elif isinstance(value, MxWeight):
             values, scales = value.unpack()
             entries = [(name, np.asarray(values)), (name + SCALE_SUFFIX, np.asarray(scales))]
         else:
@@ -330,20 +675,24 @@ def _write_file(path: Path, entries: list[tuple[str, np.ndarray]], metadata: Map
 
 def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any], *,
                      metadata: Mapping[str, str] | None = None,
-                     max_shard_bytes: int | None = None) -> list[Path]:
+                     max_shard_bytes: int | None = None, prepared: bool = False) -> list[Path]:
     """Writes tensors (name -> array or MxWeight; nested mappings are joined with '.') in the
     layout load_safetensors reads: an MxWeight `name` becomes `name` F8_E4M3 [out, in] and
-    `name_scale` U8 [out, in/32].
+    `name_scale` U8 [out, in/32] (the layout every producer reads).
+
+    prepared=True keeps each non-EMULATION MxWeight in its backend's prepared layout instead
+    (`name.mx_<array>`, with the backend, shape and layout version in the metadata), so that
+    load_safetensors on that backend uses it without repacking; jax_mxfp8 alone reads it.
 
     `path` ending in .safetensors: one file. Otherwise a directory: model.safetensors, or with
     max_shard_bytes, model-0000i-of-0000n.safetensors shards plus model.safetensors.index.json.
     Returns the files written.
     """
     _require_little_endian()
-    metadata = DEFAULT_METADATA if metadata is None else metadata
+    metadata = dict(DEFAULT_METADATA if metadata is None else metadata)
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise CheckpointError("metadata must map strings to strings")
-    groups = _host_arrays(tensors)
+    groups = _host_arrays(tensors, prepared, metadata)
     path = Path(path)
     if path.suffix == ".safetensors":
         if max_shard_bytes is not None:

@@ -1,15 +1,21 @@
 """MXFP8 safetensors checkpoints: files assembled byte by byte from the published format, round
-trips through our writer, and every kind of malformed file failing loudly."""
+trips through our writer, every kind of malformed file failing loudly, and the checkpoints
+llm-compressor, ModelOpt, torchao and Quark write (tests/fixtures) loading bit-exactly."""
 import json
+import re
+import shutil
 import struct
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jax_mxfp8 as mx
+from jax_mxfp8 import checkpoint as ckpt, reference as jref
 from jax_mxfp8.checkpoint import CheckpointError, read_safetensors
 
+import helpers
 from oracles import mxfp8 as ref
 
 
@@ -317,3 +323,391 @@ def test_interop_with_the_safetensors_library(tmp_path, rng):
         assert sorted(f.keys()) == ["f", "w", "w_scale"]
         np.testing.assert_array_equal(f.get_tensor("w_scale"), scales)
         np.testing.assert_array_equal(f.get_tensor("f"), [0, 1, 2, 3])
+
+
+# ---- checkpoints written by the producers' own code (tests/fixtures, tools/make_checkpoint_fixtures.py)
+
+FIXTURES = Path(__file__).parent / "fixtures"
+LINEARS = [f"model.layers.{i}.{part}" for i in range(2) for part in (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+MXFP8_FIXTURES = ["llmcompressor_mxfp8", "llmcompressor_mxfp8a16", "modelopt_mxfp8",
+                  "torchao_mxfp8", "quark_mxfp8"]
+# The producers' own dequantization, which ours must equal bit for bit, is in expected.npz.
+
+
+def dense(weight) -> np.ndarray:
+    """float32 of an MxWeight (our dequantization) or a plain array."""
+    if isinstance(weight, mx.MxWeight):
+        return np.asarray(mx.dequantize(*weight.unpack(), dtype=jnp.float32))
+    return np.asarray(weight, np.float32)
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    cache = {}
+
+    def load(name):
+        if name not in cache:
+            cache[name] = mx.load_safetensors(FIXTURES / name, backend="emulation")
+        return cache[name]
+    return load
+
+
+@pytest.mark.parametrize("name", MXFP8_FIXTURES)
+def test_producer_weights_are_bit_exact(name, loaded):
+    tensors = loaded(name)
+    expected = np.load(FIXTURES / name / "expected.npz")
+    weights = [k for k in expected.files if k.endswith(".weight")]
+    assert len(weights) == 3
+    for key in weights:
+        assert isinstance(tensors[key], mx.MxWeight), key
+        np.testing.assert_array_equal(dense(tensors[key]), expected[key], err_msg=f"{name}: {key}")
+    # Every linear is an MxWeight under its module's .weight name; nothing else is left over.
+    assert sorted(k for k, v in tensors.items() if isinstance(v, mx.MxWeight)) == sorted(
+        f"{m}.weight" for m in LINEARS)
+    assert not [k for k in tensors if "_scale" in k or "_qdata" in k or "zero_point" in k]
+    # The unquantized tensors are the base model's, exactly.
+    base = loaded("bf16")
+    assert set(tensors) == set(base)
+    for key, value in base.items():
+        if not key.endswith(tuple(f"{m}.weight" for m in LINEARS)):
+            assert tensors[key].dtype == value.dtype == jnp.bfloat16, key
+            np.testing.assert_array_equal(np.asarray(tensors[key]), np.asarray(value), err_msg=key)
+
+
+@pytest.mark.parametrize("name", MXFP8_FIXTURES)
+def test_producer_weights_are_close_to_the_base_model(name, loaded):
+    """Sanity of the fixtures themselves: quantized, and quantization error of MXFP8 size."""
+    tensors, base = loaded(name), loaded("bf16")
+    for module in LINEARS:
+        got, want = dense(tensors[f"{module}.weight"]), dense(base[f"{module}.weight"])
+        assert not np.array_equal(got, want)
+        assert helpers.rel_fro(got, want) < 0.05, module
+
+
+def test_raw_layouts_are_what_the_producers_write():
+    """What the files hold before load_safetensors converts them (documents the formats)."""
+    raw = read_safetensors(FIXTURES / "torchao_mxfp8")
+    up = "model.layers.0.mlp.up_proj"
+    assert raw[f"{up}._weight_qdata"].dtype == jnp.float8_e4m3fn and raw[f"{up}._weight_qdata"].shape == (192, 96)
+    assert raw[f"{up}._weight_scale"].dtype == jnp.float8_e8m0fnu and raw[f"{up}._weight_scale"].shape == (64, 16)
+    assert raw["model.layers.0.mlp.down_proj._weight_scale"].shape == (32, 32)  # [96, 192]: K/32 = 6 -> 8
+    meta = ckpt.read_safetensors_metadata(FIXTURES / "torchao_mxfp8")
+    info = json.loads(meta[f"{up}.weight"])
+    assert info["_type"] == "MXTensor" and info["_data"]["is_swizzled_scales"] is True
+    assert info["_data"]["elem_dtype"]["_data"] == "float8_e4m3fn" and info["_data"]["block_size"] == 32
+    assert f"{up}.weight" in json.loads(meta["tensor_names"])
+
+    raw = read_safetensors(FIXTURES / "quark_mxfp8")
+    assert raw[f"{up}.weight"].dtype == jnp.bfloat16 and raw[f"{up}.weight_scale"].dtype == np.float32
+    assert raw[f"{up}.weight_scale"].shape == (192, 3)
+    for name in ("llmcompressor_mxfp8", "llmcompressor_mxfp8a16", "modelopt_mxfp8"):
+        raw = read_safetensors(FIXTURES / name)
+        assert raw[f"{up}.weight"].dtype == jnp.float8_e4m3fn and raw[f"{up}.weight_scale"].dtype == np.uint8
+
+
+def test_torchao_scales_unswizzle_like_the_contract(loaded):
+    """The swizzled bytes torchao wrote are exactly swizzle_scales() of the scales we load,
+    zero padding included, for every weight shape of the fixture (row and column padding)."""
+    raw = read_safetensors(FIXTURES / "torchao_mxfp8")
+    tensors = loaded("torchao_mxfp8")
+    for module in LINEARS:
+        _, scales = tensors[f"{module}.weight"].unpack()
+        swizzled = np.asarray(raw[f"{module}._weight_scale"]).view(np.uint8).reshape(-1)
+        np.testing.assert_array_equal(np.asarray(mx.swizzle_scales(scales)), swizzled, err_msg=module)
+        rows, cols = scales.shape
+        np.testing.assert_array_equal(
+            np.asarray(jref.unswizzle_scales(jnp.asarray(swizzled), rows, cols)), np.asarray(scales))
+
+
+def test_producers_agree(loaded):
+    """ModelOpt and torchao use the "ceil" rule (scale 2^ceil(log2(amax / 448))): the same bytes.
+    llm-compressor rounds amax to a power of two first (floor(log2(round_pow2(amax))) - 8), so
+    some blocks get the next scale up, with codes 8 lower: other bytes, the same values here.
+    Quark's OCP "even" rule picks a smaller scale for some blocks (saturating them): other values."""
+    ao, mo, llmc, quark = (loaded(n) for n in ("torchao_mxfp8", "modelopt_mxfp8", "llmcompressor_mxfp8",
+                                               "quark_mxfp8"))
+    scale_steps = {"llmc": set(), "quark": set()}
+    for module in LINEARS:
+        key = f"{module}.weight"
+        for x, y in zip(ao[key].unpack(), mo[key].unpack()):
+            np.testing.assert_array_equal(np.asarray(x).view(np.uint8), np.asarray(y).view(np.uint8))
+        np.testing.assert_array_equal(dense(llmc[key]), dense(ao[key]))
+        base = np.asarray(ao[key].unpack()[1]).astype(int)
+        scale_steps["llmc"] |= set(np.unique(np.asarray(llmc[key].unpack()[1]).astype(int) - base).tolist())
+        scale_steps["quark"] |= set(np.unique(np.asarray(quark[key].unpack()[1]).astype(int) - base).tolist())
+    assert scale_steps == {"llmc": {0, 1}, "quark": {-1, 0}}
+
+
+@pytest.mark.parametrize("name", ["bf16", *MXFP8_FIXTURES])
+def test_logits_match_the_producer(name, loaded):
+    """Our loaded weights through the independent numpy Llama give the producer's logits. The
+    reference computes weight-only (W8A16): for W8A8 producers (which also quantize activations)
+    the bound is the size of activation quantization, for weight-only ones bf16 rounding."""
+    reference = pytest.importorskip("jax_mxfp8.models.llama_reference")
+    expected = np.load(FIXTURES / name / "expected.npz")
+    if "logits" not in expected.files:
+        pytest.skip(f"{name}: the fixture has no producer logits (see its README.txt)")
+    config = json.loads((FIXTURES / name / "config.json").read_text())
+    weights = {k: dense(v) for k, v in loaded(name).items()}
+    logits = reference.forward(config, weights, expected["tokens"], dtype=np.float64)
+    w8a8 = name not in ("bf16", "llmcompressor_mxfp8a16")
+    assert helpers.rel_fro(logits, expected["logits"]) < (0.06 if w8a8 else 0.01)
+    assert np.mean(logits.argmax(-1) == expected["logits"].argmax(-1)) >= 0.9
+
+
+def test_quark_needs_its_config(tmp_path):
+    """Without the Quark config, bf16 weights are never re-encoded (no guessing from values)."""
+    plain = mx.load_safetensors(FIXTURES / "quark_mxfp8", backend="emulation", quant_config=None)
+    up = "model.layers.0.mlp.up_proj"
+    assert plain[f"{up}.weight"].dtype == jnp.bfloat16 and plain[f"{up}.weight_scale"].dtype == jnp.float32
+    shutil.copy(FIXTURES / "quark_mxfp8" / "model.safetensors", tmp_path / "model.safetensors")
+    assert not isinstance(mx.load_safetensors(tmp_path)[f"{up}.weight"], mx.MxWeight)
+
+
+def test_quark_inexact_weight_is_refused(tmp_path):
+    """One element nudged off the e4m3 grid: refused, naming the tensor and the element."""
+    for file in ("config.json", "model.safetensors"):
+        shutil.copy(FIXTURES / "quark_mxfp8" / file, tmp_path / file)
+    name = "model.layers.1.mlp.down_proj.weight"
+    blob = bytearray((tmp_path / "model.safetensors").read_bytes())
+    (n,) = struct.unpack("<Q", blob[:8])
+    begin = json.loads(blob[8:8 + n])[name]["data_offsets"][0]
+    at = 8 + n + begin + 2 * (5 * 192 + 7)  # element [5, 7] of the [96, 192] bf16 weight
+    blob[at] ^= 1  # the lowest mantissa bit: a bf16 value e4m3 x scale cannot produce
+    (tmp_path / "model.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(CheckpointError, match=re.escape(f"'{name}'[5, 7]")):
+        mx.load_safetensors(tmp_path, backend="emulation")
+
+
+# ---- torchao layout, hand-assembled -------------------------------------------------------------
+
+def torchao_meta(elem="float8_e4m3fn", block=32, swizzled=True, kind="MXTensor", names=("qdata", "scale")):
+    dt = lambda d: {"_type": "torch.dtype", "_data": d}  # noqa: E731
+    return json.dumps({"_type": kind, "_data": {
+        "elem_dtype": dt(elem), "block_size": block, "orig_dtype": dt("bfloat16"),
+        "kernel_preference": {"_type": "KernelPreference", "_data": "AUTO"},
+        "act_quant_kwargs": None, "is_swizzled_scales": swizzled}, "_tensor_data_names": list(names)})
+
+
+def torchao_file(path, rng, n=200, k=160, *, swizzled=True, meta=None, scale_shape=None,
+                 scale_dtype="F8_E8M0", qdata_dtype="F8_E4M3", drop=(), names=None, scale_bytes=None):
+    """A torchao-flattened file of one MXTensor 'lin.weight' [n, k] and a plain 'lin.bias'
+    (meta: the JSON describing 'lin.weight'; None for a valid one, False for none)."""
+    codes, scales = random_mx_weight(rng, n, k)
+    blob = (np.asarray(jref.swizzle_scales(jnp.asarray(scales))) if swizzled else scales)
+    shape = scale_shape or ((-(-n // 128) * 32, -(-k // 128) * 16) if swizzled else scales.shape)
+    nbytes = int(np.prod(shape)) * {"F8_E8M0": 1, "U8": 1, "F32": 4}[scale_dtype]
+    raw_scales = scale_bytes if scale_bytes is not None else np.resize(blob, nbytes).tobytes()
+    bias = np.arange(n, dtype=np.float32)
+    entries = [e for e in [("lin._weight_qdata", qdata_dtype, (n, k), codes.tobytes()),
+                           ("lin._weight_scale", scale_dtype, shape, raw_scales),
+                           ("lin.bias", "F32", (n,), bias.tobytes())] if e[0] not in drop]
+    metadata = {"lin.weight": torchao_meta(swizzled=swizzled) if meta is None else meta,
+                "lin.bias": json.dumps({"_type": "Tensor"}),
+                "tensor_names": json.dumps(names or ["lin.weight", "lin.bias"])}
+    entries_to_file(path, entries, metadata={k: v for k, v in metadata.items() if v is not False})
+    return codes, scales
+
+
+@pytest.mark.parametrize("swizzled", [True, False])
+@pytest.mark.parametrize("n, k", [(200, 160), (32, 32), (128, 128), (300, 416)])
+def test_torchao_mxtensor(tmp_path, rng, swizzled, n, k):
+    codes, scales = torchao_file(tmp_path / "m.safetensors", rng, n, k, swizzled=swizzled)
+    out = mx.load_safetensors(tmp_path / "m.safetensors", backend="emulation")
+    assert set(out) == {"lin.weight", "lin.bias"}
+    values, got = out["lin.weight"].unpack()
+    np.testing.assert_array_equal(np.asarray(values).view(np.uint8), codes)
+    np.testing.assert_array_equal(np.asarray(got), scales)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(meta=torchao_meta(kind="Float8Tensor")), r"Float8Tensor \(FP8"),
+    (dict(meta=torchao_meta(kind="NVFP4Tensor")), "NVFP4"),
+    (dict(meta=torchao_meta(elem="float4_e2m1fn_x2")), r"float4_e2m1fn_x2.*\(MXFP4\)"),
+    (dict(meta=torchao_meta(elem="float8_e5m2")), "E5M2"),
+    (dict(meta=torchao_meta(block=16)), "block_size 16"),
+    (dict(meta=torchao_meta(names=("qdata", "scale", "zero"))), "_tensor_data_names"),
+    (dict(meta="{not json"), "not valid JSON"),
+    (dict(meta=False), "metadata of 'lin.weight' is missing"),
+    (dict(scale_shape=(200, 5)), r"swizzled .*\[64, 32\]"),
+    (dict(swizzled=False, scale_shape=(64, 32)), r"needs \[200, 5\]"),
+    (dict(scale_dtype="F32", scale_shape=(16, 32)), "scale is F8_E8M0"),
+    (dict(qdata_dtype="U8"), "qdata is F8_E4M3"),
+    (dict(drop=("lin._weight_scale",)), "'lin._weight_scale' is not in the checkpoint"),
+    (dict(scale_bytes=b"\xff" * 2048), "NaN byte"),
+    (dict(names=["lin.bias"]), "no MXTensor in the metadata"),
+])
+def test_bad_torchao_tensors_raise(tmp_path, rng, kwargs, message):
+    torchao_file(tmp_path / "m.safetensors", rng, **kwargs)
+    with pytest.raises(CheckpointError, match=message):
+        mx.load_safetensors(tmp_path / "m.safetensors", backend="emulation")
+
+
+def test_torchao_names_without_metadata_raise(tmp_path, rng):
+    codes, scales = random_mx_weight(rng, 32, 64)
+    entries_to_file(tmp_path / "m.safetensors", [
+        ("lin._weight_qdata", "F8_E4M3", codes.shape, codes.tobytes()),
+        ("lin._weight_scale", "F8_E8M0", (32, 16), b"\x7f" * 512)], metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="looks like a torchao flattened tensor"):
+        mx.load_safetensors(tmp_path / "m.safetensors", backend="emulation")
+
+
+def test_torchao_sharded_directory(tmp_path, loaded):
+    """The torchao fixture split over two shards, each with its own metadata (as transformers
+    writes shards): same tensors."""
+    raw = read_safetensors(FIXTURES / "torchao_mxfp8")
+    meta = ckpt.read_safetensors_metadata(FIXTURES / "torchao_mxfp8")
+    names = json.loads(meta["tensor_names"])
+    halves = [names[:len(names) // 2], names[len(names) // 2:]]
+    weight_map = {}
+    for i, half in enumerate(halves):
+        file = f"model-{i + 1:05d}-of-00002.safetensors"
+        keys = [k for k in raw if any(k == t or k.startswith(t.rpartition(".")[0] + "._" + t.rpartition(".")[2] + "_")
+                                      for t in half)]
+        entries = [(k, ckpt.DTYPE_NAMES[raw[k].dtype], raw[k].shape, raw[k].tobytes()) for k in keys]
+        entries_to_file(tmp_path / file, entries, metadata={
+            **{t: meta[t] for t in half}, "tensor_names": json.dumps(half)})
+        weight_map.update({k: file for k in keys})
+    write_index(tmp_path, weight_map)
+    out = mx.load_safetensors(tmp_path, backend="emulation", quant_config=None)
+    want = loaded("torchao_mxfp8")
+    assert set(out) == set(want)
+    for key in want:
+        np.testing.assert_array_equal(dense(out[key]), dense(want[key]), err_msg=key)
+
+
+# ---- Quark fake-quantized (QDQ) layout, hand-assembled -------------------------------------------
+
+QUARK_CONFIG = {"quant_method": "quark", "export": {"weight_format": "fake_quantized"},
+                "global_quant_config": {"weight": {"dtype": "fp8_e4m3", "qscheme": "per_group",
+                                                   "group_size": 32, "scale_format": "e8m0"},
+                                        "input_tensors": None, "output_tensors": None}}
+
+
+def quark_dir(tmp_path, rng, n=32, k=64, *, dtype="BF16", weight=None, scales=None, extra=(),
+              scale_dtype="F32", config=QUARK_CONFIG):
+    codes, scale_bytes = random_mx_weight(rng, n, k)
+    if weight is None:
+        weight = ref.dequantize(codes, scale_bytes, np.float64)
+    if scales is None:
+        scales = np.exp2(scale_bytes.astype(np.float64) - 127)
+    store = {"BF16": bf16_bytes, "F16": lambda a: np.asarray(a, "<f2").tobytes(),
+             "F32": lambda a: np.asarray(a, "<f4").tobytes()}
+    entries_to_file(tmp_path / "model.safetensors", [
+        ("lin.weight", dtype, np.shape(weight), store[dtype](np.asarray(weight, np.float32))),
+        ("lin.weight_scale", scale_dtype, np.shape(scales), store[scale_dtype](np.asarray(scales, np.float32))),
+        *extra])
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": config}))
+    return codes, scale_bytes
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F32"])
+def test_quark_qdq_reencodes_exactly(tmp_path, rng, dtype):
+    codes, scales = quark_dir(tmp_path, rng, 48, 96, dtype=dtype)
+    weight = mx.load_safetensors(tmp_path, backend="emulation")["lin.weight"]
+    values, got = weight.unpack()
+    # -0.0 and +0.0 are both e4m3 values: compare what they mean, and the non-zero codes exactly
+    nonzero = (codes & 0x7F) != 0
+    np.testing.assert_array_equal(np.asarray(values).view(np.uint8)[nonzero], codes[nonzero])
+    np.testing.assert_array_equal(np.asarray(got), scales)
+
+
+def test_quark_qdq_edge_scales(tmp_path, rng):
+    """Scale 2^-127 (e8m0 byte 0, a float32 subnormal) and 2^127 (byte 254); fp16 weights;
+    an all-zero zero point is accepted and dropped."""
+    codes = np.full((32, 64), 0x38, np.uint8)  # 1.0
+    scale_bytes = np.zeros((32, 2), np.uint8)
+    scale_bytes[:, 1] = 254
+    weight = ref.dequantize(codes, scale_bytes, np.float64)  # 2^-127 and 2^127 (fp32 only)
+    quark_dir(tmp_path, rng, weight=weight, dtype="F32", scales=np.exp2(scale_bytes - 127.0),
+              extra=[("lin.weight_zero_point", "I32", (32, 2), b"\0" * 256)])
+    out = mx.load_safetensors(tmp_path, backend="emulation")
+    assert set(out) == {"lin.weight"}
+    np.testing.assert_array_equal(np.asarray(out["lin.weight"].unpack()[1]), scale_bytes)
+    zeros = np.zeros((32, 64))  # an all-zero block may carry scale 0.0 (byte 0)
+    zeros[:, 32:] = 1.0
+    quark_dir(tmp_path, rng, weight=zeros, scales=np.tile([0.0, 2.0 ** -3], (32, 1)))
+    out = mx.load_safetensors(tmp_path, backend="emulation")["lin.weight"]
+    np.testing.assert_array_equal(np.asarray(out.unpack()[1]), np.tile([0, 124], (32, 1)))
+    np.testing.assert_array_equal(dense(out), zeros)
+    small = np.full((32, 64), 2.0 ** -20)  # 3 * 2^-20 is an fp16 subnormal: 48 x scale 2^-24
+    quark_dir(tmp_path, rng, weight=small * 3, dtype="F16", scales=np.full((32, 2), 2.0 ** -24))
+    np.testing.assert_array_equal(dense(mx.load_safetensors(tmp_path, backend="emulation")["lin.weight"]),
+                                  np.asarray(small * 3, np.float16).astype(np.float32))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda t, r: quark_dir(t, r, scales=np.full((32, 2), 0.75)), r"'lin.weight_scale'\[0, 0\] = 0.75 is not a power of two"),
+    (lambda t, r: quark_dir(t, r, scales=np.full((32, 2), -0.5)), "not a power of two"),
+    (lambda t, r: quark_dir(t, r, scales=np.full((32, 2), np.inf)), "not a power of two"),
+    (lambda t, r: quark_dir(t, r, scales=np.full((32, 2), 2.0 ** -128)), "not a power of two"),
+    (lambda t, r: quark_dir(t, r, weight=np.full((32, 64), 2.0 ** -127), scales=np.zeros((32, 2)), dtype="F32"),
+     r"'lin.weight'\[0, 0\] = 5.877471754111438e-39 is not an e4m3 value times its block's scale 0.0"),
+    (lambda t, r: quark_dir(t, r, weight=np.full((32, 64), 0.296875), scales=np.full((32, 2), 1.0)),
+     r"'lin.weight'\[0, 0\] = 0.296875 is not an e4m3 value times its block's scale 1.0"),
+    (lambda t, r: quark_dir(t, r, weight=np.full((32, 64), 1024.0), scales=np.full((32, 2), 1.0)),
+     r"'lin.weight'\[0, 0\]"),
+    (lambda t, r: quark_dir(t, r, weight=np.full((32, 64), np.nan), scales=np.full((32, 2), 1.0)), "nan"),
+    (lambda t, r: quark_dir(t, r, scales=np.ones((32, 4))), r"needs \[32, 2\]"),
+    (lambda t, r: quark_dir(t, r, weight=np.ones((32, 48)), scales=np.ones((32, 1))), "not a multiple of 32"),
+    (lambda t, r: quark_dir(t, r, weight=np.ones((2, 16, 64)), scales=np.ones((2, 16, 2))), "only 2-D"),
+    (lambda t, r: quark_dir(t, r, scale_dtype="F16", scales=np.full((32, 2), 3.0)), "not a power of two"),
+    (lambda t, r: quark_dir(t, r, extra=[("lin.weight_zero_point", "I32", (32, 2), b"\1" * 256)]), "not all zero"),
+])
+def test_bad_quark_tensors_raise(tmp_path, rng, make, message):
+    make(tmp_path, rng)
+    with pytest.raises(CheckpointError, match=message):
+        mx.load_safetensors(tmp_path, backend="emulation")
+
+
+def test_quark_u8_scale_next_to_float_weight_raises(tmp_path, rng):
+    quark_dir(tmp_path, rng)
+    entries_to_file(tmp_path / "model.safetensors", [
+        ("lin.weight", "BF16", (32, 64), b"\0" * 4096), ("lin.weight_scale", "U8", (32, 2), b"\x7f" * 64)])
+    with pytest.raises(CheckpointError, match="Quark fake-quantized MXFP8 weight's scale is a float"):
+        mx.load_safetensors(tmp_path, backend="emulation")
+
+
+def test_load_refuses_a_non_mxfp8_config(tmp_path, rng):
+    quark_dir(tmp_path, rng, config={**QUARK_CONFIG, "global_quant_config": {
+        "weight": {"dtype": "fp4", "qscheme": "per_group", "group_size": 32, "scale_format": "e8m0"}}})
+    with pytest.raises(CheckpointError, match="MXFP4"):
+        mx.load_safetensors(tmp_path, backend="emulation")
+    # quant_config=None reads the tensors as they are
+    assert mx.load_safetensors(tmp_path, quant_config=None)["lin.weight"].dtype == jnp.bfloat16
+
+
+# ---- prepared layouts ------------------------------------------------------------------------
+
+def test_prepared_marlin_weights_round_trip_without_repacking(tmp_path, rng, monkeypatch):
+    from jax_mxfp8.backends import marlin
+    w = jnp.asarray(rng.standard_normal((128, 192)), jnp.float32)
+    weight = mx.quantize_weight(w, backend="marlin")  # prepared on this host (offline)
+    bias = jnp.asarray(rng.standard_normal(128), jnp.float32)
+    mx.save_safetensors(tmp_path, {"layer.weight": weight, "layer.bias": bias}, prepared=True)
+    names = set(read_safetensors(tmp_path))
+    assert {"layer.weight.mx_qweight", "layer.weight.mx_scales", "layer.weight.mx_flags"} <= names
+    monkeypatch.setattr(marlin, "pack_weight", lambda *a: pytest.fail("repacked"))
+    back = mx.load_safetensors(tmp_path, backend="marlin")
+    assert back["layer.weight"].backend is mx.Backend.MARLIN and back["layer.weight"].meta == weight.meta
+    for key in weight.arrays:
+        np.testing.assert_array_equal(np.asarray(back["layer.weight"].arrays[key]),
+                                      np.asarray(weight.arrays[key]))
+    monkeypatch.undo()
+    as_emulation = mx.load_safetensors(tmp_path, backend="emulation")["layer.weight"]
+    for got, want in zip(as_emulation.unpack(), weight.unpack()):  # converted exactly
+        np.testing.assert_array_equal(np.asarray(got).view(np.uint8), np.asarray(want).view(np.uint8))
+
+
+def test_prepared_layout_of_another_version_is_refused(tmp_path):
+    weight = mx.quantize_weight(jnp.ones((64, 64), jnp.float32), backend="marlin")
+    stale = mx.MxWeight(weight.arrays, weight.shape, weight.backend, ("marlin-v1", 64, 64))
+    mx.save_safetensors(tmp_path, {"w": stale}, prepared=True)
+    with pytest.raises(CheckpointError, match="layout.*marlin-v1.*reads.*marlin-v2"):
+        mx.load_safetensors(tmp_path, backend="marlin")
+    (tmp_path / "model.safetensors").unlink()
+    mx.save_safetensors(tmp_path, {"x": jnp.ones(2)}, metadata={"jax_mxfp8.prepared.w": "{not json"})
+    with pytest.raises(CheckpointError, match="does not describe a prepared MXFP8 weight"):
+        mx.load_safetensors(tmp_path, backend="marlin")

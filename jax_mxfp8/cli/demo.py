@@ -1,13 +1,24 @@
 """The main job: quantize a small decoder-style Flax model to MXFP8 and run jitted inference.
 
 Builds a random Llama-style decoder (or loads one with --checkpoint DIR), converts its
-nnx.Linear layers with jax_mxfp8.flax.quantize_model, runs both models under jit and prints
-the backend, the logits' error against the bf16 model, weight memory, and time per step.
-Exits 1 when the error is outside the tolerance.
+nnx.Linear layers with jax_mxfp8.flax.quantize_model (an MXFP8 checkpoint is loaded as it is,
+W8A8 or weight-only as its quantization config says), runs both models under jit and prints
+the backend, the logits' errors, weight memory, and time per step.
+
+The logits are compared with the numpy reference of models/llama_reference.py (its own
+config.json parsing and the Hugging Face formulas, float32) run on the same weights: for
+--checkpoint DIR the checkpoint's own tensors, MXFP8 ones dequantized; for the random model
+its bf16 weights; and with the bf16 model. The check (exit 1 outside the tolerance) is the
+MXFP8 model against the reference for a checkpoint, against the bf16 model for the random
+model, and always the Flax model in float32 against the reference (rounding apart they agree:
+a config the decoder misreads fails there).
 """
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Mapping
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +27,7 @@ import numpy as np
 import jax_mxfp8 as mx
 from jax_mxfp8 import timing
 from jax_mxfp8.backends import ensure_available, get_backend_impl
-from jax_mxfp8.models import tp_mlp
+from jax_mxfp8.models import llama_reference, tp_mlp
 
 
 def _flax():
@@ -51,7 +62,8 @@ def add_arguments(parser) -> None:
     run.add_argument("--seq", type=int, default=32, help="tokens per sequence")
     run.add_argument("--backend", default=None, help="emulation|marlin|cutlass (default: auto)")
     run.add_argument("--w8a8", action="store_true",
-                     help="quantize activations too (default: the backend's own math)")
+                     help="quantize activations too (default: what the checkpoint's quantization "
+                          "config says; else the backend's own math)")
     run.add_argument("--keep-lm-head", action="store_true",
                      help="leave lm_head in bf16 (as ModelOpt exports do)")
     run.add_argument("--repeats", type=int, default=4,
@@ -62,6 +74,9 @@ def add_arguments(parser) -> None:
                      help="fail if the logits' relative error exceeds this")
     run.add_argument("--min-cosine", type=float, default=0.99,
                      help="fail if the logits' cosine similarity is below this")
+    run.add_argument("--max-model-error", type=float, default=1e-3,
+                     help="fail if the Flax model in float32 differs from the numpy reference on "
+                          "the same weights by more than this relative error (rounding: ~1e-6)")
     run.add_argument("--tp", type=int, default=0, metavar="N",
                      help="run the tensor-parallel MXFP8 MLP on a mesh of N devices instead "
                           "(jax_mxfp8/models/tp_mlp.py; on CPU, N fake devices)")
@@ -71,36 +86,107 @@ def _mib(nbytes: int) -> str:
     return f"{nbytes / 2**20:.1f} MiB"
 
 
-def _build_models(args, backend):
-    """(bf16 reference model, MXFP8 model, description, n quantized layers, seconds)."""
+def _activation_math(args, backend, impl, quant):
+    """(quantize_activations, why) for the MXFP8 model: --w8a8, else the checkpoint's
+    quantization config, else the backend's own math; what the backend cannot compute is
+    replaced by what it can, and `why` says so."""
+    if args.w8a8:
+        return True, "--w8a8"
+    if quant is None:
+        source = "bf16 checkpoint, no quantization config: " if args.checkpoint else ""
+        return impl.default_quantize_activations, f"{source}backend {backend.value}'s own math"
+    want = bool(quant.quantize_activations)
+    why = (f"the checkpoint's {quant.producer} quantization config: "
+           f"{'weights and activations' if want else 'weight-only'}")
+    if want and not impl.supports_w8a8:
+        return False, f"{why}, but backend {backend.value} computes W8A16 only"
+    if not want and not impl.supports_w8a16:
+        return True, f"{why}, but backend {backend.value} computes W8A8 only"
+    return want, why
+
+
+def _build_models(args, backend, quantize_activations):
+    """(bf16 model, MXFP8 model, description, n quantized layers, seconds). The bf16 model of
+    an MXFP8 checkpoint holds its weights dequantized (exactly) to bf16."""
     nnx, mx_flax, decoder = _flax()
     Mxfp8Linear, quantize_model = mx_flax.Mxfp8Linear, mx_flax.quantize_model
     CausalLM, DecoderConfig, load_pretrained = (decoder.CausalLM, decoder.DecoderConfig,
                                                 decoder.load_pretrained)
 
-    qa = True if args.w8a8 else None
+    qa = quantize_activations
     keep = (lambda path, module: path != "lm_head") if args.keep_lm_head else None
     if args.checkpoint:
-        reference, config, n_mxfp8 = load_pretrained(args.checkpoint, backend=backend,
-                                                     dequantize_weights=True)
-        if n_mxfp8:  # already MXFP8: the reference is the same weights dequantized to bf16
+        bf16, config, n_mxfp8 = load_pretrained(args.checkpoint, backend=backend,
+                                                dequantize_weights=True)
+        if n_mxfp8:  # already MXFP8: the bf16 model is the same weights dequantized
             start = time.perf_counter()
             model, _, _ = load_pretrained(args.checkpoint, backend=backend, quantize_activations=qa)
-            return (reference, model, f"MXFP8 checkpoint {args.checkpoint} (reference: its weights "
-                    f"dequantized to bf16)", n_mxfp8, time.perf_counter() - start)
+            return (bf16, model, f"MXFP8 checkpoint {args.checkpoint}", n_mxfp8,
+                    time.perf_counter() - start)
         source = f"bf16 checkpoint {args.checkpoint}"
     else:
         config = DecoderConfig(vocab_size=args.vocab, hidden_size=args.hidden,
                                intermediate_size=args.intermediate, num_hidden_layers=args.layers,
                                num_attention_heads=args.heads, num_key_value_heads=args.kv_heads)
-        reference = nnx.jit(lambda: CausalLM(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(args.seed)))()
+        bf16 = nnx.jit(lambda: CausalLM(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(args.seed)))()
         source = "random Llama-style decoder"
     start = time.perf_counter()
-    model = quantize_model(nnx.clone(reference), predicate=keep, backend=backend,
+    model = quantize_model(nnx.clone(bf16), predicate=keep, backend=backend,
                            quantize_activations=qa)
     seconds = time.perf_counter() - start
     count = sum(isinstance(node, Mxfp8Linear) for _, node in nnx.iter_graph(model))
-    return reference, model, source, count, seconds
+    return bf16, model, source, count, seconds
+
+
+class _Dequantized(Mapping):
+    """A checkpoint's tensors as float32 numpy, MXFP8 ones dequantized exactly, one on access."""
+
+    def __init__(self, tensors):
+        self.tensors = tensors
+
+    def __getitem__(self, name):
+        value = self.tensors[name]
+        if isinstance(value, mx.MxWeight):
+            return np.asarray(mx.dequantize(*value.unpack(), dtype=jnp.float32))
+        return np.asarray(value)
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self):
+        return len(self.tensors)
+
+
+def _reference_inputs(args, bf16_model):
+    """(config.json dict, weights by HF name, what they are) for the numpy reference: the
+    checkpoint's own config.json and tensors (read here, not through the decoder's loader), or
+    the random model's config and bf16 weights."""
+    _, mx_flax, _ = _flax()
+    if args.checkpoint:
+        tensors = mx.load_safetensors(args.checkpoint, backend=mx.Backend.EMULATION)
+        mxfp8 = any(isinstance(v, mx.MxWeight) for v in tensors.values())
+        return (json.loads((Path(args.checkpoint) / "config.json").read_text()), _Dequantized(tensors),
+                "the checkpoint's own weights" + (", MXFP8 ones dequantized" if mxfp8 else ""))
+    weights = {k: np.asarray(v) for k, v in mx_flax.state_dict(bf16_model).items()}
+    return bf16_model.config.to_hf(), weights, "the bf16 model's weights"
+
+
+def _float32_logits(bf16_model, tokens) -> np.ndarray:
+    """The Flax model's logits with its weights in float32 and full-precision float32 dots (no
+    TF32 on a GPU): what the float32 numpy reference computes, up to rounding."""
+    nnx, mx_flax, decoder = _flax()
+    config = bf16_model.config
+    model = nnx.eval_shape(lambda: decoder.CausalLM(config, dtype=jnp.float32, rngs=nnx.Rngs(0)))
+    model = mx_flax.load_state_dict(model, mx_flax.state_dict(bf16_model))
+    with jax.default_matmul_precision("highest"):
+        return np.asarray(nnx.jit(lambda m, t: m(t))(model, tokens), np.float64)
+
+
+def _compare(got, want) -> tuple[float, float, float]:
+    """(relative error, cosine similarity, top-1 agreement) of logits."""
+    rel = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+    cos = float(np.vdot(got, want) / (np.linalg.norm(got) * np.linalg.norm(want)))
+    return rel, cos, float(np.mean(got.argmax(-1) == want.argmax(-1)))
 
 
 def _weight_bytes(model):
@@ -149,16 +235,28 @@ def main(args) -> int:
     if args.w8a8 and not impl.supports_w8a8:
         print(f"error: backend {backend.value} computes W8A16 only; drop --w8a8 or use --backend emulation")
         return 2
-    math = "W8A8" if (args.w8a8 or impl.default_quantize_activations) else "W8A16"
+    quant = None
+    if args.checkpoint:
+        decoder.read_config(args.checkpoint)  # FileNotFoundError naming config.json
+        quant = decoder.read_quant_config(args.checkpoint)
+    qa, why = _activation_math(args, backend, impl, quant)
+    math = "W8A8" if qa else "W8A16"
     device = jax.devices()[0]
     print(f"jax_mxfp8 {mx.__version__} | jax {jax.__version__} | device {device.platform} "
           f"({device.device_kind}) | backend {backend.value} ({math})")
+    print(f"math: {math} ({'activations quantized too' if qa else 'bf16 activations'}): {why}")
 
-    reference, model, source, n_layers, quantize_s = _build_models(args, backend)
-    c = reference.config
+    bf16, model, source, n_layers, quantize_s = _build_models(args, backend, qa)
+    c = bf16.config
     print(f"model: {source}: {c.num_hidden_layers} layers, hidden {c.hidden_size}, MLP "
-          f"{c.intermediate_size}, {c.num_attention_heads} heads ({c.num_key_value_heads} kv), "
-          f"vocab {c.vocab_size}; {n_layers} linear layers in MXFP8 ({quantize_s:.1f} s)")
+          f"{c.intermediate_size}, {c.num_attention_heads} heads ({c.num_key_value_heads} kv, "
+          f"head_dim {c.head_dim}), vocab {c.vocab_size}, rope_theta {c.rope_theta:g}"
+          f"{' (llama3 scaling)' if c.rope_scaling else ''}"
+          f"{', tied embeddings' if c.tie_word_embeddings else ''}; {n_layers} linear layers in "
+          f"MXFP8 ({quantize_s:.1f} s)")
+    if quant is not None:
+        print(f"quantization config: {quant.producer}, group size {quant.group_size}, ignore "
+              f"{list(quant.ignore) or 'nothing'}")
 
     keys = jax.random.split(jax.random.key(args.seed + 1), max(args.repeats, 2))
     token_sets = [jax.random.randint(k, (args.batch, args.seq), 0, c.vocab_size) for k in keys]
@@ -167,18 +265,31 @@ def main(args) -> int:
         graphdef, state = nnx.split(module)
         return UnrolledForward(lambda s, t: nnx.merge(graphdef, s)(t).astype(jnp.float32), state)
 
-    ref_forward, mx_forward = unrolled(reference), unrolled(model)
-    want = np.asarray(ref_forward(token_sets[:1])[0], np.float64)
+    bf16_forward, mx_forward = unrolled(bf16), unrolled(model)
+    from_bf16 = np.asarray(bf16_forward(token_sets[:1])[0], np.float64)
     got = np.asarray(mx_forward(token_sets[:1])[0], np.float64)
-    rel = float(np.linalg.norm(got - want) / np.linalg.norm(want))
-    cos = float(np.vdot(got, want) / (np.linalg.norm(got) * np.linalg.norm(want)))
-    top1 = float(np.mean(got.argmax(-1) == want.argmax(-1)))
+    # The independent numpy reference (models/llama_reference.py: its own config.json parsing
+    # and the Hugging Face formulas, float32) on the same weights; and the Flax model in float32
+    # on them, whose only difference from the reference is then rounding (~1e-6): a wrong
+    # rope_theta, eps or head layout in the decoder shows up there, quantization cannot hide it.
+    start = time.perf_counter()
+    ref_config, ref_weights, ref_what = _reference_inputs(args, bf16)
+    tokens = token_sets[0]
+    reference = np.asarray(llama_reference.forward(ref_config, ref_weights, np.asarray(tokens),
+                                                   dtype=np.float32), np.float64)
+    ref_s = time.perf_counter() - start
+    model_vs_ref = _compare(_float32_logits(bf16, tokens), reference)
     print(f"input: {args.batch} x {args.seq} random tokens")
-    print(f"logits vs bf16 model: cosine similarity {cos:.5f}, relative error {rel:.4f}, "
-          f"top-1 agreement {100 * top1:.1f}%")
+    vs_ref, vs_bf16 = _compare(got, reference), _compare(got, from_bf16)
+    print(f"logits vs numpy reference ({ref_what}; {ref_s:.1f} s): cosine similarity "
+          f"{vs_ref[1]:.5f}, relative error {vs_ref[0]:.4f}, top-1 agreement {100 * vs_ref[2]:.1f}%")
+    print(f"logits vs bf16 model: cosine similarity {vs_bf16[1]:.5f}, relative error "
+          f"{vs_bf16[0]:.4f}, top-1 agreement {100 * vs_bf16[2]:.1f}%")
+    print(f"float32 Flax model vs numpy reference (same weights: checks the decoder's config "
+          f"parsing and math): relative error {model_vs_ref[0]:.2e}")
 
     mx_bytes, bf16_bytes, total_mx = _weight_bytes(model)
-    _, _, total_bf16 = _weight_bytes(reference)
+    _, _, total_bf16 = _weight_bytes(bf16)
     if bf16_bytes:
         print(f"weight memory: MXFP8 layers {_mib(bf16_bytes)} in bf16 -> {_mib(mx_bytes)} "
               f"({bf16_bytes / mx_bytes:.2f}x smaller); whole model {_mib(total_bf16)} -> "
@@ -186,7 +297,7 @@ def main(args) -> int:
 
     if args.repeats >= 2:
         sets = token_sets[:args.repeats]
-        ref_ms = 1e3 * ref_forward.time_per_step(sets)
+        ref_ms = 1e3 * bf16_forward.time_per_step(sets)
         mx_ms = 1e3 * mx_forward.time_per_step(sets)
         note = " (emulation: dequantize + XLA dot, not a fused kernel)" \
             if backend is mx.Backend.EMULATION else ""
@@ -198,8 +309,17 @@ def main(args) -> int:
         files = decoder.save_pretrained(model, args.save)
         print(f"saved MXFP8 checkpoint: {', '.join(str(f) for f in files)}")
 
-    ok = rel <= args.max_rel_error and cos >= args.min_cosine
+    # The check: a checkpoint against the reference on its own weights; the random model against
+    # the bf16 model it was quantized from; either way the float32 Flax model against the reference.
+    rel, cos, _ = vs_ref if args.checkpoint else vs_bf16
+    against = "numpy reference" if args.checkpoint else "bf16 model"
+    model_ok = model_vs_ref[0] <= args.max_model_error  # NaN fails too
+    ok = rel <= args.max_rel_error and cos >= args.min_cosine and model_ok
     verdict = "PASS" if ok else "FAIL"
-    print(f"{verdict}: relative error {rel:.4f} (limit {args.max_rel_error}), cosine {cos:.5f} "
-          f"(limit {args.min_cosine}); total {time.perf_counter() - wall:.1f} s")
+    print(f"{verdict}: vs {against}: relative error {rel:.4f} (limit {args.max_rel_error}), cosine "
+          f"{cos:.5f} (limit {args.min_cosine}); float32 model vs reference {model_vs_ref[0]:.2e} "
+          f"(limit {args.max_model_error}); total {time.perf_counter() - wall:.1f} s")
+    if not model_ok:
+        print("the Flax model disagrees with the numpy reference on the same weights: the "
+              "decoder's config parsing or its math is wrong for this model")
     return 0 if ok else 1
