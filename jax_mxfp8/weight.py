@@ -71,20 +71,21 @@ class MxWeight:
         return f"MxWeight(shape={self.shape}, backend={self.backend.value}, {parts})"
 
 
-def _encode_meta(meta):
-    return {"tuple": [_encode_meta(m) for m in meta]} if isinstance(meta, tuple) else meta
+def encode_meta(meta):
+    """A backend's layout meta (None, or nested tuples of str / int) as JSON-ready data."""
+    return {"tuple": [encode_meta(m) for m in meta]} if isinstance(meta, tuple) else meta
 
 
-def _decode_meta(data):
+def decode_meta(data):
     if isinstance(data, dict):
-        return tuple(_decode_meta(m) for m in data["tuple"])
+        return tuple(decode_meta(m) for m in data["tuple"])
     return data
 
 
 def _serialize_aux(aux) -> bytes:
     keys, shape, backend, meta = aux
     return json.dumps({"format": 1, "keys": list(keys), "shape": list(shape),
-                       "backend": backend.value, "meta": _encode_meta(meta)}).encode()
+                       "backend": backend.value, "meta": encode_meta(meta)}).encode()
 
 
 def _deserialize_aux(data: bytes):
@@ -93,7 +94,7 @@ def _deserialize_aux(data: bytes):
         raise ValueError(f"an exported MxWeight of format {aux.get('format')!r}; this jax_mxfp8 "
                          f"reads format 1: re-export with this version")
     return (tuple(aux["keys"]), tuple(aux["shape"]), Backend.parse(aux["backend"]),
-            _decode_meta(aux["meta"]))
+            decode_meta(aux["meta"]))
 
 
 # jax.export serializes the treedefs of its arguments: an exported function may take MxWeights.
