@@ -93,6 +93,10 @@ def cuda_module_problem() -> str | None:
             return (f"the CUDA module's kernels are FFI version {version} but this Python package "
                     f"expects {FFI_VERSION} (a stale build); reinstall jax_mxfp8 (BUILD.md)")
         return None
+    if why == "absent" and _load(CPU_MODULE)[1] == "absent":
+        return ("jax_mxfp8 was imported from a source tree without its compiled modules "
+                "(e.g. `python -m jax_mxfp8` run from the repository root, which puts the source "
+                "first on sys.path): run from another directory, or `pip install -e .`")
     if why == "absent":
         return ("this installation of jax_mxfp8 has no CUDA module (it was built without nvcc, "
                 "or with JAX_MXFP8_CUDA=OFF); reinstall with nvcc on PATH (BUILD.md)")

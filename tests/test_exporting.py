@@ -15,16 +15,21 @@ from jax_mxfp8.weight import MxWeight
 pytest.importorskip("flatbuffers")  # jax.export's serializer
 
 
+def here() -> tuple[str]:
+    """The jax.export platform of the default device (the artifact is called there)."""
+    return ({"gpu": "cuda"}.get(jax.default_backend(), jax.default_backend()),)
+
+
 def emulation_problem(rng, n=64, k=128):
     w = jnp.asarray(rng.standard_normal((n, k)), jnp.float32)
     return mx.quantize_weight(w, backend="emulation"), jnp.asarray(rng.standard_normal((4, k)),
                                                                    jnp.bfloat16)
 
 
-def test_export_serialize_deserialize_call_on_cpu(rng):
+def test_export_serialize_deserialize_call(rng):
     weight, x = emulation_problem(rng)
     fn = lambda x, w: mx.linear(x, w)  # noqa: E731
-    blob = exporting.export(fn, platforms=("cpu",))(x, weight).serialize()
+    blob = exporting.export(fn, platforms=here())(x, weight).serialize()
     restored = jax.export.deserialize(blob)
     np.testing.assert_array_equal(np.asarray(restored.call(x, weight)), np.asarray(jax.jit(fn)(x, weight)))
     weight2, _ = emulation_problem(rng)  # same structure, other values: the artifact is a function
@@ -34,14 +39,14 @@ def test_export_serialize_deserialize_call_on_cpu(rng):
 def test_exported_gradient_and_fake_quantize(rng):
     weight, x = emulation_problem(rng)
     fn = jax.grad(lambda x: jnp.sum(mx.linear(mx.fake_quantize(x), weight).astype(jnp.float32)))
-    restored = jax.export.deserialize(exporting.export(fn, platforms=("cpu",))(x).serialize())
+    restored = jax.export.deserialize(exporting.export(fn, platforms=here())(x).serialize())
     np.testing.assert_array_equal(np.asarray(restored.call(x)), np.asarray(jax.jit(fn)(x)))
 
 
 def test_a_wrongly_shaped_weight_is_refused(rng):
     weight, x = emulation_problem(rng)
     restored = jax.export.deserialize(
-        exporting.export(lambda x, w: mx.linear(x, w), platforms=("cpu",))(x, weight).serialize())
+        exporting.export(lambda x, w: mx.linear(x, w), platforms=here())(x, weight).serialize())
     other = mx.quantize_weight(jnp.ones((32, 128), jnp.float32), backend="emulation")
     with pytest.raises(ValueError, match="pytree structure|shape"):
         restored.call(x, other)

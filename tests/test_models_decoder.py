@@ -29,6 +29,14 @@ from helpers import SMALL_DECODER, jitted_logits, rel_fro  # noqa: E402
 CONFIG = DecoderConfig(**SMALL_DECODER)
 FIXTURES = Path(__file__).parent / "fixtures"
 
+
+@pytest.fixture(autouse=True)
+def full_float32_matmuls():
+    """The float32 comparisons with the numpy reference need float32 dots: on a GPU XLA's default
+    precision for them is TF32 (~1e-3 relative), which is not what these tests measure."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
 # A tiny Llama as a transformers config.json spells it; the cases below change it. Widths are
 # multiples of 32 so that the same models can be quantized to MXFP8.
 BASE = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 64,

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_mxfp8 as mx
-from jax_mxfp8 import timing
+from jax_mxfp8 import _ffi, timing
 from jax_mxfp8.backends import ensure_available, get_backend_impl
 from jax_mxfp8.models import llama_reference, tp_mlp
 
@@ -245,6 +245,8 @@ def main(args) -> int:
     print(f"jax_mxfp8 {mx.__version__} | jax {jax.__version__} | device {device.platform} "
           f"({device.device_kind}) | backend {backend.value} ({math})")
     print(f"math: {math} ({'activations quantized too' if qa else 'bf16 activations'}): {why}")
+    if _ffi.cpu_module() is None and device.platform == "gpu":  # no kernels: say why, once
+        print(f"note: no jax_mxfp8 kernels here: {_ffi.cuda_module_problem()}")
 
     bf16, model, source, n_layers, quantize_s = _build_models(args, backend, qa)
     c = bf16.config

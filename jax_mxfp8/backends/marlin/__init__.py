@@ -15,16 +15,24 @@ import jax.numpy as jnp
 from jax_mxfp8 import reference
 from jax_mxfp8.backends.base import Backend, BackendImpl, register_backend
 from jax_mxfp8.backends.marlin.kernels import (  # noqa: F401  (the kernels' API)
-    DEQUANT_TARGET, GEMM_TARGET, KERNEL_DTYPES, MAX_CLUSTER_SPLITS, MAX_WGMMA_SPLITS,
-    TILE_CONFIGS, WGMMA_CONFIGS, WGMMA_TARGET, Tile, WgmmaConfig, dequantize_packed,
-    device_has_clusters, device_has_wgmma, effective_splits, gemm, gemm_sm90, wgmma_config,
-    workspace_bytes, wgmma_workspace_bytes)
+    DEQUANT_TARGET, GEMM_TARGET, KERNEL_DTYPES, TILE_CONFIGS, WGMMA_CONFIGS, WGMMA_TARGET, Tile, WgmmaConfig, dequantize_packed,
+    device_has_clusters, device_has_wgmma, effective_splits, gemm, gemm_sm90, max_cluster_splits,
+    max_wgmma_splits, wgmma_config, workspace_bytes, wgmma_workspace_bytes)
 from jax_mxfp8.backends.marlin.layout import (  # noqa: F401  (the format's API)
     FAST_MAX_SCALE, META_TAG, TILE, layout_meta, pack_scales, pack_values, pack_weight,
     unpack_padded, unpack_scales, unpack_values, unpack_weight)
 from jax_mxfp8.backends.marlin.planner import (  # noqa: F401  (the planner's API)
     M_BUCKETS, MAX_KERNEL_M, WGMMA_MIN_M, WGMMA_MIN_SPLIT_STAGES, Plan, TuningTable, choose_plan,
     dequant_slices, tuning_table, tuning_tables)
+
+
+def __getattr__(name):
+    """MAX_CLUSTER_SPLITS / MAX_WGMMA_SPLITS: the kernels' limits, read from the compiled host
+    module when first asked for (the package imports without it, e.g. from a source tree)."""
+    limits = {"MAX_CLUSTER_SPLITS": max_cluster_splits, "MAX_WGMMA_SPLITS": max_wgmma_splits}
+    if name in limits:
+        return limits[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def dequant_dot(x, weight_arrays, bias, out_dtype, slices=None):

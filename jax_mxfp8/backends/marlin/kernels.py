@@ -58,10 +58,15 @@ def _host():
     return _ffi.require_cpu_module()
 
 
-# With cluster=True (SM90+) the splits of a tile are one thread-block cluster and reduce in
-# distributed shared memory, with no workspace; otherwise through the workspace.
-MAX_CLUSTER_SPLITS = int(_host().marlin_max_cluster_splits)
-MAX_WGMMA_SPLITS = int(_host().wgmma_max_splits)  # K splits summed through the workspace
+def max_cluster_splits() -> int:
+    """K splits summed in one thread-block cluster (SM90+; distributed shared memory, no
+    workspace). Asked when needed, so the package imports without its compiled modules."""
+    return int(_host().marlin_max_cluster_splits)
+
+
+def max_wgmma_splits() -> int:
+    """K splits of the wgmma kernel summed through the workspace."""
+    return int(_host().wgmma_max_splits)
 
 
 def effective_splits(k: int, splits: int) -> int:
@@ -163,8 +168,8 @@ class MarlinGemm(_PackedGemm):
         if Tile(m_blocks, warps_n) not in TILE_CONFIGS:
             raise ValueError(f"marlin gemm: {Tile(m_blocks, warps_n)} is not compiled; use one of "
                              f"{TILE_CONFIGS}")
-        if cluster and effective_splits(k, splits) > MAX_CLUSTER_SPLITS:
-            raise ValueError(f"marlin gemm: cluster=True takes at most {MAX_CLUSTER_SPLITS} K "
+        if cluster and effective_splits(k, splits) > max_cluster_splits():
+            raise ValueError(f"marlin gemm: cluster=True takes at most {max_cluster_splits()} K "
                              f"splits (got {effective_splits(k, splits)}); use cluster=False")
         return ShapedArray((m, n), out_dtype)
 
@@ -191,7 +196,7 @@ class MarlinWgmma(_PackedGemm):
         m, k, n = _check_packed("marlin wgmma", x, qweight, scales, flags, bias, has_bias,
                                 64 * consumers)
         wgmma_config(block_m, consumers, blocks_per_sm)
-        most = MAX_CLUSTER_SPLITS if cluster else MAX_WGMMA_SPLITS
+        most = max_cluster_splits() if cluster else max_wgmma_splits()
         if not 1 <= splits <= min(most, k // TILE):
             raise ValueError(f"marlin wgmma: splits={splits} must be in [1, min({most}, K/64 = "
                              f"{k // TILE})]" + (" with cluster=True" if cluster else ""))

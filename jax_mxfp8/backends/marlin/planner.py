@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax_mxfp8._devices import device_kind as _device_kind
 from jax_mxfp8._devices import sm_count
 from jax_mxfp8.backends.marlin.kernels import (
-    KERNEL_DTYPES, MAX_CLUSTER_SPLITS, WGMMA_CONFIGS, Tile, device_has_clusters, device_has_wgmma)
+    KERNEL_DTYPES, WGMMA_CONFIGS, Tile, device_has_clusters, device_has_wgmma, max_cluster_splits)
 from jax_mxfp8.backends.marlin.layout import TILE
 from jax_mxfp8.backends.marlin.layout import round_up as _round_up
 
@@ -121,7 +121,7 @@ def _wgmma_splits(tiles: int, k: int, slots: int) -> tuple[int, bool]:
     cluster when its blocks are easy to place (pairs, or under 3/4 of the slots: a cluster needs
     all its blocks in one GPC, and larger ones left blocks waiting for a second wave on the
     H200), else through the workspace."""
-    most = max(1, min(MAX_CLUSTER_SPLITS, k // TILE // WGMMA_MIN_SPLIT_STAGES))
+    most = max(1, min(max_cluster_splits(), k // TILE // WGMMA_MIN_SPLIT_STAGES))
     splits = 1
     while splits < most and tiles * (splits + 1) <= slots:
         splits += 1
