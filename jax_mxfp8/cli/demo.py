@@ -41,7 +41,7 @@ def _flax():
         if err.name != "flax":
             raise
         raise SystemExit("error: the demo's model is a Flax model; install flax "
-                         "(pip install 'jax_mxfp8[flax]') or run `python -m jax_mxfp8 demo --tp N`"
+                         "(pip install 'flax>=0.12.8', a dependency of jax_mxfp8) or run `python -m jax_mxfp8 demo --tp N`"
                          ) from None
     return nnx, mx_flax, decoder
 

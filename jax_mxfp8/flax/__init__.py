@@ -1,4 +1,4 @@
-"""Flax wrappers (needs `pip install jax_mxfp8[flax]`).
+"""Flax wrappers (flax is a dependency of jax_mxfp8).
 
 NNX: `Mxfp8Linear` (drop-in for nnx.Linear with a frozen MXFP8 weight; differentiable in its
 input and bias), `quantize_model(model)`, `add_lora(model, rank)` (trainable adapters beside the
