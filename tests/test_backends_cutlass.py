@@ -26,8 +26,8 @@ from oracles.build import load_sm100_layout
 cuda = _ffi.cuda_module()
 needs_kernels = pytest.mark.skipif(
     cuda is None or not hasattr(cuda, "cutlass_gemm_check"),
-    reason="the CUTLASS SM100 kernels were not built into _jax_mxfp8_cuda (needs nvcc >= 12.8 and "
-           "the nvidia-cutlass headers)")
+    reason="the CUTLASS SM100 kernels were not built into _jax_mxfp8_cuda (needs nvcc >= 12.8, "
+           "the nvidia-cutlass headers, and 100a targeted or JAX_MXFP8_CUTLASS=ON)")
 
 
 # ---- the scale layout --------------------------------------------------------------------------
