@@ -379,8 +379,6 @@ def sweep90(args) -> int:
                 f"plan={plan_name(marlin.choose_plan(m, n, k, jnp.bfloat16))} "
                 + " ".join(f"{key}={v:.1f}" for key, v in res.items()))
             rows.append({"n": n, "k": k, "m": m, "floor_us": floor, **res})
-            if best[1] != "-":
-                winners.append((n, k, m, configs.get(best[1])))
             if args.out:
                 os.makedirs(args.out, exist_ok=True)
                 with open(os.path.join(args.out, "wgmma_sweep.json"), "w") as fh:

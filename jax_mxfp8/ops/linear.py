@@ -246,7 +246,6 @@ WEIGHT_GRADIENT_ERROR = (
 
 
 def _linear_jvp(primals, tangents, *, cfg: LinearConfig):
-    x = primals[0]
     n_w = len(cfg.keys)
     weights = primals[1:1 + n_w]
     dx, dweights = tangents[0], tangents[1:1 + n_w]
