@@ -114,3 +114,26 @@ def test_fake_quantize_rejects_bad_input():
         mx.fake_quantize(jnp.ones((2, 32)), rounding="up")
     with pytest.raises(ValueError, match="multiple of the MXFP8 block size 32"):
         mx.fake_quantize(jnp.ones((2, 33)))
+
+
+@pytest.mark.parametrize("n_axis,k_axis,x_spec", [("model", None, ("data", None)),
+                                                  (None, "model", (None, "model"))],
+                         ids=["column-parallel", "row-parallel"])
+def test_grad_of_a_sharded_linear_gathers_no_weight(rng, n_axis, k_axis, x_spec):
+    import re
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    from jax_mxfp8 import placement
+    cpus = jax.devices("cpu")
+    if len(cpus) < 8:
+        pytest.skip("needs the 8 fake CPU devices of conftest.py")
+    mesh = Mesh(np.array(cpus[:8]).reshape(2, 4), ("data", "model"))
+    values, scales, w64, _, _, _ = problem(rng, n=256, k=512)
+    x = jnp.asarray(rng.standard_normal((8, 512)), jnp.float32)
+    weight = placement.prepare_weight_sharded(values, scales, mesh, n_axis=n_axis, k_axis=k_axis,
+                                              backend="emulation")
+    xs = jax.device_put(x, NamedSharding(mesh, PartitionSpec(*x_spec)))
+    grad = jax.jit(jax.grad(lambda x, w: jnp.sum(mx.linear(x, w) ** 2)))
+    y = np.asarray(x, np.float64) @ w64.T
+    assert rel_fro(grad(xs, weight), 2 * y @ w64) <= 1e-5
+    text = grad.lower(xs, weight).compile().as_text()
+    assert not re.findall(r"all-gather(-start)?\(", text)
