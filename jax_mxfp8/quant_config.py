@@ -77,6 +77,9 @@ def read_quant_config(directory: str | os.PathLike) -> QuantConfig | None:
     directory = Path(directory)
     if directory.is_file():
         directory = directory.parent
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: no such checkpoint directory (pass the directory "
+                              f"holding config.json and the safetensors, or one of its files)")
     config = _read_json(directory / CONFIG_NAME)
     hf_quant = _read_json(directory / MODELOPT_NAME)
     qc = config.get("quantization_config") if config is not None else None

@@ -216,3 +216,8 @@ def test_decoder_reads_these_configs():
                  "quark_mxfp8"):
         model, config, n_mxfp8 = decoder.load_pretrained(FIXTURES / name, backend="emulation")
         assert n_mxfp8 == 14, name
+
+
+def test_a_missing_directory_is_an_error_not_no_config(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint directory"):
+        read_quant_config(tmp_path / "absent")
