@@ -298,15 +298,19 @@ def test_to_hf_round_trips_and_is_read_by_the_reference(rng):
 def test_mxfp8_model_matches_bf16_model_with_dequantized_weights(rng):
     """All of the demo's error is weight quantization: the emulated MXFP8 model computes what the
     bf16 model computes with dequantize(quantize(W)) weights, up to an occasional 1-ulp bf16
-    rounding difference of the two dots (float32 vs XLA's bf16 dot output)."""
+    rounding difference of the two dots (float32 vs XLA's bf16 dot output). Such a difference
+    can carry through the later layers: for some models (e.g. JAX_MXFP8_TEST_SEED=768024407)
+    15 % of the logits differ and the relative error is 1.9e-3, so the bound is one bf16 ulp
+    (2^-8) and most logits, not 99 %, are identical (the old 1e-3 / 99 % failed that CI run, and
+    the 99 % alone 1 model of 40 tried)."""
     reference = CausalLM(CONFIG, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
     model = quantize_model(nnx.clone(reference), backend="emulation")
     fake_quant = load_state_dict(CausalLM(CONFIG, rngs=nnx.Rngs(0)), dequantized(state_dict(model)))
     tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, CONFIG.vocab_size)
     got, fake, want = (jitted_logits(m, tokens) for m in (model, fake_quant, reference))
     assert 0.01 < rel_fro(got, want) < 0.15  # the quantization error
-    assert rel_fro(got, fake) < 1e-3
-    assert np.mean(got == fake) > 0.99
+    assert rel_fro(got, fake) < 2 ** -8
+    assert np.mean(got == fake) > 0.75
 
 
 def test_tied_embeddings_and_ignored_tensors(tmp_path):
