@@ -2,6 +2,7 @@
 
 - profiled_us: GPU busy time from a jax.profiler trace (kernel and memcpy durations on the
   device's stream lines while an unrolled jit runs): the number to report.
+- profiled_many: the same for many functions from one trace (sweeps).
 - device_time_us: the R-difference, (T(R argument sets unrolled in one jit) - T(1 set)) / (R-1),
   which cancels the fixed dispatch cost but still carries host time: a cross-check.
 R distinct argument sets run inside ONE jit that returns every full output (no CSE, no
@@ -68,6 +69,51 @@ def profiled_us(fn: Callable, arg_sets: list[tuple], runs: int = 3) -> float | N
             if line.name.startswith("Stream"):  # per-stream kernel/memcpy activity (not derived lines)
                 total_ns += sum(event.duration_ns for event in line.events)
     return total_ns / (runs * len(arg_sets)) / 1e3 if total_ns else None
+
+
+def profiled_many(cases: dict[str, tuple[Callable, list[tuple]]], runs: int = 2) -> dict[str, float | None]:
+    """profiled_us of many functions from ONE profiler trace (starting a trace costs ~1 s):
+    each case's runs sit inside a host annotation, and the device activity that starts inside
+    that window is the case's (every run blocks, so its kernels finish inside its window).
+    A case that fails to compile or run maps to None, like one with no recorded activity."""
+    compiled, out = {}, {}
+    for name, (fn, arg_sets) in cases.items():
+        unrolled = jax.jit(lambda sets, fn=fn: [fn(*args) for args in sets])
+        try:
+            jax.block_until_ready(unrolled(arg_sets))
+            compiled[name] = (unrolled, arg_sets)
+        except Exception:  # noqa: BLE001  (a configuration a shape cannot run)
+            out[name] = None
+    windows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        jax.profiler.start_trace(tmp)
+        try:
+            for name, (unrolled, arg_sets) in compiled.items():
+                with jax.profiler.TraceAnnotation(f"jax_mxfp8_case:{name}"):
+                    for _ in range(runs):
+                        jax.block_until_ready(unrolled(arg_sets))
+        finally:
+            jax.profiler.stop_trace()
+        paths = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
+        data = jax.profiler.ProfileData.from_file(paths[0]) if paths else None
+    if data is None:
+        return {**out, **{name: None for name in compiled}}
+    device_events = []
+    for plane in data.planes:
+        if plane.name.startswith("/device:GPU"):
+            for line in plane.lines:
+                if line.name.startswith("Stream"):
+                    device_events += [(e.start_ns, e.duration_ns) for e in line.events]
+        else:
+            for line in plane.lines:
+                for e in line.events:
+                    if e.name.startswith("jax_mxfp8_case:"):
+                        windows[e.name.split(":", 1)[1]] = (e.start_ns, e.start_ns + e.duration_ns)
+    for name, (_, arg_sets) in compiled.items():
+        lo, hi = windows.get(name, (0, -1))
+        busy = sum(d for t, d in device_events if lo <= t <= hi)
+        out[name] = busy / (runs * len(arg_sets)) / 1e3 if busy else None
+    return out
 
 
 _TRIVIAL = re.compile(r"=\s*\S+\s+(parameter|tuple|get-tuple-element|bitcast|constant)\(")

@@ -3,6 +3,7 @@ harness.py + ops.py) and the Marlin lab's sweep (`python -m jax_mxfp8.bench.marl
 GEMM primitives lower to their jnp reference on CPU), each in a fresh CPU-only process, with
 the smallest sizes they take. The TP benchmark (bench/tp.py): test_models_tp_mlp.py."""
 import json
+import re
 import os
 import subprocess
 import sys
@@ -61,21 +62,16 @@ sys.exit(marlin.main(sys.argv[1:]))
 
 
 @pytest.mark.slow
-def test_marlin_lab_sweep_writes_a_tuning_file(tmp_path):
-    """The sweep over every candidate tile x K split at one (shape, M), on CPU: its tuning file
-    reads back through the planner's reader with the winner for (128, 128) at M bucket 16."""
-    tuning = tmp_path / "tuning.json"
+def test_marlin_lab_sweep_times_every_candidate(tmp_path):
+    """The sweep over every candidate tile x K split at one (shape, M), on CPU: one row with a
+    time per candidate, and the winner it prints is the fastest of them."""
     out = run_cpu(["-c", MARLIN_LAB, "sweep", "--shapes", "128x128", "--ms", "16", "--metric", "rdiff",
-                   "--out", "out", "--tuning-out", str(tuning)], tmp_path)
+                   "--out", "out"], tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    table = marlin.TuningTable.read(tuning)
-    assert table.gpu == "cpu" and table.date
-    assert set(table.entries) == {(128, 128)} and set(table.entries[(128, 128)]) == {16}
-    m_blocks, warps_n, splits, cluster = table.entries[(128, 128)][16]  # a kernel plan at M = 16
-    assert marlin.Tile(m_blocks, warps_n) in marlin.TILE_CONFIGS and 128 % (64 * warps_n) == 0
-    assert splits >= 1 and isinstance(cluster, bool)
     sweep = json.loads((tmp_path / "out" / "marlin_sweep.json").read_text())
     (row,) = sweep["rows"]
     assert (row["n"], row["k"], row["m"]) == (128, 128, 16)
-    name = f"t{m_blocks}{warps_n}x{splits}{'c' if cluster else ''}"  # the winner is the fastest
-    assert row[name] == min(v for key, v in row.items() if key.startswith("t") and v == v)  # not NaN
+    times = {key: v for key, v in row.items() if key.startswith("t") and v == v}
+    assert len(times) >= 4
+    best = re.search(r"best (\S+)", out.stdout).group(1)
+    assert times[best] == min(times.values())

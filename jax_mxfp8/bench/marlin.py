@@ -2,12 +2,13 @@
 
   python -m jax_mxfp8.bench.marlin smoke            # every tile config vs float64 on small shapes
   python -m jax_mxfp8.bench.marlin sanitize         # tiny shapes, run under compute-sanitizer
-  python -m jax_mxfp8.bench.marlin sweep  [--out D] [--tuning-out F]  # tile x split candidates
-                                                    # per (shape, M) + peers; F: the tuning file
+  python -m jax_mxfp8.bench.marlin sweep  [--out D]  # tile x split candidates per (shape, M)
   python -m jax_mxfp8.bench.marlin sweep90 [--out D] # the sm_90a wgmma kernel's configs + peers
   python -m jax_mxfp8.bench.marlin table  [--out D] # linear(MARLIN) vs bf16 / emulation / scaled_matmul
   python -m jax_mxfp8.bench.marlin extras [--out D] # prepare time, memory analysis
   python -m jax_mxfp8.bench.marlin timeline --n N --k K --ms M..  # GPU activity of one unrolled jit
+  python -m jax_mxfp8.bench.marlin calibrate [--shapes NxK..] [--ms M..] [--out D]  # every
+                                                    # candidate plan per cell: the planner's data
   python -m jax_mxfp8.bench.marlin backward [--shapes NxK..] [--ms M..]  # dx = dy @ W vs bf16
 
 Timing: jax_mxfp8.timing (profiler busy time by default, --metric rdiff for the R-difference).
@@ -30,6 +31,7 @@ from jax import lax
 import jax_mxfp8 as mx
 from jax_mxfp8 import reference, timing
 from jax_mxfp8.backends import marlin
+from jax_mxfp8.backends.marlin import planner
 
 SHAPES = [(4096, 4096), (14336, 4096), (8192, 8192), (28672, 8192)]
 MS = [1, 16, 32, 64, 128, 256, 1024, 4096]
@@ -211,7 +213,7 @@ def sweep(args) -> int:
     if args.metric == "busy":  # floors from the profiler's copy bandwidth, like for like
         copy = timing.copy_bandwidth(sets=nsets, repeats=repeats, profile=True)[1] or copy
         log(f"copy bandwidth {copy / 1e12:.3f} TB/s (profiler busy time)")
-    rows, winners = [], []
+    rows = []
     shapes = SHAPES if not args.shapes else [tuple(map(int, s.split("x"))) for s in args.shapes]
     ms = args.ms or [1, 16, 32, 64, 128, 256, 1024]
     for n, k in shapes:
@@ -239,8 +241,6 @@ def sweep(args) -> int:
             log(f"{n}x{k} M={m:5d} floor {floor:7.1f}  best {best[1]:12s} {best[0]:8.1f} us  "
                 f"plan={plan}  " + " ".join(f"{key}={v:.1f}" for key, v in res.items()))
             rows.append({"n": n, "k": k, "m": m, "floor_us": floor, **res})
-            if best[1] != "-":
-                winners.append((n, k, m, configs.get(best[1])))
         if args.general:
             sets = [(jax.random.normal(jax.random.key(7), (16, k), jnp.bfloat16), w)
                     for w in packed_sets(n, k, nsets, general=True)]
@@ -257,8 +257,6 @@ def sweep(args) -> int:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "marlin_sweep.json"), "w") as fh:
             json.dump({"copy_bps": copy, "rows": rows}, fh, indent=1)
-    if args.tuning_out:
-        write_tuning(args.tuning_out, winners, args.metric)
     return 0
 
 
@@ -300,32 +298,6 @@ def backward(args) -> int:
         with open(os.path.join(args.out, "marlin_backward.json"), "w") as fh:
             json.dump({"copy_bps": copy, "rows": rows}, fh, indent=1)
     return 0
-
-
-def write_tuning(path, winners, metric) -> None:
-    """A tuning file for planner.py: the fastest configuration per (N, K) and M bucket (each
-    bucket's largest M that was swept), with the GPU, its SM count and the date."""
-    device = jax.devices()[0]
-    plans = []
-    for bucket in marlin.M_BUCKETS:
-        for n, k, m, config in winners:
-            if m != bucket:
-                continue
-            entry = {"n": n, "k": k, "m_bucket": bucket}
-            if config is None:
-                entry["plan"] = "dequant_dot"
-            else:
-                entry.update(plan="kernel", m_blocks=config[0], warps_n=config[1],
-                             splits=config[2], cluster=bool(config[3]))
-            plans.append(entry)
-    kind = str(device.device_kind)
-    data = {"gpu": kind, "device_kind_contains": kind, "sms": int(getattr(device, "core_count", 0) or 0),
-            "date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
-            "metric": f"{metric}: every compiled tile x K splits x reduction",
-            "tool": "python -m jax_mxfp8.bench.marlin sweep --tuning-out FILE", "plans": plans}
-    with open(path, "w") as fh:
-        json.dump(data, fh, indent=1)
-    log(f"tuning file: {path} ({len(plans)} plans; copy it into jax_mxfp8/backends/marlin/tuning/)")
 
 
 def sweep90(args) -> int:
@@ -594,17 +566,71 @@ def timeline(args) -> int:
     return 0
 
 
+CALIBRATION_SHAPES = ["1024x4096", "4096x14336", "512x3584", "8192x28672", "4096x4096",
+                      "3584x18944", "6144x4096", "28672x4096", "10240x8192"]
+
+
+def calibrate(args) -> int:
+    """Every candidate plan (planner.candidates, thin unless --full) per (shape, M) with bf16
+    jnp.dot and the emulation path, all from one profiler trace per cell (busy time): the data
+    the planner's cost model is fitted to. Stops starting new shapes after --budget-s."""
+    start = time.time()
+    nsets = 4
+    rdiff, copy = timing.copy_bandwidth(sets=nsets, repeats=5, profile=True)
+    copy = copy or rdiff  # no profiler activity (a CPU run): the R-difference
+    log(f"copy bandwidth {copy / 1e12:.3f} TB/s (profiler busy time)")
+    sms = getattr(jax.devices()[0], "core_count", None) or 132
+    rows = []
+    for shape in args.shapes or CALIBRATION_SHAPES:
+        if time.time() - start > args.budget_s:
+            log(f"budget of {args.budget_s} s spent: {shape} and later shapes skipped")
+            break
+        n, k = map(int, shape.split("x"))
+        wsets = packed_sets(n, k, nsets)
+        vsets = [marlin.unpack_padded(w["qweight"], w["scales"]) for w in wsets]
+        dense = [reference.dequantize(v, s_, jnp.bfloat16) for v, s_ in vsets]
+        for m in args.ms or [1, 16, 32, 64, 256, 1024]:
+            xs = [jax.random.normal(jax.random.key(7 + i), (m, k), jnp.bfloat16) for i in range(nsets)]
+            plans = planner.candidates(m, n, k, sms, marlin.device_has_clusters(),
+                                       marlin.device_has_wgmma(), thin=not args.full)
+            plans.append(marlin.choose_plan(m, n, k, jnp.bfloat16, tune=False))  # the rule's
+            cases = {planner.plan_name(p): (lambda x, w, v, d, p=p: planner.run_plan(
+                p, x, w["qweight"], w["scales"], w["flags"]),
+                                            list(zip(xs, wsets, vsets, dense))) for p in plans}
+            cases["bf16"] = (lambda x, w, v, d: jnp.dot(x, d.T, preferred_element_type=jnp.bfloat16),
+                             list(zip(xs, wsets, vsets, dense)))
+            cases["emulation"] = (lambda x, w, v, d: reference.linear(x, v[0], v[1]),
+                                  list(zip(xs, wsets, vsets, dense)))
+            res = timing.profiled_many(cases)
+            chosen = planner.plan_name(plans[-1])
+            ours = {key: v for key, v in res.items() if key not in ("bf16", "emulation") and v}
+            best = min(ours.items(), key=lambda kv: kv[1], default=("-", float("nan")))
+            floor = (n * k * (1 + 1 / 32) + 2 * m * k + 2 * m * n) / copy * 1e6
+            log(f"{n}x{k} M={m:5d} floor {floor:6.1f} bf16 {res['bf16'] or float('nan'):7.1f} "
+                f"emu {res['emulation'] or float('nan'):7.1f} best {best[0]} {best[1]:7.1f} "
+                f"chosen {chosen} {res.get(chosen) or float('nan'):7.1f}  ({time.time() - start:.0f} s)")
+            rows.append({"n": n, "k": k, "m": m, "sms": sms, "floor_us": floor, "chosen": chosen,
+                         "times": res})
+            if args.out:
+                os.makedirs(args.out, exist_ok=True)
+                with open(os.path.join(args.out, "calibration.json"), "w") as fh:
+                    json.dump({"copy_bps": copy, "device": jax.devices()[0].device_kind,
+                               "rows": rows}, fh, indent=1)
+        del wsets, vsets, dense
+        gc.collect()
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("cmd", choices=["smoke", "probe", "sanitize", "sweep", "sweep90", "table", "extras",
-                                    "timeline", "slices", "backward"])
+                                    "timeline", "slices", "backward", "calibrate"])
     ap.add_argument("--n", type=int, default=512)
     ap.add_argument("--k", type=int, default=1536)
     ap.add_argument("--m", type=int, default=1)
     ap.add_argument("--tile", type=int, nargs=2, default=[1, 1])
     ap.add_argument("--splits", type=int, default=1)
     ap.add_argument("--out")
-    ap.add_argument("--tuning-out", help="sweep: write the winners as a tuning file (planner.py)")
     ap.add_argument("--shapes", nargs="*")
     ap.add_argument("--ms", nargs="*", type=int)
     ap.add_argument("--general", action="store_true")
@@ -617,6 +643,8 @@ def main(argv=None) -> int:
     ap.add_argument("--wgmma-only", action="store_true", help="sanitize: only the wgmma kernel")
     ap.add_argument("--wgmma-splits", type=int, nargs="*", default=[1],
                     help="sweep90: K splits to time for every wgmma configuration")
+    ap.add_argument("--budget-s", type=float, default=420, help="calibrate: stop starting shapes after")
+    ap.add_argument("--full", action="store_true", help="calibrate: every candidate, not the thin set")
     ap.add_argument("--few-peers", action="store_true", help="sweep90: only bf16 and mma.sync")
     args = ap.parse_args(argv)
     # as the harness does: no command buffers (their host re-record cost grows with R)
@@ -625,7 +653,7 @@ def main(argv=None) -> int:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
     log("devices:", jax.devices(), "core_count:", getattr(jax.devices()[0], "core_count", None))
     return {"smoke": smoke, "probe": probe, "sanitize": sanitize, "sweep": sweep, "sweep90": sweep90,
-            "table": table, "backward": backward,
+            "table": table, "backward": backward, "calibrate": calibrate,
             "extras": extras, "timeline": timeline, "slices": slices}[args.cmd](args)
 
 

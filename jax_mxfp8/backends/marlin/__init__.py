@@ -22,8 +22,8 @@ from jax_mxfp8.backends.marlin.layout import (  # noqa: F401  (the format's API)
     FAST_MAX_SCALE, META_TAG, TILE, layout_meta, pack_scales, pack_values, pack_weight,
     unpack_padded, unpack_scales, unpack_values, unpack_weight)
 from jax_mxfp8.backends.marlin.planner import (  # noqa: F401  (the planner's API)
-    M_BUCKETS, MAX_KERNEL_M, WGMMA_MIN_M, WGMMA_MIN_SPLIT_STAGES, Plan, TuningTable, choose_plan,
-    dequant_slices, tuning_table, tuning_tables)
+    MAX_KERNEL_M, WGMMA_MIN_M, WGMMA_MIN_SPLIT_STAGES, Plan, candidates, choose_plan,
+    dequant_slices, plan_name, rule_plan, run_plan)
 
 
 def __getattr__(name):

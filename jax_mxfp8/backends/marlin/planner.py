@@ -1,36 +1,51 @@
 """Which kernel and configuration a [M, K] x [N, K]^T problem runs, chosen at trace time.
 
-fp32 x: dequantize + fp32 dot (the reference math). fp16 x: always the mma.sync kernel. bf16 x:
-the wgmma kernel above WGMMA_MIN_M rows on sm_90a GPUs; otherwise the mma.sync kernel up to
-MAX_KERNEL_M rows and dequantize + bf16 cuBLAS above. Tile and K split of the mma.sync kernel
-come from a sweep's tuning file (tuning/*.json, written by `python -m jax_mxfp8.bench.marlin
-sweep --tuning-out FILE`, naming its GPU and date) where one matches the GPU and shape, else
-from the rule in `_rule_plan`.
+A general rule, from the GPU's SM count and the problem's tiles, stages and rows (no table of
+shapes): fp32 x runs dequantize + fp32 dot (the reference math); fp16 x the mma.sync kernel;
+bf16 x the mma.sync kernel up to WGMMA_MIN_M rows, the wgmma kernel above on sm_90a GPUs
+(elsewhere the mma.sync kernel up to MAX_KERNEL_M rows, dequantize + cuBLAS above), and
+dequantize + cuBLAS where a large M meets a weight too small to give the wgmma kernel's
+blocks a wave. `python -m jax_mxfp8.bench.marlin calibrate` times every candidate plan
+(`candidates`) per shape; the rules below are what its H200 data supports (docs/performance.md
+has the fit). With JAX_MXFP8_AUTOTUNE=1, autotune.py measures the candidates once per shape
+class and GPU and its winner replaces the rule's plan (results stay within the tolerance of
+docs/numerics.md: plans differ only in the order fp32 partial sums are added).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import pathlib
 
+import jax
 import jax.numpy as jnp
 
+from jax_mxfp8 import reference
 from jax_mxfp8._devices import device_kind as _device_kind
 from jax_mxfp8._devices import sm_count
+from jax_mxfp8.backends.marlin import autotune, kernels
 from jax_mxfp8.backends.marlin.kernels import (
-    KERNEL_DTYPES, WGMMA_CONFIGS, Tile, device_has_clusters, device_has_wgmma, max_cluster_splits)
-from jax_mxfp8.backends.marlin.layout import TILE
+    KERNEL_DTYPES, TILE_CONFIGS, WGMMA_CONFIGS, Tile, device_has_clusters, device_has_wgmma)
+from jax_mxfp8.backends.marlin.layout import TILE, pack_values
 from jax_mxfp8.backends.marlin.layout import round_up as _round_up
 
 # Largest bf16 M that runs the mma.sync kernel where the wgmma kernel cannot (GPUs other than
 # sm_90a); above it "dequantize + cuBLAS bf16" wins on every measured shape (H100 sweeps: at
-# M = 1024 the best tile is 1.5-2.2x slower than dequant_dot; at M = 256 the
-# kernel wins by 1.02-1.34x).
+# M = 1024 the best tile is 1.5-2.2x slower than dequant_dot; at M = 256 the kernel wins by
+# 1.02-1.34x).
 MAX_KERNEL_M = 256
-M_BUCKETS = (16, 32, 64, 128, 256)
 DEFAULT_SMS = 132  # assumed while tracing without a GPU (an H100 / H200)
-TUNING_DIR = pathlib.Path(__file__).with_name("tuning")
+# bf16 x on an sm_90a GPU: the wgmma kernel above this many rows (at M <= 32 the mma.sync
+# kernel is as fast or faster, H200 calibration).
+WGMMA_MIN_M = 32
+# A K split keeps at least this many 64-deep stages: shorter splits spend more of their time
+# filling the pipeline and summing partials than streaming the weight. The mma.sync kernel's
+# small blocks fill in ~6 stages; the wgmma kernel's 64- and 128-row blocks in 8; its 256-row
+# blocks carry four times the fp32 partials of a 64-row one and need 32.
+MMA_MIN_SPLIT_STAGES = 6
+WGMMA_MIN_SPLIT_STAGES = 8
+WGMMA_256_MIN_SPLIT_STAGES = 32
+MAX_MMA_SPLITS = 16
+MAX_WGMMA_SPLITS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,141 +60,142 @@ class Plan:
     blocks_per_sm: int = 0  # wgmma: which compiled occupancy of (block_m, consumers)
 
 
-@dataclasses.dataclass(frozen=True)
-class TuningTable:
-    """One sweep's winners: entries[(n, k)][m_bucket] = (m_blocks, warps_n, splits, cluster),
-    or None where dequantize + cuBLAS won."""
-    gpu: str
-    device_kind_contains: str
-    sms: int
-    date: str
-    entries: dict
-
-    @classmethod
-    def read(cls, path) -> "TuningTable":
-        data = json.loads(pathlib.Path(path).read_text())
-        entries: dict = {}
-        for p in data["plans"]:
-            row = entries.setdefault((p["n"], p["k"]), {})
-            row[p["m_bucket"]] = (None if p["plan"] == "dequant_dot" else
-                                  (p["m_blocks"], p["warps_n"], p["splits"], bool(p["cluster"])))
-        return cls(data["gpu"], data["device_kind_contains"], int(data["sms"]), data["date"],
-                   entries)
+def _powers_of_two(most: int):
+    s = 1
+    while s <= most:
+        yield s
+        s *= 2
 
 
-@functools.cache
-def tuning_tables() -> tuple[TuningTable, ...]:
-    return tuple(TuningTable.read(p) for p in sorted(TUNING_DIR.glob("*.json")))
-
-
-def tuning_table(sms: int, device_kind: str) -> TuningTable | None:
-    """The sweep of this GPU (same SM count and device kind), None where none was made."""
-    return next((t for t in tuning_tables()
-                 if t.sms == sms and t.device_kind_contains in device_kind), None)
-
-
-def _rule_plan(m: int, n: int, k: int, sms: int, clusters: bool) -> Plan:
-    """Tile by M bucket (16 x 64 up to 16 rows, 16 x 256 when N alone gives ~a wave of blocks;
-    32 x 64 and 64 x 64 up to 64 rows where N gives at most two blocks per SM, else 32 x 128
-    and 64 x 128; 64 x 128 above), then the largest power-of-two K split that keeps the grid
-    within ~two blocks per SM and >= 16 pipeline stages (1024 of K) per split; two splits
-    reduce in a cluster where the GPU has them (faster than the workspace there; more splits
-    were not). Above 128 rows: no split."""
-    narrow = n // 64 <= 2 * sms  # 64-column tiles still give <= two blocks per SM
-    if m <= 16:
-        tile = Tile(1, 4) if n % 256 == 0 and n // 256 >= 0.75 * sms else Tile(1, 1)
-    elif m <= 32:
-        tile = Tile(2, 1) if narrow else Tile(2, 2)
-    elif m <= 64:
-        tile = Tile(4, 1) if narrow else Tile(4, 2)
-    else:
-        tile = Tile(4, 2)
-    if n % (64 * tile.warps_n):  # N is only a multiple of 64: the 16 x 64 tile fits every N
-        tile = Tile(1, 1)
-    tiles = (n // (64 * tile.warps_n)) * -(-m // (16 * tile.m_blocks))
+def _mma_plan(m: int, n: int, k: int, sms: int, clusters: bool) -> Plan:
+    """The memory-bound regime: the weight streams once, so the plan is about keeping enough
+    blocks in flight. Rows: 16 x m_blocks covering M (4 above 32 rows). Width: the widest tile
+    (fewer, longer x reads per weight byte) whose tiles times the most K splits still reach
+    ~0.9 of a block per SM, else 64 columns. K splits: the smallest power of two that gives
+    ~1.4 blocks per SM (<= MAX_MMA_SPLITS, >= MMA_MIN_SPLIT_STAGES stages each; none above
+    128 rows, where the tiles alone fill the GPU). Two splits, or splits of <= 16 stages,
+    reduce in a cluster where the GPU has them (their reduction is a larger share of a short
+    split; long splits of 4-8 blocks were faster through the workspace, their clusters harder
+    to place)."""
+    mb = 1 if m <= 16 else 2 if m <= 32 else 4
+    stages = k // TILE
+    most = 1 if m > 128 else max(1, min(MAX_MMA_SPLITS, stages // MMA_MIN_SPLIT_STAGES))
+    for wn in (4, 2, 1):
+        tiles = n // (64 * wn) * -(-m // (16 * mb))
+        if n % (64 * wn) == 0 and (tiles * most >= 0.9 * sms or wn == 1):
+            break
     splits = 1
-    while (m <= 128 and tiles * splits * 2 <= 2 * sms and (k // TILE) // (splits * 2) >= 16):
+    while splits * 2 <= most and tiles * splits < 1.4 * sms:
         splits *= 2
-    return Plan("kernel", tile.m_blocks, tile.warps_n, splits, splits == 2 and clusters)
-
-
-# bf16 x on an sm_90a GPU (H100/H200): the wgmma kernel replaces dequantize + cuBLAS at every
-# M and the mma.sync kernel above WGMMA_MIN_M rows. H200 sweeps (2026-11-30): from 33 rows
-# the 64-row configurations with four (or two) consumer warpgroups per SM, K-split where N gives too few tiles, beat the mma.sync kernel on every
-# swept shape (1.1-1.5x at M = 64); at M <= 32 the mma.sync kernel is as fast or faster.
-WGMMA_MIN_M = 32
-# A K split keeps at least this many 64-deep stages: shorter ones spend more of their time
-# filling the pipeline and summing partials than streaming the weight. (12 while the tile's
-# last block summed alone; with the sum shared by the tile's blocks, 8 stages won at 4096 x
-# 4096 on the H200.)
-WGMMA_MIN_SPLIT_STAGES = 8
-
-
-def _wgmma_splits(tiles: int, k: int, slots: int) -> tuple[int, bool]:
-    """(splits, cluster) for `tiles` output tiles and `slots` resident blocks: the most K splits
-    whose blocks all fit at once (<= 8, >= WGMMA_MIN_SPLIT_STAGES stages each); summed in a
-    cluster when its blocks are easy to place (pairs, or under 3/4 of the slots: a cluster needs
-    all its blocks in one GPC, and larger ones left blocks waiting for a second wave on the
-    H200), else through the workspace."""
-    most = max(1, min(max_cluster_splits(), k // TILE // WGMMA_MIN_SPLIT_STAGES))
-    splits = 1
-    while splits < most and tiles * (splits + 1) <= slots:
-        splits += 1
-    return splits, splits > 1 and (splits == 2 or tiles * splits <= 0.75 * slots)
+    cluster = clusters and 1 < splits <= 8 and (splits == 2 or stages / splits <= 16)
+    return Plan("kernel", mb, wn, splits, cluster)
 
 
 def _wgmma_plan(m: int, n: int, k: int, sms: int) -> Plan:
-    """Up to 128 rows: the largest block N allows (x rows x weight rows; the one with more x
-    rows on a tie: four consumer warpgroups at M <= 64 read x once per 256 weight rows, 128 x
-    128 above), then K splits where its tiles leave SMs idle. Above: the largest block that
-    still gives ~one block per SM (larger blocks dequantize each weight tile for more rows of
-    x), else the smallest, the most parallel. Blocks wider than M (rounded to 64) only add zero
-    rows. `python tools/check_wgmma_rule.py` compares this with a sweep."""
-    fits = [c for c in WGMMA_CONFIGS
-            if n % (64 * c.consumers) == 0 and c.block_m <= max(64, _round_up(m, 64))]
-    fits.sort(key=lambda c: (-c.block_m * c.consumers, -c.block_m, c.blocks_per_sm))
-    if m <= 128:
-        c = fits[0]
-    else:
-        c = next((c for c in fits if (n // (64 * c.consumers)) * -(-m // c.block_m) >= 0.8 * sms),
-                 fits[-1])
-    tiles = (n // (64 * c.consumers)) * -(-m // c.block_m)
-    # K splits were swept up to M = 128 only; above it the unsplit plan is the measured one.
-    splits, cluster = _wgmma_splits(tiles, k, sms * c.blocks_per_sm) if m <= 128 else (1, False)
-    return Plan("wgmma", splits=splits, cluster=cluster, block_m=c.block_m,
-                consumers=c.consumers, blocks_per_sm=c.blocks_per_sm)
+    """Candidates: every compiled block that M needs (no block wider than M rounded to 64),
+    with K splits that keep one wave of blocks (up to 128 rows any count, above it powers of
+    two; <= MAX_WGMMA_SPLITS, and the stage minimums above). Each has a utilization, its
+    blocks over the resident-block slots (1 when the tiles alone fill a wave). Among those
+    within 0.8 (up to 128 rows) or 0.6 (above) of the best, the largest block (it dequantizes
+    each weight tile for the most rows; more splits first up to 128 rows, fewer above, where
+    a split's partial tile costs as much as its share of the work). Splits sum in a cluster
+    for pairs, or up to 128 rows under 3/4 of the slots (a cluster needs all its blocks in one
+    GPC; above 128 rows 4- and 8-block clusters of the large blocks were up to 1.5x slower
+    than the workspace); else through the workspace. `python tools/check_wgmma_rule.py`
+    compares this with a sweep."""
+    stages = k // TILE
+    cands = []
+    for c in WGMMA_CONFIGS:
+        if n % (64 * c.consumers) or c.block_m > max(64, _round_up(m, 64)):
+            continue
+        tiles = n // (64 * c.consumers) * -(-m // c.block_m)
+        slots = sms * c.blocks_per_sm
+        minimum = WGMMA_256_MIN_SPLIT_STAGES if c.block_m == 256 else WGMMA_MIN_SPLIT_STAGES
+        most = 1 if m > 512 else max(1, min(MAX_WGMMA_SPLITS, stages // minimum))
+        for s in (range(1, most + 1) if m <= 128 else _powers_of_two(most)):
+            if s > 1 and tiles * s > slots:
+                break
+            cands.append((min(1.0, tiles * s / slots), c, s, tiles))
+    best = max(u for u, *_ in cands)
+    ok = [x for x in cands if x[0] >= (0.8 if m <= 128 else 0.6) * best]
+    _, c, s, tiles = min(ok, key=lambda x: (-x[1].block_m * x[1].consumers, -x[1].block_m,
+                                             x[1].blocks_per_sm, -x[2] if m <= 128 else x[2]))
+    cluster = s > 1 and (s == 2 or (m <= 128 and tiles * s <= 0.75 * sms * c.blocks_per_sm))
+    return Plan("wgmma", splits=s, cluster=cluster, block_m=c.block_m, consumers=c.consumers,
+                blocks_per_sm=c.blocks_per_sm)
+
+
+def _dequant_dot_wins(m: int, n: int) -> bool:
+    """From 1024 rows the wgmma kernel is compute-bound; where even its largest block (256 x
+    128) gives under half a wave of tiles, dequantizing the (small) weight for cuBLAS wins
+    (H200: 512 x 3584 and 1024 x 4096 at M = 1024)."""
+    return m >= 1024 and (n // 128) * -(-m // 256) < 0.5 * DEFAULT_SMS
+
+
+def rule_plan(m: int, n: int, k: int, x_dtype, sms: int, clusters: bool, wgmma: bool) -> Plan:
+    """The rule's plan for a [m, k] x [n, k]^T problem (n, k padded to 64)."""
+    x_dtype = jnp.dtype(x_dtype)
+    if x_dtype not in KERNEL_DTYPES:
+        return Plan("dequant_dot")
+    if x_dtype == jnp.bfloat16 and m > WGMMA_MIN_M and wgmma:
+        return Plan("dequant_dot") if _dequant_dot_wins(m, n) else _wgmma_plan(m, n, k, sms)
+    if x_dtype == jnp.bfloat16 and m > MAX_KERNEL_M:
+        return Plan("dequant_dot")
+    return _mma_plan(m, n, k, sms, clusters)
 
 
 def choose_plan(m: int, n: int, k: int, x_dtype, sms: int | None = None,
                 clusters: bool | None = None, wgmma: bool | None = None,
-                device_kind: str | None = None) -> Plan:
+                tune: bool | None = None) -> Plan:
     """The path for a [m, k] x [n, k]^T problem (n, k already padded to 64), chosen at trace
-    time from static shapes.
-
-    fp32 x: dequantize + fp32 dot (the reference math). fp16 x: always the mma.sync kernel
-    (the reference runs an fp32 GEMM for fp16, far slower than the kernel's two bf16 mma).
-    bf16 x: on an sm_90a GPU the wgmma kernel above WGMMA_MIN_M rows; otherwise the mma.sync
-    kernel up to MAX_KERNEL_M rows, dequantize + bf16 cuBLAS above; the tile and K
-    split come from this GPU's tuning table for its shapes, else from _rule_plan.
-    """
-    x_dtype = jnp.dtype(x_dtype)
+    time from static shapes: the autotuned winner where JAX_MXFP8_AUTOTUNE=1 (autotune.py),
+    else rule_plan. sms / clusters / wgmma default to the default device's."""
     sms = sms or sm_count(DEFAULT_SMS)
-    if x_dtype == jnp.bfloat16 and m > WGMMA_MIN_M:  # the wgmma kernel wins (sweeps above)
-        if device_has_wgmma() if wgmma is None else wgmma:
-            return _wgmma_plan(m, n, k, sms)
-    if x_dtype not in KERNEL_DTYPES or (x_dtype == jnp.bfloat16 and m > MAX_KERNEL_M):
-        return Plan("dequant_dot")
     clusters = device_has_clusters() if clusters is None else clusters
-    bucket = next((b for b in M_BUCKETS if m <= b), None)
-    table = tuning_table(sms, _device_kind() if device_kind is None else device_kind)
-    if table and clusters and bucket and (n, k) in table.entries:
-        entry = table.entries[(n, k)][bucket]
-        if entry is None:
-            if x_dtype == jnp.bfloat16:
-                return Plan("dequant_dot")
-        else:
-            return Plan("kernel", *entry)
-    return _rule_plan(m, n, k, sms, clusters)
+    wgmma = device_has_wgmma() if wgmma is None else wgmma
+    plan = rule_plan(m, n, k, x_dtype, sms, clusters, wgmma)
+    if jnp.dtype(x_dtype) in KERNEL_DTYPES and (autotune.enabled() if tune is None else tune):
+        return tuned_plan(m, n, k, x_dtype, sms, clusters, wgmma, plan)
+    return plan
+
+
+def tuned_plan(m, n, k, x_dtype, sms, clusters, wgmma, rule: Plan) -> Plan:
+    """The cached winner of this shape class, measured now if there is none: the candidates
+    (thin set) and the rule's plan, on random packed weights and x of the class's M."""
+    x_dtype = jnp.dtype(x_dtype)
+    bucket = autotune.m_bucket(m)
+    key = f"{_device_kind()}|sms{sms}|{x_dtype.name}|{n}x{k}|m{bucket}"
+    entry = autotune.lookup(key)
+    if entry is None:
+        plans = {plan_name(p): p for p in candidates(bucket, n, k, sms, clusters, wgmma, thin=True)
+                 if x_dtype == jnp.bfloat16 or p.kind == "kernel"}
+        plans.setdefault(plan_name(rule), rule)
+        sets = []
+        for i in range(3):
+            k1, k2, k3 = jax.random.split(jax.random.key(i), 3)
+            codes = jax.random.bits(k1, (n, k), jnp.uint8) & jnp.uint8(0xF7)  # no NaN codes
+            scales = jax.random.randint(k2, (k // 32, n), 118, 128, jnp.int32).astype(jnp.uint8)
+            sets.append((jax.random.normal(k3, (bucket, k), x_dtype), pack_values(codes), scales,
+                         jnp.zeros((1,), jnp.int32)))
+        cases = {name: (functools.partial(run_plan, p), sets) for name, p in plans.items()}
+        winner = autotune.fastest(key, cases)
+        entry = dataclasses.asdict(plans[winner])
+        autotune.store(key, entry)
+    return Plan(**entry)
+
+
+def run_plan(plan: Plan, x, qweight, scales, flags, bias=None, out_dtype=jnp.bfloat16):
+    """One launch of `plan` on a packed weight (the benchmarks' and the autotuner's runner)."""
+    if plan.kind == "kernel":
+        return kernels.gemm(x, qweight, scales, flags, bias, m_blocks=plan.m_blocks,
+                            warps_n=plan.warps_n, splits=plan.splits, cluster=plan.cluster,
+                            out_dtype=out_dtype)
+    if plan.kind == "wgmma":
+        return kernels.gemm_sm90(x, qweight, scales, flags, bias, block_m=plan.block_m,
+                                 consumers=plan.consumers, blocks_per_sm=plan.blocks_per_sm,
+                                 splits=plan.splits, cluster=plan.cluster, out_dtype=out_dtype)
+    w = kernels.dequantize_packed(qweight, scales).astype(reference.dot_dtype(x.dtype))
+    return reference.dot_with_bias(x.astype(w.dtype), w, bias, out_dtype)
 
 
 # Above MAX_KERNEL_M (dequantize + cuBLAS), up to DEQUANT_SLICE_MAX_M rows, a weight whose bf16
@@ -204,3 +220,75 @@ def dequant_slices(n: int, k: int, m: int = 0, slice_bytes: int = DEQUANT_SLICE_
     count = 1 if whole else min(tiles, -(-(n * k * 2) // slice_bytes))
     bounds = [TILE * (tiles * i // count) for i in range(count + 1)]
     return [(b, e - b) for b, e in zip(bounds, bounds[1:])]
+
+
+# ---- candidate plans (the sweeps' and the autotuner's search space) --------------------------
+
+CANDIDATE_SPLITS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+CANDIDATE_MIN_STAGES = 2  # K stages per split below which a split only adds reduction work
+
+
+def candidates(m: int, n: int, k: int, sms: int, clusters: bool, wgmma: bool,
+               thin: bool = False) -> list[Plan]:
+    """Every plan worth timing for a bf16 [m, k] x [n, k]^T problem: the mma.sync tiles of
+    M's row count (one smaller where M is between) and the wgmma configurations above
+    WGMMA_MIN_M rows, each with the K splits that keep >= CANDIDATE_MIN_STAGES stages per
+    split and at most ~four waves of blocks, reduced in a cluster (<= 8 splits, SM90+) or the
+    workspace; dequantize + cuBLAS above 64 rows. thin: power-of-two splits, the narrowest and
+    widest mma.sync tile only (a quicker sweep)."""
+    stages = k // TILE
+    out: list[Plan] = []
+
+    def split_options(tiles: int, slots: int, most: int):
+        seen = set()
+        for s in CANDIDATE_SPLITS:
+            if thin and s & (s - 1):
+                continue
+            if s > 1 and (s > most or stages // s < CANDIDATE_MIN_STAGES or tiles * s > 4 * slots):
+                continue
+            s_eff = -(-stages // -(-stages // s))  # the kernels' effective split count
+            if s_eff not in seen:
+                seen.add(s_eff)
+                yield s_eff
+
+    if m <= max(WGMMA_MIN_M, 0 if wgmma else MAX_KERNEL_M):
+        mbs = sorted({min(4, -(-m // 16)), max(1, min(4, -(-m // 16)) // 2)})
+        if thin:
+            mbs = mbs[-1:]
+        widest = max(w for w in (1, 2, 4) if n % (64 * w) == 0)
+        for mb in (b for b in (1, 2, 4) if b in mbs or (mbs[-1] > 2 and b == 4)):
+            for wn in (1, 2, 4):
+                if n % (64 * wn) or Tile(mb, wn) not in TILE_CONFIGS:
+                    continue
+                if thin and wn not in (1, widest):
+                    continue
+                tiles = n // (64 * wn) * -(-m // (16 * mb))
+                for s in split_options(tiles, 2 * sms, 64):
+                    for cluster in ((False, True) if clusters and 1 < s <= 8 else (False,)):
+                        out.append(Plan("kernel", mb, wn, s, cluster))
+    if wgmma and m > WGMMA_MIN_M:
+        for c in WGMMA_CONFIGS:
+            if n % (64 * c.consumers) or c.block_m > max(64, _round_up(m, 64)):
+                continue
+            tiles = n // (64 * c.consumers) * -(-m // c.block_m)
+            for s in split_options(tiles, c.blocks_per_sm * sms, 64):
+                for cluster in ((False, True) if 1 < s <= 8 else (False,)):
+                    out.append(Plan("wgmma", splits=s, cluster=cluster, block_m=c.block_m,
+                                    consumers=c.consumers, blocks_per_sm=c.blocks_per_sm))
+    if m > 64:
+        out.append(Plan("dequant_dot"))
+    return out
+
+
+def plan_name(plan: Plan) -> str:
+    """t{m_blocks}{warps_n}x{splits}[c] (mma.sync), w{block_m}x{consumers}[o{blocks_per_sm}]
+    [s{splits}[c]] (wgmma), dequant_dot."""
+    if plan.kind == "dequant_dot":
+        return "dequant_dot"
+    if plan.kind == "wgmma":
+        from jax_mxfp8.backends.marlin.kernels import wgmma_config
+        default = wgmma_config(plan.block_m, plan.consumers).blocks_per_sm
+        occupancy = f"o{plan.blocks_per_sm}" if plan.blocks_per_sm != default else ""
+        split = f"s{plan.splits}{'c' if plan.cluster else ''}" if plan.splits > 1 else ""
+        return f"w{plan.block_m}x{plan.consumers}{occupancy}{split}"
+    return f"t{plan.m_blocks}{plan.warps_n}x{plan.splits}{'c' if plan.cluster else ''}"
