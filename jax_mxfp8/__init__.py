@@ -20,3 +20,7 @@ __all__ = [
     "read_quant_config", "save_safetensors",
     "select_backend", "swizzle_scales", "unswizzle_scales",
 ]
+
+from jax_mxfp8.ops.ragged_linear import ragged_linear  # noqa: E402
+
+__all__ += ["ragged_linear"]

@@ -6,6 +6,7 @@ import enum
 from typing import Any, Callable, Optional
 
 N_AXIS, K_AXIS = "n", "k"  # BackendImpl.array_axes' names of dims laid out tile-major over N / K
+E_AXIS = "e"  # the leading expert dim of every array of a stacked (E, N, K) weight (weight.py)
 
 class Backend(enum.Enum):
     EMULATION = "emulation"  # jnp on any device (CPU, TPU, any GPU)
@@ -35,6 +36,11 @@ class BackendImpl:
     dequantize_weight(weight: MxWeight, bf16) -> [N, K] bf16 (optional): the exact dense weight
         by the backend's own kernel, for linear's backward (dx = dy @ W); otherwise, and for
         float32, unprepare + dequantize.
+    ragged_linear(x2d [T,K], weight: stacked MxWeight (E,N,K), group_sizes [E] int32, bias [E,N]
+        | None, out_dtype) -> [T,N] (optional; without it ragged_linear refuses the backend):
+        rows [sum(gs[:e]), sum(gs[:e+1])) use expert e, rows from sum(gs) on are zero (W8A16,
+        the numerics of linear; out_dtype may be float32 for partial products). The weight's
+        arrays are the prepared 2-D layout of each expert stacked on a leading expert axis.
 
     Sharding (weight.py, ops/linear.py). array_axes(meta, shape) -> {array name: one entry per dim}: "n" for a
     dim laid out N-tile-major (split into p equal contiguous chunks, chunk i is that array of the
@@ -59,6 +65,7 @@ class BackendImpl:
     k_tile: int = 32
     shard_meta: Optional[Callable[..., Any]] = None
     dequantize_weight: Optional[Callable[..., Any]] = None
+    ragged_linear: Optional[Callable[..., Any]] = None
 
 
 _REGISTRY: dict[Backend, BackendImpl] = {}

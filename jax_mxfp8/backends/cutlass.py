@@ -12,6 +12,9 @@ linear: x is quantized with the "ceil" rule straight into swizzled scales (the q
     primitive with swizzle=True), then one GEMM launch computes
     out = dequant(x) . dequant(w)^T + bias in float32 and rounds once to out_dtype.
 The tile configuration is chosen from the static M at trace time (choose_config).
+Stacked experts (E, N, K) are prepared expert by expert like any backend's; there is no grouped
+kernel (no BackendImpl.ragged_linear): ragged_linear refuses CUTLASS weights with the fix, and
+vmap(linear) over them runs one GEMM per expert.
 """
 from __future__ import annotations
 

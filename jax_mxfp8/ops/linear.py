@@ -11,8 +11,10 @@ or scales): N shards are whole `n_tile`, K shards whole `k_tile` (EMULATION 1 / 
 tiles) cannot be sharded; all arrays of an MxWeight split N and K over the same mesh axes
 (placement.py makes such placements and checks divisibility up front). Activations keep any
 leading-axis sharding; an activation K sharding that disagrees with the weight's is resharded
-(activations only). vmap over a batched weight runs the per-device body under vmap, without
-custom partitioning.
+(activations only). vmap over a batched weight (stacked experts: every array of the MxWeight batched) runs
+as one ragged_linear over the experts (x's batch index e meets expert e, each a group of rows)
+where the backend has a grouped GEMM and the math is W8A16; otherwise the per-device body
+runs under vmap, one GEMM per batch index, without custom partitioning.
 
 Autodiff: linear is linear in x and affine in bias, so it has a JVP rule (the tangent is
 linear(dx) + db) and a transpose rule (dx = dy @ dequantize(W), float32 accumulation, through
@@ -32,18 +34,20 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental.custom_partitioning import SdyShardingRule, custom_partitioning
 
-from jax_mxfp8 import _checks, _ffi, reference
+from jax_mxfp8 import _checks, reference
 from jax_mxfp8._compat import (
     Primitive, ShapedArray, ad, batching, is_symbolic_zero, mlir, primitive_impl,
     require_devices_during_lowering, symbolic_zero, without_explicit_shardings)
-from jax_mxfp8.backends import get_backend_impl, why_unavailable
+from jax_mxfp8.backends import get_backend_impl
 from jax_mxfp8.backends.base import K_AXIS, N_AXIS
-from jax_mxfp8.ops.dequantize import dequantize
+from jax_mxfp8.ops import ragged_linear as ragged
+from jax_mxfp8.ops.prepared_gemm import (  # noqa: F401  (dense_weight: linear's API before)
+    check_backend_runs_on, dense_weight, frozen_weight_error, leaf_factors, weight_mesh_axes)
 from jax_mxfp8.partitioning import (
     all_replicated, axes_size, dim_axes, mapped, move_to_front, named, sdy_rule,
     typed_abstract_eval, without_reused)
 from jax_mxfp8.weight import (
-    MxWeight, backend_layout, check_shard_tiles, local_weight_shape, shard_meta)
+    MxWeight, backend_layout, check_shard_tiles, local_shape, shard_meta)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,31 +60,6 @@ class LinearConfig:
     out_dtype: Any                  # numpy dtype
     quantize_activations: bool
     has_bias: bool
-
-
-def _leaf_dims(cfg: LinearConfig, axes, shapes, n_factor, k_factor):
-    """Factor lists of each prepared array (tile-major dims get the nt / kt factor)."""
-    n, k = cfg.shape
-    impl, _ = backend_layout(cfg.backend, cfg.meta, cfg.shape)
-    tiles = {N_AXIS: (n_factor, n // impl.n_tile), K_AXIS: (k_factor, k // impl.k_tile)}
-    out, inner = [], []
-    for name, shape in zip(cfg.keys, shapes):
-        dims = []
-        for d, size in enumerate(shape):
-            kind = axes[name][d]
-            factor = f"{name}_{d}"
-            if kind in tiles:
-                major, count = tiles[kind]
-                if size % count:
-                    raise ValueError(f"backend {cfg.backend.value}: array {name!r} dim {d} (size {size}) is "
-                                     f"declared {kind}-tile-major but is not a multiple of the {count} "
-                                     f"{kind.upper()} tiles; fix BackendImpl.array_axes / n_tile / k_tile")
-                dims.append([(major, count), (factor, size // count)])
-            else:
-                dims.append([(factor, size)])
-            inner.append(factor)
-        out.append((False, dims))
-    return out, inner
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,18 +78,10 @@ def linear_rule(call: LinearCall, mesh, *types) -> SdyShardingRule:
     x_dim = [("kt", k // impl.k_tile), ("kx", impl.k_tile)]
     if axes is None:  # not shardable: every weight dim is its own factor, replicated
         axes = {name: (None,) * len(s) for name, s in zip(cfg.keys, in_shapes[1:])}
-    leaves, inner = _leaf_dims(cfg, axes, in_shapes[1:1 + len(cfg.keys)], "nt", "kt")
+    leaves, inner = leaf_factors(cfg.backend, cfg.meta, cfg.shape, cfg.keys, axes,
+                                 in_shapes[1:1 + len(cfg.keys)], "nt", "kt")
     operands = [(True, [x_dim]), *leaves] + ([(False, [n_dim])] if cfg.has_bias else [])
     return sdy_rule(operands, [(True, [n_dim])], reduction=("kt",), replicate=("nx", "kx", *inner))
-
-
-def _merge_axes(what, found, kind, axes, name):
-    if axes and found and axes != found:
-        raise ValueError(
-            f"linear: the weight arrays are sharded inconsistently along {kind.upper()}: {what} over "
-            f"{found}, array {name!r} over {axes}. Shard every array of the MxWeight with "
-            f"weight_shardings(weight, mesh, n_axis=..., k_axis=...)")
-    return found or axes
 
 
 def linear_partition(call: LinearCall, mesh, arg_shapes, result_shape):
@@ -122,25 +93,7 @@ def linear_partition(call: LinearCall, mesh, arg_shapes, result_shape):
     n, k = cfg.shape
     x, leaves = arg_shapes[0], arg_shapes[1:1 + len(cfg.keys)]
     x_axes = dim_axes(x.sharding, len(x.shape), "linear input x")
-    n_axes, k_axes, first = (), (), {N_AXIS: None, K_AXIS: None}
-    for name, leaf in zip(cfg.keys, leaves):
-        leaf_axes = dim_axes(leaf.sharding, len(leaf.shape), f"weight array {name!r}")
-        for d, got in enumerate(leaf_axes):
-            kind = None if axes is None else axes[name][d]
-            if got and kind not in (N_AXIS, K_AXIS):
-                raise ValueError(
-                    f"linear: weight array {name!r} (backend {cfg.backend.value}) is sharded over "
-                    f"{got} along dim {d}, which the backend cannot split"
-                    + (" (it declares no array_axes)" if axes is None else
-                       f" (array_axes says {axes[name]})") +
-                    "; gathering it would defeat sharding, so this is an error. Replicate that dim, "
-                    "or shard with weight_shardings()")
-            if kind == N_AXIS:
-                n_axes = _merge_axes(first[N_AXIS], n_axes, kind, got, name)
-                first[N_AXIS] = first[N_AXIS] or (f"array {name!r}" if got else None)
-            elif kind == K_AXIS:
-                k_axes = _merge_axes(first[K_AXIS], k_axes, kind, got, name)
-                first[K_AXIS] = first[K_AXIS] or (f"array {name!r}" if got else None)
+    _, n_axes, k_axes = weight_mesh_axes("linear", cfg.backend, cfg.keys, leaves, axes)
     if not k_axes and axes is not None:
         k_axes = tuple(a for a in x_axes[-1] if a not in n_axes)  # weights replicated on K: slice them
     check_shard_tiles("N (out_features)", n, impl.n_tile, n_axes, mesh, cfg.backend)
@@ -188,26 +141,6 @@ _linear_cp = custom_partitioning(lambda call, x, *rest: linear_body(call.cfg, ()
 _linear_cp.def_partition(partition=linear_partition, sharding_rule=linear_rule)
 
 
-def check_backend_runs_on(backend, platforms) -> None:
-    """A weight's backend must run where linear is compiled (prepare_weight makes any backend's
-    layout on any host): a clear error with the fix otherwise."""
-    impl = get_backend_impl(backend)
-    if impl.min_compute_capability is None or _ffi.kernel_references_enabled():
-        return
-    need = "%d.%d" % impl.min_compute_capability
-    fix = (f"Run it on an NVIDIA GPU of compute capability >= {need}, or convert the weight "
-           f"exactly with weight.to_backend('emulation')")
-    for platform in platforms:
-        if platform != "cuda":
-            raise ValueError(f"linear: the weight was prepared for {backend.value}, which runs on "
-                             f"NVIDIA GPUs, but this function is being compiled for {platform}. "
-                             f"{fix}")
-    if _ffi.jax_has_cuda_backend():  # compiling for this machine's GPU (export needs none)
-        reason = why_unavailable(backend, jax.devices("cuda")[0])
-        if reason is not None:
-            raise ValueError(f"linear: the weight was prepared for {backend.value}: {reason}")
-
-
 def _linear_lowering(ctx, *args, cfg):
     check_backend_runs_on(cfg.backend, ctx.module_context.platforms)
     call = LinearCall(cfg, tuple(tuple(a.shape) for a in ctx.avals_in))
@@ -219,9 +152,17 @@ def _linear_batcher(args, dims, *, cfg):
     x, rest = args[0], args[1:]
     if not any(mapped(d) for d in dims[1:]):
         return linear_p.bind(jnp.moveaxis(x, dims[0], 0), *rest, cfg=cfg), 0
-    # A batched weight (or bias): vmap the per-device body; no custom partitioning for it.
     size = next(a.shape[d] for a, d in zip(args, dims) if mapped(d))
     args = [move_to_front(a, d, size) for a, d in zip(args, dims)]
+    n_w = len(cfg.keys)
+    if (all(mapped(d) for d in dims[1:1 + n_w]) and not cfg.quantize_activations
+            and get_backend_impl(cfg.backend).ragged_linear is not None):
+        # The weight batched along its arrays' leading axis: stacked experts, and x's batch
+        # index e meets expert e. One grouped GEMM over all of them instead of E GEMMs.
+        bias = args[1 + n_w] if cfg.has_bias else None
+        return ragged.experts_linear(args[0], args[1:1 + n_w], bias, keys=cfg.keys, shape=cfg.shape,
+                                     backend=cfg.backend, meta=cfg.meta, out_dtype=cfg.out_dtype), 0
+    # Otherwise vmap the per-device body (one GEMM per batch index); no custom partitioning.
     return jax.vmap(functools.partial(linear_body, cfg, ()))(*args), 0
 
 
@@ -238,11 +179,7 @@ batching.primitive_batchers[linear_p] = _linear_batcher
 require_devices_during_lowering(linear_p)
 
 
-WEIGHT_GRADIENT_ERROR = (
-    "linear: the MXFP8 weight is frozen: its e4m3 values and e8m0 scales have no gradient. "
-    "Differentiate with respect to x, the bias or parameters of your own (e.g. LoRA adapters "
-    "beside the MXFP8 linear: nnx.grad(..., wrt=nnx.LoRAParam)); for quantization-aware "
-    "training keep a high-precision weight and use jax_mxfp8.fake_quantize on it")
+WEIGHT_GRADIENT_ERROR = frozen_weight_error("linear")
 
 
 def _linear_jvp(primals, tangents, *, cfg: LinearConfig):
@@ -260,15 +197,6 @@ def _linear_jvp(primals, tangents, *, cfg: LinearConfig):
         db = jnp.broadcast_to(dbias.astype(cfg.out_dtype), y.shape)
         dy = db if dy is None else dy + db
     return y, (symbolic_zero(jax.typeof(y)) if dy is None else dy)
-
-
-def dense_weight(weight: MxWeight, dtype):
-    """The exact [N, K] weight in `dtype` (bf16 / fp32), through the backend's own kernel
-    where it has one."""
-    impl = get_backend_impl(weight.backend)
-    if impl.dequantize_weight is not None and jnp.dtype(dtype) == jnp.bfloat16:
-        return impl.dequantize_weight(weight, jnp.dtype(dtype))
-    return dequantize(*impl.unprepare(weight.arrays, weight.meta, weight.shape), dtype=dtype)
 
 
 def _linear_transpose(ct, x, *rest, cfg: LinearConfig):
@@ -294,7 +222,7 @@ ad.primitive_transposes[linear_p] = _linear_transpose
 def _bind(x, weight, bias, out_dtype, quantize_activations: bool):
     """Binds the partitioned linear (after linear() validated its arguments)."""
     keys = tuple(sorted(weight.arrays))
-    shape = local_weight_shape(weight)  # inside shard_map: the shard's
+    shape = local_shape(weight)  # inside shard_map: the shard's
     cfg = LinearConfig(keys, shape, weight.backend, shard_meta(weight.backend, weight.meta, weight.shape, shape),
                        jnp.dtype(out_dtype), bool(quantize_activations), bias is not None)
     args = [x, *(weight.arrays[k] for k in keys)] + ([bias] if bias is not None else [])
@@ -314,7 +242,13 @@ def linear(x, weight: MxWeight, bias=None, *, out_dtype=None, quantize_activatio
     x = jnp.asarray(x)
     _checks.check_dtype("linear input x", x.dtype, _checks.FLOAT_INPUT_DTYPES,
                      "Cast activations to bfloat16 (recommended), float16 or float32.")
-    n, k = local_weight_shape(weight)  # a shard's (N, K) inside shard_map
+    shape = local_shape(weight)  # a shard's (N, K) inside shard_map; one expert's inside vmap
+    if len(shape) == 3:
+        raise ValueError(
+            f"linear: the weight holds {shape[0]} stacked experts (shape {weight.shape}); use "
+            f"ragged_linear(x, weight, group_sizes) for tokens grouped by expert, or "
+            f"jax.vmap(linear) over the experts (x [E, ..., K], the weight's arrays on axis 0)")
+    n, k = shape
     if x.ndim < 1 or x.shape[-1] != k:
         raise ValueError(f"linear: x has shape {x.shape} but the weight expects in_features K={k} "
                          f"on the last axis (weight shape [N, K] = {weight.shape})")

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from jax_mxfp8 import reference
 from jax_mxfp8.backends.base import Backend, BackendImpl, register_backend
+from jax_mxfp8.backends.emulation import grouped_dot_with_bias
 from jax_mxfp8.backends.marlin.kernels import (  # noqa: F401  (the kernels' API)
     DEQUANT_TARGET, GEMM_TARGET, KERNEL_DTYPES, TILE_CONFIGS, WGMMA_CONFIGS, WGMMA_TARGET, Tile, WgmmaConfig, dequantize_packed,
     device_has_clusters, device_has_wgmma, effective_splits, gemm, gemm_sm90, max_cluster_splits,
@@ -83,6 +84,34 @@ def _dequantize_weight(weight, dtype):
     return w if w.shape == (n, k) else w[:n, :k]
 
 
+def marlin_ragged_linear(x2d, weight, group_sizes, bias, out_dtype):
+    """The grouped W8A16 GEMM: x2d [T, K] with rows grouped by expert (group_sizes [E] int32 on
+    the device, rows [sum(gs[:e]), sum(gs[:e+1])) use expert e) against the stacked packed
+    weight (E, N, K); bias [E, N] or None; -> [T, N] out_dtype, zero from row sum(gs) on.
+
+    The weight's arrays: qweight uint8 [E, Kp/16, 16*Np], scales uint8 [E, Kp/32, Np], flags
+    int32 [E, 1] (each expert packed as layout.py describes; weight.meta = (tag, Np, Kp) of one
+    expert). x2d is bf16, fp16 or fp32 and holds K (unpadded) columns; out_dtype is bf16, fp16
+    or fp32 (float32 for row-parallel partial products).
+
+    For now: the dequantize kernel per expert (exact bf16 weights) and a grouped dot with float32
+    accumulation, the emulation math.
+    """
+    e, n, k = weight.shape
+    _, n_pad, k_pad = weight.meta
+    if x2d.shape[0] == 0:
+        return jnp.zeros((0, n), out_dtype)
+    if k_pad != k:
+        x2d = jnp.pad(x2d, ((0, 0), (0, k_pad - k)))
+    if bias is not None and n_pad != n:
+        bias = jnp.pad(bias, ((0, 0), (0, n_pad - n)))
+    a = weight.arrays
+    w = jax.vmap(lambda q, s: dequantize_packed(q, s))(a["qweight"], a["scales"])  # [E, Np, Kp] bf16
+    op_dtype = reference.dot_dtype(x2d.dtype)
+    y = grouped_dot_with_bias(x2d.astype(op_dtype), w.astype(op_dtype), group_sizes, bias, out_dtype)
+    return y[:, :n] if n_pad != n else y
+
+
 def _array_axes(meta, shape):
     """qweight and scales are 64-tile-major along K (rows) and N (columns), so whole-tile
     chunks are the packed shards; flags go whole to every shard."""
@@ -93,7 +122,7 @@ def _array_axes(meta, shape):
 
 
 def _shard_meta(meta, shape):
-    return layout_meta(*shape)
+    return layout_meta(*shape[-2:])  # one expert's (N, K) of a stacked shape
 
 
 register_backend(BackendImpl(
@@ -101,4 +130,4 @@ register_backend(BackendImpl(
     required_targets=(GEMM_TARGET, DEQUANT_TARGET), default_quantize_activations=False,
     supports_w8a16=True, supports_w8a8=False, prepare=pack_weight, unprepare=unpack_weight,
     linear=_linear, array_axes=_array_axes, n_tile=TILE, k_tile=TILE, shard_meta=_shard_meta,
-    dequantize_weight=_dequantize_weight))
+    dequantize_weight=_dequantize_weight, ragged_linear=marlin_ragged_linear))
