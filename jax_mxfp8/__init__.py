@@ -24,3 +24,7 @@ __all__ = [
 from jax_mxfp8.ops.ragged_linear import ragged_linear  # noqa: E402
 
 __all__ += ["ragged_linear"]
+
+from jax_mxfp8.fusion import FusedWeight, fuse_biases, fuse_weights, linear_split  # noqa: E402
+
+__all__ += ["FusedWeight", "fuse_biases", "fuse_weights", "linear_split"]

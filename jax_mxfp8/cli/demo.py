@@ -2,8 +2,9 @@
 
 Builds a random Llama-style decoder (or loads one with --checkpoint DIR), converts its
 nnx.Linear layers with jax_mxfp8.flax.quantize_model (an MXFP8 checkpoint is loaded as it is,
-W8A8 or weight-only as its quantization config says), runs both models under jit and prints
-the backend, the logits' errors, weight memory, and time per step.
+W8A8 or weight-only as its quantization config says), with q/k/v and gate/up fused into one
+GEMM each, runs both models under jit and prints the backend, the logits' errors, weight
+memory, and time per step.
 
 The logits are compared with the numpy reference of models/llama_reference.py (its own
 config.json parsing and the Hugging Face formulas, float32) run on the same weights: for
@@ -109,7 +110,7 @@ def _build_models(args, backend, quantize_activations):
     """(bf16 model, MXFP8 model, description, n quantized layers, seconds). The bf16 model of
     an MXFP8 checkpoint holds its weights dequantized (exactly) to bf16."""
     nnx, mx_flax, decoder = _flax()
-    Mxfp8Linear, quantize_model = mx_flax.Mxfp8Linear, mx_flax.quantize_model
+    quantize_model = mx_flax.quantize_model
     CausalLM, DecoderConfig, load_pretrained = (decoder.CausalLM, decoder.DecoderConfig,
                                                 decoder.load_pretrained)
 
@@ -120,7 +121,8 @@ def _build_models(args, backend, quantize_activations):
                                                 dequantize_weights=True)
         if n_mxfp8:  # already MXFP8: the bf16 model is the same weights dequantized
             start = time.perf_counter()
-            model, _, _ = load_pretrained(args.checkpoint, backend=backend, quantize_activations=qa)
+            model, _, _ = load_pretrained(args.checkpoint, backend=backend, quantize_activations=qa,
+                                          fuse=True)
             return (bf16, model, f"MXFP8 checkpoint {args.checkpoint}", n_mxfp8,
                     time.perf_counter() - start)
         source = f"bf16 checkpoint {args.checkpoint}"
@@ -132,10 +134,22 @@ def _build_models(args, backend, quantize_activations):
         source = "random Llama-style decoder"
     start = time.perf_counter()
     model = quantize_model(nnx.clone(bf16), predicate=keep, backend=backend,
-                           quantize_activations=qa)
-    seconds = time.perf_counter() - start
-    count = sum(isinstance(node, Mxfp8Linear) for _, node in nnx.iter_graph(model))
-    return bf16, model, source, count, seconds
+                           quantize_activations=qa, fuse=decoder.PROJECTIONS)
+    return bf16, model, source, _mxfp8_linears(model), time.perf_counter() - start
+
+
+def _mxfp8_layers(model) -> list:
+    """The Mxfp8Linear and Mxfp8FusedLinear modules of a model (one GEMM each)."""
+    nnx, mx_flax, _ = _flax()
+    return [node for _, node in nnx.iter_graph(model)
+            if isinstance(node, (mx_flax.Mxfp8Linear, mx_flax.nnx.Mxfp8FusedLinear))]
+
+
+def _mxfp8_linears(model) -> int:
+    """The MXFP8 linears of a model, each piece of a fused projection counted."""
+    _, mx_flax, _ = _flax()
+    return sum(len(node.names) if isinstance(node, mx_flax.nnx.Mxfp8FusedLinear) else 1
+               for node in _mxfp8_layers(model))
 
 
 class _Dequantized(Mapping):
@@ -191,15 +205,12 @@ def _compare(got, want) -> tuple[float, float, float]:
 
 def _weight_bytes(model):
     """(bytes of the MXFP8 layers' weights, what they took in bf16, whole model's param bytes)."""
-    nnx, mx_flax, _ = _flax()
-    Mxfp8Linear = mx_flax.Mxfp8Linear
-
+    nnx, _, _ = _flax()
     mx_bytes = bf16_bytes = 0
-    for _, node in nnx.iter_graph(model):
-        if isinstance(node, Mxfp8Linear):
-            weight = node.weight.get_value()
-            mx_bytes += weight.nbytes
-            bf16_bytes += weight.shape[0] * weight.shape[1] * 2
+    for node in _mxfp8_layers(model):
+        weight = node.weight.get_value()
+        mx_bytes += weight.nbytes
+        bf16_bytes += weight.shape[0] * weight.shape[1] * 2
     total = sum(leaf.nbytes for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
     return mx_bytes, bf16_bytes, total
 
@@ -255,7 +266,8 @@ def main(args) -> int:
           f"head_dim {c.head_dim}), vocab {c.vocab_size}, rope_theta {c.rope_theta:g}"
           f"{' (llama3 scaling)' if c.rope_scaling else ''}"
           f"{', tied embeddings' if c.tie_word_embeddings else ''}; {n_layers} linear layers in "
-          f"MXFP8 ({quantize_s:.1f} s)")
+          f"MXFP8 ({quantize_s:.1f} s), {len(_mxfp8_layers(model))} GEMMs with q/k/v and gate/up "
+          f"fused")
     if quant is not None:
         print(f"quantization config: {quant.producer}, group size {quant.group_size}, ignore "
               f"{list(quant.ignore) or 'nothing'}")

@@ -1,16 +1,19 @@
-"""Flax Linen: `Mxfp8Dense` (an inference drop-in for nn.Dense), `quantize_params` for nn.Dense
+"""Flax Linen: `Mxfp8Dense` (an inference drop-in for nn.Dense), `Mxfp8FusedDense` (several
+Dense layers that read the same input as one MXFP8 GEMM), `quantize_params` for nn.Dense
 parameter trees, and `intercept_dense` to run unchanged nn.Dense models on quantized params."""
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+import jax
 from flax.core import FrozenDict
 
 from jax_mxfp8.flax._common import (
     Progress, default_predicate, kernel_to_weight, output_dtype, resolve_backend, show_progress)
+from jax_mxfp8.fusion import FusedWeight, fuse_weights, split_outputs
 from jax_mxfp8.ops.linear import linear
 from jax_mxfp8.ops.quantize import check_rounding
 from jax_mxfp8.weight import MxWeight
@@ -65,6 +68,48 @@ class Mxfp8Dense(nn.Module):
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
         return _apply(inputs, weight, bias, features=self.features, dtype=self.dtype,
                       param_dtype=self.param_dtype, quantize_activations=self.quantize_activations)
+
+
+class Mxfp8FusedDense(nn.Module):
+    """Dense layers of `features` (a tuple) that read the same input, as one MXFP8 GEMM:
+    returns the tuple of their outputs. params {'weight': FusedWeight, 'bias': [sum(features)]
+    in the fused row order}; from existing layers: jax_mxfp8.fuse_weights of their MxWeights
+    and jax_mxfp8.fuse_biases of their biases. `init` draws one kernel per piece with
+    kernel_init, quantizes and fuses them. Other fields as Mxfp8Dense."""
+    features: Sequence[int]
+    use_bias: bool = True
+    dtype: Optional[Any] = None
+    param_dtype: Any = jnp.float32
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros_init()
+    quantize_activations: Optional[bool] = None
+    rounding: str = "ceil"
+    backend: Optional[str] = None
+
+    @nn.compact
+    def __call__(self, inputs) -> tuple:
+        in_features, features = jnp.shape(inputs)[-1], tuple(self.features)
+
+        def init_weight(key):
+            where = self.name or "Mxfp8FusedDense"
+            return fuse_weights([
+                kernel_to_weight(self.kernel_init(k, (in_features, n), self.param_dtype),
+                                 rounding=self.rounding, backend=resolve_backend(self.backend),
+                                 where=where)
+                for k, n in zip(jax.random.split(key, len(features)), features)])
+
+        if self.has_variable("params", "weight"):  # as Mxfp8Dense: no re-traced init
+            weight = self.get_variable("params", "weight")
+        else:
+            weight = self.param("weight", init_weight)
+        if not isinstance(weight, FusedWeight) or weight.sizes != features:
+            raise ValueError(f"param 'weight' must be a FusedWeight of pieces {features} (fuse_weights); "
+                             f"got {weight!r}")
+        bias = (self.param("bias", self.bias_init, (sum(features),), self.param_dtype)
+                if self.use_bias else None)
+        y = _apply(inputs, weight.weight, bias, features=sum(features), dtype=self.dtype,
+                   param_dtype=self.param_dtype, quantize_activations=self.quantize_activations)
+        return split_outputs(y, weight)
 
 
 def _dense_leaves(params, path=()):

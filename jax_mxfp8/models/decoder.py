@@ -10,6 +10,13 @@ MistralForCausalLM and Qwen2ForCausalLM and refuses (ValueError) what the decode
 compute differently from transformers. load_pretrained honours the checkpoint's quantization
 config (jax_mxfp8.quant_config). llama_reference.py is an independent numpy forward pass the
 tests and the demo check this model against.
+
+Fused projections: q/k/v read the same input, and so do gate/up; quantized, each group can be
+one MXFP8 GEMM (jax_mxfp8.flax.nnx.Mxfp8FusedLinear, "self_attn.q_k_v_proj" and
+"mlp.gate_up_proj"): quantize_model(model, fuse=PROJECTIONS), load_pretrained(..., fuse=True)
+or fuse_projections(model). The layers call them through call_fused, so the float, quantized
+and fused models share one forward, and state_dict / save_pretrained still write the HF
+per-projection names (a fused weight is split back exactly).
 """
 from __future__ import annotations
 
@@ -28,7 +35,8 @@ from flax import nnx
 
 from jax_mxfp8.backends import get_backend_impl
 from jax_mxfp8.checkpoint import CheckpointError, load_safetensors, save_safetensors
-from jax_mxfp8.flax.nnx import Mxfp8Linear, load_state_dict, state_dict
+from jax_mxfp8.flax.nnx import (
+    Mxfp8FusedLinear, Mxfp8Linear, call_fused, fuse_linears, load_state_dict, state_dict)
 from jax_mxfp8.ops.dequantize import dequantize
 from jax_mxfp8.quant_config import read_quant_config  # the demo calls it as decoder.read_quant_config
 from jax_mxfp8.weight import MxWeight
@@ -61,6 +69,11 @@ HF_DEFAULT_ROPE_THETA = 10000.0
 # Tensors some HF checkpoints carry that this model does not use (old rotary buffers, FP8 KV-cache
 # and static activation scales of ModelOpt exports).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", ".k_scale", ".v_scale", ".input_scale")
+# The projections that read the same input, and where they live: the `fuse` spec of
+# quantize_model / fuse_linears for this model.
+QKV = ("q_proj", "k_proj", "v_proj")
+GATE_UP = ("gate_proj", "up_proj")
+PROJECTIONS = {"model.layers.*.self_attn": QKV, "model.layers.*.mlp": GATE_UP}
 
 
 def _model_type(config: dict) -> str:
@@ -319,9 +332,10 @@ class Attention(nnx.Module):
 
     def __call__(self, x, cos, sin):
         b, t, _ = x.shape
-        q = rotate(self.q_proj(x).reshape(b, t, self.heads, self.head_dim), cos, sin)
-        k = rotate(self.k_proj(x).reshape(b, t, self.kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).reshape(b, t, self.kv_heads, self.head_dim)
+        q, k, v = call_fused(self, QKV, x)  # one GEMM when fused
+        q = rotate(q.reshape(b, t, self.heads, self.head_dim), cos, sin)
+        k = rotate(k.reshape(b, t, self.kv_heads, self.head_dim), cos, sin)
+        v = v.reshape(b, t, self.kv_heads, self.head_dim)
         out = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # grouped-query aware
         return self.o_proj(out.reshape(b, t, self.heads * self.head_dim))
 
@@ -333,7 +347,8 @@ class MLP(nnx.Module):
         self.down_proj = _linear(c.intermediate_size, c.hidden_size, dtype, rngs)
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = call_fused(self, GATE_UP, x)  # one GEMM when fused
+        return self.down_proj(jax.nn.silu(gate) * up)
 
 
 class DecoderLayer(nnx.Module):
@@ -444,10 +459,26 @@ def _check_activation_math(tensors, quantize_activations: bool, why: str, where)
                              f"{can}, or backend='emulation'")
 
 
+def _quantized_projections(path: str, module) -> list[tuple[str, ...]]:
+    """The projection groups of one module whose linears are all MXFP8 (a checkpoint whose
+    ignore list leaves one of them in high precision keeps that group unfused)."""
+    groups = {Attention: [QKV], MLP: [GATE_UP]}.get(type(module), [])
+    return [g for g in groups if all(isinstance(getattr(module, n, None), Mxfp8Linear) for n in g)]
+
+
+def fuse_projections(model: CausalLM, *, shards: int = 1) -> CausalLM:
+    """Fuses (in place, exactly) q/k/v and gate/up wherever all of a group's linears are
+    Mxfp8Linear; returns the model. shards: as in jax_mxfp8.fuse_weights (column-parallel)."""
+    return fuse_linears(model, _quantized_projections, shards=shards)
+
+
 def load_pretrained(directory, *, dtype=jnp.bfloat16, backend=None, dequantize_weights=False,
-                    quantize_activations=None):
+                    quantize_activations=None, fuse: bool = False):
     """(model, config, n_mxfp8) from a directory with config.json + safetensors. MXFP8
-    tensors become Mxfp8Linear layers (or Linears of `dtype` with dequantize_weights=True).
+    tensors become Mxfp8Linear layers (or Linears of `dtype` with dequantize_weights=True);
+    fuse=True fuses the MXFP8 q/k/v and gate/up projections into one GEMM each
+    (fuse_projections), attribute names change ("self_attn.q_k_v_proj"), and state_dict still
+    writes the checkpoint's names.
 
     quantize_activations: None = what the checkpoint's quantization config says (W8A8 or
     weight-only W8A16; W8A16 when it has none); True/False override it. The config's ignore
@@ -480,6 +511,8 @@ def load_pretrained(directory, *, dtype=jnp.bfloat16, backend=None, dequantize_w
         _check_activation_math(tensors, quantize_activations, why, directory)
     model = nnx.eval_shape(lambda: CausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
     model = load_state_dict(model, tensors, quantize_activations=quantize_activations)
+    if fuse:
+        fuse_projections(model)
     return model, config, n_mxfp8
 
 
@@ -490,7 +523,8 @@ def _quantization_config(model: CausalLM) -> dict[str, Any] | None:
     in high precision are its ignore list. None for a model without MXFP8 layers."""
     modes = {bool(get_backend_impl(node.weight.get_value().backend).default_quantize_activations
                   if node.quantize_activations is None else node.quantize_activations)
-             for _, node in nnx.iter_graph(model) if isinstance(node, Mxfp8Linear)}
+             for _, node in nnx.iter_graph(model)
+             if isinstance(node, (Mxfp8Linear, Mxfp8FusedLinear))}
     if not modes:
         return None
     if len(modes) > 1:
@@ -512,7 +546,8 @@ def _quantization_config(model: CausalLM) -> dict[str, Any] | None:
 def save_pretrained(model: CausalLM, directory, *, max_shard_bytes: int | None = None) -> list[Path]:
     """Writes config.json (with a compressed-tensors MXFP8 quantization_config when the model
     holds Mxfp8Linear layers, saying whether they quantize activations) and the HF-named
-    safetensors (MXFP8 weights as `<name>` F8_E4M3 + `<name>_scale` U8)."""
+    safetensors (MXFP8 weights as `<name>` F8_E4M3 + `<name>_scale` U8; fused projections
+    split back into q/k/v and gate/up, exactly)."""
     directory = Path(directory)
     config = model.config.to_hf()
     quantization = _quantization_config(model)
