@@ -182,6 +182,307 @@ def test_autotune_measures_once_and_reads_its_cache(tmp_path, monkeypatch):
         marlin.choose_plan(7, 256, 512, jnp.bfloat16, sms=132)
 
 
+def test_primitive_reference_lowering_matches_float64(rng, seed):
+    """The jnp lowering (CPU and any non-CUDA platform) computes the same math."""
+    codes, scales = random_weight(rng, 128, 256)
+    arrays, _ = prepare(codes, scales)
+    x = rng.standard_normal((5, 256)).astype(ml_dtypes.bfloat16)
+    bias = rng.standard_normal(128).astype(np.float32)
+    cpu = jax.devices("cpu")[0]
+    arrays, x_cpu, b_cpu = jax.device_put((arrays, x, bias), cpu)
+    f = jax.jit(lambda x, b, a: marlin.gemm(x, a["qweight"], a["scales"], a["flags"], b,
+                                            m_blocks=1, warps_n=2, splits=2, out_dtype=jnp.float32))
+    y = f(x_cpu, b_cpu, arrays)
+    assert rel_fro(y, R.linear(x, codes, scales, bias)) <= 1e-5, f"seed {seed}"
+    yb = jax.jit(jax.vmap(lambda xi, a: marlin.gemm(xi, a["qweight"], a["scales"], a["flags"],
+                                                    m_blocks=1, warps_n=1, splits=1,
+                                                    out_dtype=jnp.float32), in_axes=(0, None)))(
+        jax.device_put(np.stack([x, x]), cpu), arrays)
+    np.testing.assert_allclose(np.asarray(yb[1]), R.linear(x, codes, scales), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("x_dtype,m", [(np.float32, 5), (ml_dtypes.bfloat16, 3), (ml_dtypes.bfloat16, 300)])
+def test_padded_shapes_through_backend_linear(x_dtype, m, rng, seed):
+    """N and K not multiples of 64: prepare pads, linear pads x along K and slices y (both
+    plans; jnp lowerings on CPU)."""
+    n, k = 100, 96
+    codes, scales = random_weight(rng, n, k)
+    cpu = jax.devices("cpu")[0]
+    with jax.default_device(cpu):
+        arrays, meta = prepare(codes, scales)
+        weight = mx.MxWeight(arrays, (n, k), "marlin", meta)
+        x = rng.standard_normal((m, k)).astype(x_dtype)
+        bias = rng.standard_normal(n).astype(np.float32)
+        y = jax.jit(lambda x, w, b: marlin._linear(x, w, b, jnp.float32, False))(x, weight, bias)
+    assert y.shape == (m, n)
+    assert rel_fro(y, R.linear(x, codes, scales, bias)) <= 1e-5, f"seed {seed}"
+
+
+def test_cluster_split_limit_is_checked():
+    arrays, _ = prepare(*random_weight(np.random.default_rng(4), 64, 1024))
+    x = jnp.zeros((2, 1024), jnp.bfloat16)
+    with pytest.raises(ValueError, match="at most 8 K splits"):
+        marlin.gemm(x, arrays["qweight"], arrays["scales"], arrays["flags"], m_blocks=1, warps_n=1,
+                    splits=16, cluster=True, out_dtype=jnp.bfloat16)
+
+
+@pytest.mark.parametrize("n,k,slice_bytes", [(28672, 8192, 64 << 20), (8192, 8192, 64 << 20),
+                                             (4096, 4096, 64 << 20), (192, 64, 8192), (64, 64, 1)])
+def test_dequant_slices_tile_the_columns_within_the_budget(n, k, slice_bytes):
+    sl = marlin.dequant_slices(n, k, 1024, slice_bytes, whole_bytes=0)
+    assert sl[0][0] == 0 and sum(r for _, r in sl) == n
+    assert all(b + r == nb for (b, r), (nb, _) in zip(sl, sl[1:]))
+    assert all(r % 64 == 0 and r > 0 and (r * k * 2 <= slice_bytes or r == 64) for _, r in sl)
+
+
+@pytest.mark.parametrize("x_dtype", [ml_dtypes.bfloat16, np.float32])
+def test_sliced_dequant_dot_matches_float64(x_dtype, rng, seed):
+    """The large-M path in four column slices (jnp lowerings on CPU), bias split with them."""
+    n, k, m = 256, 128, 9
+    codes, scales = random_weight(rng, n, k)
+    cpu = jax.devices("cpu")[0]
+    with jax.default_device(cpu):
+        arrays, _ = prepare(codes, scales)
+        x = rng.standard_normal((m, k)).astype(x_dtype)
+        bias = rng.standard_normal(n).astype(np.float32)
+        slices = marlin.dequant_slices(n, k, m, 64 * k * 2, whole_bytes=0)
+        assert len(slices) == 4
+        y = jax.jit(lambda x, a, b: marlin.dequant_dot(x, a, b, jnp.float32, slices))(x, arrays, bias)
+    assert rel_fro(y, R.linear(x, codes, scales, bias)) <= 1e-5, f"seed {seed}"
+
+
+def test_only_large_weights_are_sliced():
+    assert marlin.dequant_slices(14336, 4096, 1024) == [(0, 14336)]  # 112 MiB of bf16: whole
+    assert marlin.dequant_slices(28672, 8192, 1024) == [(4096 * i, 4096) for i in range(7)]
+    assert marlin.dequant_slices(28672, 8192, 4096) == [(0, 28672)]  # measured slower sliced
+
+
+def test_dequantize_slice_bounds_are_checked():
+    arrays, _ = prepare(*random_weight(np.random.default_rng(3), 128, 64))
+    with pytest.raises(ValueError, match="not whole 64-column tiles"):
+        marlin.dequantize_packed(arrays["qweight"], arrays["scales"], 64, 128)
+    with pytest.raises(ValueError, match="not whole 64-column tiles"):
+        marlin.dequantize_packed(arrays["qweight"], arrays["scales"], 32, 64)
+
+
+@needs_cuda_targets(marlin.GEMM_TARGET, reason="CUDA module not built")
+def test_lowers_to_custom_calls():
+    arrays, _ = prepare(*random_weight(np.random.default_rng(2), 64, 64))
+    x = jax.ShapeDtypeStruct((3, 64), jnp.bfloat16)
+    gemm = jax.jit(lambda x: marlin.gemm(x, arrays["qweight"], arrays["scales"], arrays["flags"],
+                                         m_blocks=1, warps_n=1, splits=1, out_dtype=jnp.bfloat16))
+    assert "jax_mxfp8_marlin_gemm_cuda_v1" in gemm.trace(x).lower(lowering_platforms=("cuda",)).as_text()
+    dq = jax.jit(lambda: marlin.dequantize_packed(arrays["qweight"], arrays["scales"]))
+    assert "jax_mxfp8_marlin_dequantize_cuda_v1" in dq.trace().lower(lowering_platforms=("cuda",)).as_text()
+
+
+# ---- kernels on the GPU ----------------------------------------------------------------------
+
+def run_gemm(x, arrays, bias, *, tile, splits, out_dtype, cluster=False):
+    poison_device_memory(x.shape[0] * arrays["scales"].shape[1] * 4)
+    tile = marlin.Tile(*tile)
+    f = jax.jit(lambda x, b: marlin.gemm(x, arrays["qweight"], arrays["scales"], arrays["flags"], b,
+                                         m_blocks=tile.m_blocks, warps_n=tile.warps_n, splits=splits,
+                                         cluster=cluster, out_dtype=out_dtype))
+    return np.asarray(f(x, bias).astype(jnp.float32))
+
+
+LINEAR_CASES = ([(m, n, k) for m in (1, 2, 3, 7, 16, 31, 64, 100, 256, 1024, 4096)
+                 for n, k in ((64, 64), (192, 320), (4096, 1024))]
+                + [(m, 1024, 4096) for m in (1, 16, 64, 256)])
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", range(len(LINEAR_CASES)))
+def test_linear_marlin_vs_float64(case, rng, seed):
+    m, n, k = LINEAR_CASES[case]
+    with_bias = case % 2 == 1
+    codes, scales = random_weight(rng, n, k)
+    weight = mx.prepare_weight(jnp.asarray(codes.view(ml_dtypes.float8_e4m3fn)), jnp.asarray(scales),
+                               backend="marlin")
+    x = rng.standard_normal((m, k)).astype(ml_dtypes.bfloat16)
+    bias = rng.standard_normal(n).astype(ml_dtypes.bfloat16) if with_bias else None
+    poison_device_memory(m * n * 4)
+    y = jax.jit(mx.linear)(x, weight, bias)
+    assert y.shape == (m, n) and y.dtype == jnp.bfloat16
+    y = np.asarray(y.astype(jnp.float32))
+    assert np.all(np.isfinite(y)), f"seed {seed}"
+    assert rel_fro(y, R.linear(x, codes, scales, bias)) <= 1e-2, f"seed {seed}"
+
+
+def check_fp32_gemm(rng, run, n, k, ms):
+    """run(x, arrays, bias) -> fp32 y on a fresh weight, x and bias per M, against float64."""
+    codes, scales = random_weight(rng, n, k)
+    arrays, _ = prepare(codes, scales)
+    for m in ms:
+        x = rng.standard_normal((m, k)).astype(ml_dtypes.bfloat16)
+        bias = rng.standard_normal(n).astype(np.float32)
+        assert rel_fro(run(x, arrays, bias), R.linear(x, codes, scales, bias)) <= 1e-4, f"m {m}"
+
+
+@needs_kernels
+@pytest.mark.parametrize("tile", marlin.TILE_CONFIGS)
+@pytest.mark.parametrize("splits,cluster", [(1, False), (3, False), (3, True), (8, True), (12, False)])
+@pytest.mark.parametrize("m", [1, 17, 100, 300])
+def test_every_tile_and_split(tile, splits, cluster, m, rng):
+    check_fp32_gemm(rng, lambda x, arrays, bias: run_gemm(x, arrays, bias, tile=tile, splits=splits,
+                                                          cluster=cluster, out_dtype=jnp.float32),
+                    512, 1536, [m])
+
+
+@needs_kernels
+@pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+@pytest.mark.parametrize("tile", [(1, 1), (2, 4), (4, 4)])
+def test_fp16_activations_are_exact_inputs(tile, out_dtype, rng, seed):
+    """fp16 x is split into bf16 hi + lo in the kernel: the result matches the fp32 math."""
+    n, k, m = 256, 512, 40
+    # wide weight range for fp32 outputs; narrower where the output itself is fp16/bf16
+    codes, scales = random_weight(rng, n, k, spread=8 if out_dtype == jnp.float32 else 2)
+    arrays, _ = prepare(codes, scales)
+    x = (rng.standard_normal((m, k)) * 3).astype(np.float16)
+    bias = rng.standard_normal(n).astype(np.float16)
+    y = run_gemm(x, arrays, bias, tile=tile, splits=2, out_dtype=out_dtype)
+    tol = 1e-4 if out_dtype == jnp.float32 else 1e-2
+    assert rel_fro(y, R.linear(x, codes, scales, bias)) <= tol, f"seed {seed}"
+
+
+def exhaustive_weight(scale_bytes):
+    """K = 256: every row holds all 256 codes (rolled per row) with one scale byte per row."""
+    n = 256
+    codes = np.stack([np.roll(np.arange(256, dtype=np.uint8), 37 * r) for r in range(n)])
+    scales = np.array([[scale_bytes[r % len(scale_bytes)]] * 8 for r in range(n)], np.uint8)
+    return codes, scales
+
+
+@needs_kernels
+@pytest.mark.parametrize("scale_bytes,general", [(SCALE_BYTES, 1), (SCALE_BYTES[:5], 0)])
+def test_exhaustive_dequantize_kernel(scale_bytes, general):
+    codes, scales = exhaustive_weight(scale_bytes)
+    if not general:
+        codes = np.where((codes & 0x7F) == 0x7F, 0, codes).astype(np.uint8)
+    arrays, _ = prepare(codes, scales)
+    assert int(arrays["flags"][0]) == general
+    got = np.asarray(marlin.dequantize_packed(arrays["qweight"], arrays["scales"]))
+    want = R.dequantize(codes, scales, ml_dtypes.bfloat16)
+    # bit for bit, subnormal bf16 results included; NaN where the reference is NaN
+    np.testing.assert_array_equal(got.view(np.uint16)[~np.isnan(want)], want.view(np.uint16)[~np.isnan(want)])
+    assert np.array_equal(np.isnan(got), np.isnan(want))
+
+
+@needs_kernels
+def test_sliced_dequant_dot_on_the_gpu_matches_float64(rng, seed):
+    """The large-M path in column slices (CUDA dequantize per slice + cuBLAS), bias with it."""
+    n, k, m = 448, 256, 300
+    codes, scales = random_weight(rng, n, k)
+    arrays, _ = prepare(codes, scales)
+    x = rng.standard_normal((m, k)).astype(ml_dtypes.bfloat16)
+    bias = rng.standard_normal(n).astype(ml_dtypes.bfloat16)
+    slices = marlin.dequant_slices(n, k, m, 128 * k * 2, whole_bytes=0)
+    assert len(slices) == 4 and {r for _, r in slices} == {64, 128}  # uneven slices too
+    poison_device_memory(m * n * 4)
+    y = jax.jit(lambda x, a, b: marlin.dequant_dot(x, a, b, jnp.bfloat16, slices))(x, arrays, bias)
+    assert rel_fro(np.asarray(y.astype(jnp.float32)), R.linear(x, codes, scales, bias)) <= 1e-2, f"seed {seed}"
+
+
+@needs_kernels
+def test_dequantize_kernel_column_slices_are_exact():
+    codes, scales = exhaustive_weight(SCALE_BYTES)
+    arrays, _ = prepare(codes, scales)
+    want_all = R.dequantize(codes, scales, ml_dtypes.bfloat16)
+    for n_begin, rows in ((0, 64), (64, 128), (192, 64)):
+        poison_device_memory(rows * 256 * 2)
+        got = np.asarray(marlin.dequantize_packed(arrays["qweight"], arrays["scales"], n_begin, rows))
+        want = want_all[n_begin:n_begin + rows]
+        nan = np.isnan(want)  # NaN where the reference is NaN (payloads may differ)
+        assert np.array_equal(np.isnan(got), nan)
+        np.testing.assert_array_equal(got.view(np.uint16)[~nan], want.view(np.uint16)[~nan])
+
+
+def check_exhaustive_through(run, scale_bytes, general, kernel):
+    """x = identity picks every weight element alone: run(x, arrays)[m, n] must equal
+    dequantize(W)[n, m] bit for bit, for all 256 codes x the scale bytes (bf16-subnormal
+    weights included); one NaN weight column on the general path."""
+    codes, scales = exhaustive_weight(scale_bytes)
+    want_w = R.dequantize(codes, scales, np.float64)
+    # Non-finite weights would turn whole output columns into NaN (0 * Inf): checked below.
+    codes = np.where(np.isfinite(want_w) & (np.abs(want_w) < 2.0**128), codes, 0).astype(np.uint8)
+    if general:
+        codes[:, 255] = np.where(np.arange(256) == 5, 0x7F, codes[:, 255])  # one NaN column
+    arrays, _ = prepare(codes, scales)
+    assert int(arrays["flags"][0]) == general
+    y = run(np.eye(256, dtype=ml_dtypes.bfloat16), arrays)
+    want = R.dequantize(codes, scales, ml_dtypes.bfloat16).astype(np.float32).T
+    nan_cols = np.isnan(want).any(axis=0)
+    assert np.all(np.isnan(y[:, nan_cols])) and nan_cols.sum() == general
+    got, want = y[:, ~nan_cols], want[:, ~nan_cols]
+    normal = np.abs(want) >= 2.0**-126
+    np.testing.assert_array_equal(got[normal], want[normal])
+    np.testing.assert_array_equal(got[~normal], want[~normal],
+                                  err_msg=f"bf16-subnormal weights are not exact through {kernel}")
+
+
+@needs_kernels
+@pytest.mark.parametrize("scale_bytes,general", [(SCALE_BYTES, 1), (SCALE_BYTES[:5], 0)])
+@pytest.mark.parametrize("tile", [(1, 1), (4, 4)])
+def test_exhaustive_through_the_gemm(scale_bytes, general, tile):
+    check_exhaustive_through(
+        lambda x, arrays: run_gemm(x, arrays, None, tile=tile, splits=1, out_dtype=jnp.bfloat16),
+        scale_bytes, general, "mma.sync")
+
+
+@needs_kernels
+@pytest.mark.parametrize("tile", [(1, 1), (1, 4)])
+def test_deterministic_run_to_run(tile, rng):
+    codes, scales = random_weight(rng, 1024, 4096)
+    arrays, _ = prepare(codes, scales)
+    x = rng.standard_normal((16, 4096)).astype(ml_dtypes.bfloat16)
+    results = {}
+    for splits, cluster in ((8, False), (8, True), (2, True), (16, False)):
+        runs = [run_gemm(x, arrays, None, tile=tile, splits=splits, cluster=cluster,
+                         out_dtype=jnp.float32) for _ in range(3)]
+        assert all(np.array_equal(runs[0], r) for r in runs[1:]), f"splits={splits}, cluster={cluster}"
+        results[splits, cluster] = runs[0]
+    # the two reductions add the same partials in the same order
+    assert np.array_equal(results[8, False], results[8, True])
+
+
+@needs_kernels
+@pytest.mark.skipif(not (KERNELS and marlin.device_has_clusters()), reason="needs an SM90+ GPU")
+def test_cluster_and_plain_launches_of_one_tile_interleave(rng, seed):
+    """One tile launched with a cluster (larger shared memory), then plainly, then with a
+    cluster again: the plain launch must not lower the kernel's shared-memory limit under the
+    cluster launch's (seen on an H200: 'invalid argument' on the third launch)."""
+    codes, scales = random_weight(rng, 256, 1024)
+    arrays, _ = prepare(codes, scales)
+    x = rng.standard_normal((100, 1024)).astype(ml_dtypes.bfloat16)
+    want = R.linear(x, codes, scales)
+    for cluster in (True, False, True):
+        y = run_gemm(x, arrays, None, tile=(4, 2), splits=2, cluster=cluster, out_dtype=jnp.float32)
+        assert rel_fro(y, want) <= 1e-4, f"cluster={cluster}, seed {seed}"
+
+
+@needs_kernels
+def test_fp32_activations_take_the_dequantize_path(rng, seed):
+    codes, scales = random_weight(rng, 128, 256)
+    weight = mx.prepare_weight(jnp.asarray(codes.view(ml_dtypes.float8_e4m3fn)), jnp.asarray(scales),
+                               backend="marlin")
+    x = rng.standard_normal((3, 4, 256)).astype(np.float32)
+    y = jax.jit(mx.linear)(x, weight)
+    assert y.shape == (3, 4, 128) and y.dtype == jnp.float32
+    assert rel_fro(y.reshape(12, 128), R.linear(x.reshape(12, 256), codes, scales)) <= 1e-5, f"seed {seed}"
+
+
+@needs_kernels
+def test_unprepare_on_device_round_trip(rng):
+    codes = rng.integers(0, 256, (192, 640), dtype=np.uint8)
+    scales = rng.integers(0, 256, (192, 20), dtype=np.uint8)
+    weight = mx.prepare_weight(jnp.asarray(codes.view(ml_dtypes.float8_e4m3fn)), jnp.asarray(scales),
+                               backend="marlin")
+    values, back = weight.unpack()
+    np.testing.assert_array_equal(np.asarray(values).view(np.uint8), codes)
+    np.testing.assert_array_equal(np.asarray(back), scales)
+
+
 # ---- the sm_90a wgmma kernel (ffi/src/marlin_sm90.cu) ----------------------------------------
 
 @pytest.mark.parametrize("n,k", [(4096, 4096), (14336, 4096), (8192, 8192), (28672, 8192), (192, 320),
