@@ -38,6 +38,7 @@
 // sums 1/splits of the tile, else the tile's last block sums it all. All are deterministic:
 // the same additions in the same order.
 #include <cooperative_groups.h>
+#include <cub/block/block_scan.cuh>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -118,6 +119,11 @@ struct GemmArgs {
   int cluster;            // 1: the splits of a tile are one cluster (SM90+), no workspace
   int spread;             // workspace, whole grid resident: the splits of a tile wait for each
                           // other and each sums 1/splits of it (else its last block sums all)
+  // Grouped (ragged) launches: x rows grouped by expert, group_sizes [experts] on the device,
+  // qweight / scales / flags / bias stacked per expert (strides in elements of each array).
+  const int32_t* group_sizes;
+  int experts;
+  size_t w_stride, s_stride;
 };
 
 template <int MB, int WN, int STAGES>
@@ -162,7 +168,8 @@ __device__ __forceinline__ void LoadStage(const GemmArgs& a, uint8_t* stage, int
     const int row = q >> 3, ch = q & 7;
     const int grow = m0 + row;
     const bool valid = grow < a.m;
-    const XT* src = x + static_cast<size_t>(valid ? grow : 0) * a.k + kt * kStageK + ch * 8;
+    // rows past M read the chunk's first row (inside x whatever the base) and are zero-filled
+    const XT* src = x + static_cast<ptrdiff_t>(valid ? grow : m0) * a.k + kt * kStageK + ch * 8;
     CpAsync16(SmemAddr(stage + T::kBBytes + (row * 8 + (ch ^ (row & 7))) * 16), src, valid);
   }
   if (tid < 8 * WN) {  // scales: 2 groups x 64*WN bytes
@@ -281,18 +288,15 @@ __device__ __forceinline__ float4 SumPartials(const GemmArgs& a, int m_pad, int 
   return v;
 }
 
+// One block's tile: rows [m_chunk * rows, +rows) of x (valid below a.m), columns of n_tile,
+// K split `split`.
 template <int MB, int WN, int STAGES, typename XT>
-__global__ void __launch_bounds__(kThreads, MB == 1 ? 3 : 2) MarlinGemmKernel(const GemmArgs a) {
+__device__ __forceinline__ void GemmTile(const GemmArgs& a, uint8_t* smem, int split, int m_chunk,
+                                         int n_tile) {
   using T = Tile<MB, WN, STAGES>;
-  extern __shared__ __align__(128) uint8_t smem[];
   __shared__ int is_last_block;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wn = warp % WN, wk = warp / WN;
-
-  int b = blockIdx.x;  // split fastest: a cluster's rank is its split
-  const int split = b % a.splits;
-  b /= a.splits;
-  const int m_chunk = b % a.m_chunks, n_tile = b / a.m_chunks;
   const int m0 = m_chunk * T::kRows, n0 = n_tile * T::kCols;
   const int kt_total = a.k / kStageK;
   const int kt_begin = split * a.kt_per_split;
@@ -406,6 +410,115 @@ __global__ void __launch_bounds__(kThreads, MB == 1 ? 3 : 2) MarlinGemmKernel(co
   }
 }
 
+template <int MB, int WN, int STAGES, typename XT>
+__global__ void __launch_bounds__(kThreads, MB == 1 ? 3 : 2) MarlinGemmKernel(const GemmArgs a) {
+  extern __shared__ __align__(128) uint8_t smem[];
+  int b = blockIdx.x;  // split fastest: a cluster's rank is its split
+  const int split = b % a.splits;
+  b /= a.splits;
+  GemmTile<MB, WN, STAGES, XT>(a, smem, split, b % a.m_chunks, b / a.m_chunks);
+}
+
+// Where chunk c of a grouped launch lies. Chunks are the 16*MB-row pieces of each expert's
+// rows in expert order (an expert of g rows has ceil(g / rows) of them); the chunks after the
+// last one cover the rows past sum(group_sizes), which are zero. Group sizes are clamped to
+// [0, rows left] (the rows are x's, T of them), as ragged_dot reads them.
+struct GroupChunk {
+  int expert;     // -1: a tail chunk (zero rows), -2: nothing to do
+  int row_begin;  // first row of x / y
+  int rows;       // rows of the chunk
+};
+
+template <int kRows>
+__device__ __forceinline__ GroupChunk FindChunk(const GemmArgs& a, int c) {
+  using Scan = cub::BlockScan<int, kThreads>;
+  __shared__ typename Scan::TempStorage scan;
+  __shared__ GroupChunk found;
+  const int tid = threadIdx.x;
+  const int per = (a.experts + kThreads - 1) / kThreads;  // experts per thread, in order
+  const int e0 = min(a.experts, tid * per), e1 = min(a.experts, e0 + per);
+  int raw = 0;
+  for (int e = e0; e < e1; ++e) raw += max(0, __ldg(a.group_sizes + e));
+  int start = 0, total_rows = 0;
+  Scan(scan).ExclusiveSum(raw, start, total_rows);
+  int chunks = 0;
+  for (int e = e0, r = start; e < e1; ++e) {
+    const int g = max(0, __ldg(a.group_sizes + e));
+    const int clamped = max(0, min(r + g, a.m) - r);
+    chunks += (clamped + kRows - 1) / kRows;
+    r += g;
+  }
+  __syncthreads();  // scan storage reused
+  int first = 0, total_chunks = 0;
+  Scan(scan).ExclusiveSum(chunks, first, total_chunks);
+  if (tid == 0) {
+    const int used = min(total_rows, a.m);
+    const int tail = c - total_chunks;
+    found = tail * kRows < a.m - used ? GroupChunk{-1, used + tail * kRows,
+                                                   min(kRows, a.m - used - tail * kRows)}
+                                      : GroupChunk{-2, 0, 0};
+  }
+  __syncthreads();
+  if (c >= first && c < first + chunks) {  // this thread's experts hold chunk c
+    int r = start, k = first;
+    for (int e = e0; e < e1; ++e) {
+      const int g = max(0, __ldg(a.group_sizes + e));
+      const int clamped = max(0, min(r + g, a.m) - r);
+      const int n = (clamped + kRows - 1) / kRows;
+      if (c < k + n) {
+        const int off = (c - k) * kRows;
+        found = GroupChunk{e, r + off, min(kRows, clamped - off)};
+        break;
+      }
+      k += n;
+      r += g;
+    }
+  }
+  __syncthreads();
+  return found;
+}
+
+// The grouped GEMM: blockIdx = (split, chunk, n_tile) as in the dense kernel, each chunk one
+// expert's rows against that expert's weight; the K-split workspace and counters are indexed
+// by chunk, so chunks are independent tiles. Tail chunks write zeros (split 0).
+template <int MB, int WN, int STAGES, typename XT>
+__global__ void __launch_bounds__(kThreads, MB == 1 ? 3 : 2) MarlinGroupedGemmKernel(const GemmArgs a) {
+  using T = Tile<MB, WN, STAGES>;
+  extern __shared__ __align__(128) uint8_t smem[];
+  int b = blockIdx.x;
+  const int split = b % a.splits;
+  b /= a.splits;
+  const int c = b % a.m_chunks, n_tile = b / a.m_chunks;
+  const GroupChunk chunk = FindChunk<T::kRows>(a, c);
+  if (chunk.expert == -2) return;
+  if (chunk.expert == -1) {
+    if (split != 0) return;
+    const int esize = a.out_type == kF32 ? 4 : 2;
+    const int words = T::kCols * esize / 16;  // 16-byte stores per row of the tile
+    for (int i = threadIdx.x; i < chunk.rows * words; i += kThreads) {
+      const size_t row = chunk.row_begin + i / words;
+      uint8_t* dst = static_cast<uint8_t*>(a.y) + (row * a.n + n_tile * T::kCols) * esize;
+      reinterpret_cast<uint4*>(dst)[i % words] = make_uint4(0, 0, 0, 0);
+    }
+    return;
+  }
+  // The chunk as rows [c * rows, c * rows + chunk.rows) of a shifted x / y: the tile code and
+  // the workspace indexing stay the dense kernel's.
+  GemmArgs g = a;
+  const ptrdiff_t shift = static_cast<ptrdiff_t>(chunk.row_begin) - static_cast<ptrdiff_t>(c) * T::kRows;
+  const int xsize = sizeof(XT), ysize = a.out_type == kF32 ? 4 : 2;
+  g.x = static_cast<const uint8_t*>(a.x) + shift * a.k * xsize;
+  g.y = static_cast<uint8_t*>(a.y) + shift * a.n * ysize;
+  g.m = c * T::kRows + chunk.rows;
+  g.w = a.w + chunk.expert * a.w_stride;
+  g.s = a.s + chunk.expert * a.s_stride;
+  g.flags = a.flags + chunk.expert;
+  if (a.bias != nullptr)
+    g.bias = static_cast<const uint8_t*>(a.bias) +
+             static_cast<size_t>(chunk.expert) * a.n * (a.bias_type == kF32 ? 4 : 2);
+  GemmTile<MB, WN, STAGES, XT>(g, smem, split, c, n_tile);
+}
+
 // ---- packed weight -> bf16 [N, K] (the large-M path: dequantize, then a cuBLAS GEMM) --------
 
 constexpr int kDqStride = 64 + 8;  // bf16 per shared row (pad: 144 B, 16-B aligned)
@@ -450,14 +563,14 @@ __global__ void __launch_bounds__(kThreads) MarlinDequantKernel(const uint8_t* w
 
 // ---- host side -----------------------------------------------------------------------------
 
-template <int MB, int WN, int STAGES, typename XT>
+template <int MB, int WN, int STAGES, typename XT, bool kGrouped>
 ffi::Error LaunchGemm(cudaStream_t stream, const GemmArgs& args) {
   using T = Tile<MB, WN, STAGES>;
   if (args.n % T::kCols != 0)
     return ffi::Error::InvalidArgument("marlin: N=" + std::to_string(args.n) +
                                        " is not a multiple of the tile width " +
                                        std::to_string(T::kCols));
-  auto kernel = MarlinGemmKernel<MB, WN, STAGES, XT>;
+  auto kernel = kGrouped ? MarlinGroupedGemmKernel<MB, WN, STAGES, XT> : MarlinGemmKernel<MB, WN, STAGES, XT>;
   // Raised only as far as each kind of launch needs: SM86/SM89 allow 99 KiB per block, which
   // every tile's plain launch fits; cluster launches (SM90+, 227 KiB) need the receive buffer.
   static SmemLimit smem_limit;  // one per instantiation
@@ -467,7 +580,7 @@ ffi::Error LaunchGemm(cudaStream_t stream, const GemmArgs& args) {
   if (blocks > 0x7FFFFFFF) return ffi::Error::InvalidArgument("marlin: grid too large");
   if (!args.cluster) {
     GemmArgs plain = args;
-    if (args.splits > 1) {
+    if (args.splits > 1 && !kGrouped) {  // grouped: empty chunks exit, so the last block sums
       static ResidentBlocks resident;  // one per instantiation
       int fit = 0;
       JAX_MXFP8_CUDA_RETURN_IF_ERROR(resident.Get(kernel, kThreads, T::kSmemBytes, &fit));
@@ -491,19 +604,19 @@ ffi::Error LaunchGemm(cudaStream_t stream, const GemmArgs& args) {
   return CheckLaunch("marlin gemm kernel (cluster)");
 }
 
-template <typename XT>
+template <typename XT, bool kGrouped>
 ffi::Error DispatchTile(cudaStream_t stream, const GemmArgs& args, int mb, int wn) {
   // The tile configurations jax_mxfp8/backends/marlin/kernels.py may ask for (TILE_CONFIGS).
   switch (mb * 10 + wn) {
-    case 11: return LaunchGemm<1, 1, 8, XT>(stream, args);
-    case 12: return LaunchGemm<1, 2, 6, XT>(stream, args);
-    case 14: return LaunchGemm<1, 4, 4, XT>(stream, args);
-    case 21: return LaunchGemm<2, 1, 6, XT>(stream, args);
-    case 22: return LaunchGemm<2, 2, 6, XT>(stream, args);
-    case 24: return LaunchGemm<2, 4, 4, XT>(stream, args);
-    case 41: return LaunchGemm<4, 1, 6, XT>(stream, args);
-    case 42: return LaunchGemm<4, 2, 6, XT>(stream, args);
-    case 44: return LaunchGemm<4, 4, 4, XT>(stream, args);
+    case 11: return LaunchGemm<1, 1, 8, XT, kGrouped>(stream, args);
+    case 12: return LaunchGemm<1, 2, 6, XT, kGrouped>(stream, args);
+    case 14: return LaunchGemm<1, 4, 4, XT, kGrouped>(stream, args);
+    case 21: return LaunchGemm<2, 1, 6, XT, kGrouped>(stream, args);
+    case 22: return LaunchGemm<2, 2, 6, XT, kGrouped>(stream, args);
+    case 24: return LaunchGemm<2, 4, 4, XT, kGrouped>(stream, args);
+    case 41: return LaunchGemm<4, 1, 6, XT, kGrouped>(stream, args);
+    case 42: return LaunchGemm<4, 2, 6, XT, kGrouped>(stream, args);
+    case 44: return LaunchGemm<4, 4, 4, XT, kGrouped>(stream, args);
     default:
       return ffi::Error::InvalidArgument("marlin: no compiled tile for m_blocks=" +
                                          std::to_string(mb) + ", warps_n=" + std::to_string(wn));
@@ -563,8 +676,92 @@ ffi::Error MarlinGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi
     args.partial = reinterpret_cast<float*>(ws + layout.counter_bytes);
     JAX_MXFP8_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(ws, 0, layout.counter_bytes, stream));
   }
-  if (g.x_type == kBF16) return DispatchTile<__nv_bfloat16>(stream, args, m_blocks, warps_n);
-  return DispatchTile<__half>(stream, args, m_blocks, warps_n);
+  if (g.x_type == kBF16) return DispatchTile<__nv_bfloat16, false>(stream, args, m_blocks, warps_n);
+  return DispatchTile<__half, false>(stream, args, m_blocks, warps_n);
+}
+
+// The grouped GEMM: x [T, K] rows grouped by expert (group_sizes [E]), qweight [E, K/16, 16N],
+// scales [E, K/32, N], flags [E, 1], bias [E, N] or [0] -> y [T, N], rows past
+// sum(group_sizes) zero. Grid: splits x (ceil(T / rows) + E) chunks x N tiles (the most chunks
+// any grouping needs; the unused ones exit at once).
+ffi::Error MarlinGroupedGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U8> qweight,
+                                 ffi::Buffer<ffi::U8> scales, ffi::Buffer<ffi::S32> flags,
+                                 ffi::Buffer<ffi::S32> group_sizes, ffi::AnyBuffer bias,
+                                 ffi::Result<ffi::AnyBuffer> y,
+                                 ffi::Result<ffi::Buffer<ffi::U8>> workspace, int32_t m_blocks,
+                                 int32_t warps_n, int32_t splits, int32_t cluster) {
+  const auto xd = x.dimensions(), wd = qweight.dimensions(), sd = scales.dimensions();
+  const auto yd = y->dimensions(), fd = flags.dimensions(), gd = group_sizes.dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || sd.size() != 3 || yd.size() != 2 || gd.size() != 1)
+    return ffi::Error::InvalidArgument("marlin grouped: x, y must be 2-D, qweight and scales 3-D "
+                                       "[E, ...], group_sizes 1-D");
+  const int64_t t = xd[0], k = xd[1], n = yd[1], e = gd[0];
+  if (yd[0] != t || k % 64 || n % 64 || k == 0 || e < 1 || wd[0] != e || sd[0] != e ||
+      wd[1] != k / 16 || wd[2] != 16 * n || sd[1] != k / 32 || sd[2] != n ||
+      flags.element_count() != static_cast<size_t>(e))
+    return ffi::Error::InvalidArgument("marlin grouped: shapes do not form x [T, K], qweight [E, K/16, "
+                                       "16N], scales [E, K/32, N], flags [E, 1], y [T, N] with K, N "
+                                       "multiples of 64");
+  if (t > 0x3FFFFFFF || n > 0x7FFFFFFF || k > 0x7FFFFFFF || e > 0x3FFFFFFF)
+    return ffi::Error::InvalidArgument("marlin grouped: dimensions too large");
+  (void)fd;
+  const int x_type = DTypeOf(x.element_type()), out_type = DTypeOf(y->element_type());
+  if (x_type != kBF16 && x_type != kF16)
+    return ffi::Error::InvalidArgument("marlin grouped: x must be bfloat16 or float16");
+  if (out_type < 0) return ffi::Error::InvalidArgument("marlin grouped: y must be bf16, fp16 or fp32");
+  int bias_type = kNone;
+  if (bias.element_count() > 0) {
+    bias_type = DTypeOf(bias.element_type());
+    if (bias.element_count() != static_cast<size_t>(e * n) || bias_type < 0)
+      return ffi::Error::InvalidArgument("marlin grouped: bias must be [E, N] bf16, fp16 or fp32");
+  }
+  if (t == 0) return ffi::Error::Success();
+  if (m_blocks < 1 || splits < 1) return ffi::Error::InvalidArgument("marlin grouped: bad launch parameters");
+
+  GemmArgs args{};
+  args.x = x.untyped_data();
+  args.w = qweight.typed_data();
+  args.s = scales.typed_data();
+  args.flags = flags.typed_data();
+  args.bias = bias_type != kNone ? bias.untyped_data() : nullptr;
+  args.y = y->untyped_data();
+  args.m = static_cast<int>(t);
+  args.n = static_cast<int>(n);
+  args.k = static_cast<int>(k);
+  const SplitK split = MarlinSplitK(k, splits);
+  args.splits = split.splits;
+  args.kt_per_split = split.kt_per_split;
+  const int rows = 16 * m_blocks;
+  args.m_chunks = static_cast<int>((t + rows - 1) / rows + e);
+  args.bias_type = bias_type;
+  args.out_type = out_type;
+  args.group_sizes = group_sizes.typed_data();
+  args.experts = static_cast<int>(e);
+  args.w_stride = static_cast<size_t>(k) * n;
+  args.s_stride = static_cast<size_t>(k / 32) * n;
+  if (cluster && args.splits > 1) {
+    int device = 0, major = 0;
+    JAX_MXFP8_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+    JAX_MXFP8_CUDA_RETURN_IF_ERROR(
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    if (major < 9 || args.splits > kMaxClusterSplits)
+      return ffi::Error::InvalidArgument("marlin grouped: cluster=1 needs an SM90+ GPU and at most " +
+                                         std::to_string(kMaxClusterSplits) + " K splits; use cluster=0");
+    args.cluster = 1;
+  }
+  if (args.splits > 1 && !args.cluster) {
+    const SplitWorkspace layout =
+        MarlinWorkspace(static_cast<int64_t>(args.m_chunks) * rows, n, k, m_blocks, warps_n, splits, false);
+    if (workspace->element_count() < static_cast<size_t>(layout.counter_bytes + layout.partial_bytes))
+      return ffi::Error::InvalidArgument("marlin grouped: workspace too small for splits=" +
+                                         std::to_string(args.splits));
+    uint8_t* ws = workspace->typed_data();
+    args.counters = reinterpret_cast<int32_t*>(ws);
+    args.partial = reinterpret_cast<float*>(ws + layout.counter_bytes);
+    JAX_MXFP8_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(ws, 0, layout.counter_bytes, stream));
+  }
+  if (x_type == kBF16) return DispatchTile<__nv_bfloat16, true>(stream, args, m_blocks, warps_n);
+  return DispatchTile<__half, true>(stream, args, m_blocks, warps_n);
 }
 
 // out [rows, K] = columns [n_begin, n_begin + rows) of the dequantized [N, K] weight.
@@ -623,7 +820,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MarlinDequantHandler, MarlinDequantImpl,
                                   .Attr<int32_t>("n_begin"),
                               {ffi::Traits::kCmdBufferCompatible});
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MarlinGroupedGemmHandler, MarlinGroupedGemmImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()         // x [T, K]
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // qweight [E, K/16, 16N]
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // scales [E, K/32, N]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // flags [E, 1]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // group_sizes [E]
+                                  .Arg<ffi::AnyBuffer>()         // bias [E, N] or [0]
+                                  .Ret<ffi::AnyBuffer>()         // y [T, N]
+                                  .Ret<ffi::Buffer<ffi::U8>>()   // workspace (hidden)
+                                  .Attr<int32_t>("m_blocks")
+                                  .Attr<int32_t>("warps_n")
+                                  .Attr<int32_t>("splits")
+                                  .Attr<int32_t>("cluster"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
 JAX_MXFP8_REGISTER_CUDA_TARGET("jax_mxfp8_marlin_gemm_cuda", MarlinGemmHandler);
+JAX_MXFP8_REGISTER_CUDA_TARGET("jax_mxfp8_marlin_grouped_gemm_cuda", MarlinGroupedGemmHandler);
 JAX_MXFP8_REGISTER_CUDA_TARGET("jax_mxfp8_marlin_dequantize_cuda", MarlinDequantHandler);
 
 }  // namespace jax_mxfp8

@@ -3,6 +3,8 @@
 - MarlinGemm: ffi/src/marlin.cu, mma.sync (SM80+), the small-M path; bf16 or fp16 x.
 - MarlinWgmma: ffi/src/marlin_sm90.cu, wgmma with the weight as the register operand (sm_90a
   GPUs only), bf16 x.
+- MarlinGroupedGemm: the mma.sync kernel over a stacked [E, ...] packed weight with x's rows
+  grouped by expert (group_sizes read on the device): ragged_dot semantics, one launch.
 - MarlinDequantize: the packed weight to bf16 (the dequantize + dot path).
 
 All read the packed layout of layout.py. K splits (splits > 1) divide K among that many blocks
@@ -14,16 +16,19 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 
 from jax_mxfp8 import _checks, _ffi, reference
 from jax_mxfp8._compat import ShapedArray
 from jax_mxfp8._devices import default_compute_capability
+from jax_mxfp8.backends.emulation import grouped_dot_with_bias
 from jax_mxfp8.backends.marlin.layout import TILE, unpack_padded
 from jax_mxfp8.ops.base import Op, register
 from jax_mxfp8.partitioning import move_to_front
 
 GEMM_TARGET = "jax_mxfp8_marlin_gemm_cuda_v1"
+GROUPED_TARGET = "jax_mxfp8_marlin_grouped_gemm_cuda_v1"
 WGMMA_TARGET = "jax_mxfp8_marlin_wgmma_cuda_v1"
 DEQUANT_TARGET = "jax_mxfp8_marlin_dequantize_cuda_v1"
 KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -246,6 +251,83 @@ class MarlinDequantize(Op):
         moved = [move_to_front(a, d, size) for a, d in zip(args, dims)]
         return jnp.stack([cls.inner.bind(*(a[i] for a in moved), **params)
                           for i in range(size)]), 0
+
+
+def grouped_chunks(t: int, experts: int, m_blocks: int) -> int:
+    """Row chunks of a grouped launch's grid: ceil(T / rows) + E, the most any grouping of T
+    rows over E experts needs (each expert adds at most one partial chunk; the rows past the
+    groups' sum are chunks too)."""
+    return -(-t // (16 * m_blocks)) + experts
+
+
+def _grouped_reference(x, qweight, scales, flags, group_sizes, bias, *, out_dtype, has_bias,
+                       **config):
+    """dequantize every expert (exact) + the grouped float32-accumulated dot."""
+    w = jax.vmap(lambda q, s: reference.dequantize(*unpack_padded(q, s), jnp.bfloat16))(
+        qweight, scales)
+    op_dtype = reference.dot_dtype(x.dtype)
+    return grouped_dot_with_bias(x.astype(op_dtype), w.astype(op_dtype), group_sizes,
+                                 bias if has_bias else None, out_dtype)
+
+
+@register
+class MarlinGroupedGemm(Op):
+    name = "mxfp8_marlin_grouped_gemm"
+    cuda_target = GROUPED_TARGET
+    reference = staticmethod(_grouped_reference)
+
+    @staticmethod
+    def abstract(x, qweight, scales, flags, group_sizes, bias, *, m_blocks, warps_n, splits,
+                 cluster, out_dtype, has_bias):
+        _checks.check_dtype("marlin grouped gemm x", x.dtype, KERNEL_DTYPES,
+                            "The Marlin kernel takes bf16 or fp16 activations.")
+        if qweight.ndim != 3 or scales.ndim != 3 or group_sizes.ndim != 1:
+            raise ValueError(f"marlin grouped gemm: qweight {qweight.shape} / scales "
+                             f"{scales.shape} must be stacked [E, ...] and group_sizes 1-D")
+        e = qweight.shape[0]
+        if group_sizes.dtype != jnp.int32 or group_sizes.shape != (e,):
+            raise ValueError(f"marlin grouped gemm: group_sizes must be int32 [{e}], got "
+                             f"{group_sizes.dtype}{list(group_sizes.shape)}")
+        if flags.shape != (e, 1) or flags.dtype != jnp.int32:
+            raise ValueError(f"marlin grouped gemm: flags must be int32 [{e}, 1]")
+        one = lambda a: ShapedArray(a.shape[1:], a.dtype)  # noqa: E731
+        m, k, n = _check_packed("marlin grouped gemm", x, one(qweight), one(scales),
+                                ShapedArray((1,), flags.dtype), None, False, 64 * warps_n)
+        if has_bias and bias.shape != (e, n):
+            raise ValueError(f"marlin grouped gemm: bias shape {bias.shape} != ({e}, {n})")
+        if Tile(m_blocks, warps_n) not in TILE_CONFIGS:
+            raise ValueError(f"marlin grouped gemm: {Tile(m_blocks, warps_n)} is not compiled; "
+                             f"use one of {TILE_CONFIGS}")
+        if cluster and effective_splits(k, splits) > max_cluster_splits():
+            raise ValueError(f"marlin grouped gemm: cluster=True takes at most "
+                             f"{max_cluster_splits()} K splits; use cluster=False")
+        return ShapedArray((m, n), out_dtype)
+
+    @staticmethod
+    def cuda_attrs(*, m_blocks, warps_n, splits, cluster, out_dtype, has_bias):
+        return {"m_blocks": m_blocks, "warps_n": warps_n, "splits": splits, "cluster": int(cluster)}
+
+    @staticmethod
+    def cuda_workspace(avals_in, avals_out, *, m_blocks, warps_n, splits, cluster, **_):
+        t, k = avals_in[0].shape
+        chunks = grouped_chunks(t, avals_in[1].shape[0], m_blocks)
+        return workspace_bytes(chunks * 16 * m_blocks, avals_out[0].shape[1], k, m_blocks,
+                               warps_n, splits, cluster)
+
+    @classmethod
+    def batch(cls, args, dims, **params):
+        raise NotImplementedError("marlin grouped gemm is batched by ragged_linear's own vmap "
+                                  "rule (rows of all batch entries sorted into one call)")
+
+
+def grouped_gemm(x, qweight, scales, flags, group_sizes, bias=None, *, m_blocks, warps_n,
+                 splits, out_dtype, cluster=False):
+    """One grouped mma.sync launch: x [T, K] rows grouped by expert, stacked packed weight."""
+    has_bias, bias = _bias_operand(bias, x)
+    return MarlinGroupedGemm.inner.bind(
+        x, qweight, scales, flags, group_sizes.astype(jnp.int32), bias, m_blocks=int(m_blocks),
+        warps_n=int(warps_n), splits=int(splits), cluster=bool(cluster),
+        out_dtype=jnp.dtype(out_dtype), has_bias=has_bias)
 
 
 marlin_gemm_p, marlin_wgmma_p, marlin_dequantize_p = (

@@ -67,7 +67,7 @@ def _powers_of_two(most: int):
         s *= 2
 
 
-def _mma_plan(m: int, n: int, k: int, sms: int, clusters: bool) -> Plan:
+def _mma_plan(m: int, n: int, k: int, sms: int, clusters: bool, experts: int = 0) -> Plan:
     """The memory-bound regime: the weight streams once, so the plan is about keeping enough
     blocks in flight. Rows: 16 x m_blocks covering M (4 above 32 rows). Width: the widest tile
     (fewer, longer x reads per weight byte) whose tiles times the most K splits still reach
@@ -76,12 +76,15 @@ def _mma_plan(m: int, n: int, k: int, sms: int, clusters: bool) -> Plan:
     128 rows, where the tiles alone fill the GPU). Two splits, or splits of <= 16 stages,
     reduce in a cluster where the GPU has them (their reduction is a larger share of a short
     split; long splits of 4-8 blocks were faster through the workspace, their clusters harder
-    to place)."""
-    mb = 1 if m <= 16 else 2 if m <= 32 else 4
+    to place). experts > 0: a grouped launch of m rows spread over that many experts, planned
+    for the rows an expert that has tokens gets on average (m / min(experts, m))."""
+    active = min(experts, m) if experts else 1
+    rows = -(-m // active)
+    mb = 1 if rows <= 16 else 2 if rows <= 32 else 4
     stages = k // TILE
-    most = 1 if m > 128 else max(1, min(MAX_MMA_SPLITS, stages // MMA_MIN_SPLIT_STAGES))
+    most = 1 if rows > 128 else max(1, min(MAX_MMA_SPLITS, stages // MMA_MIN_SPLIT_STAGES))
     for wn in (4, 2, 1):
-        tiles = n // (64 * wn) * -(-m // (16 * mb))
+        tiles = n // (64 * wn) * -(-rows // (16 * mb)) * active
         if n % (64 * wn) == 0 and (tiles * most >= 0.9 * sms or wn == 1):
             break
     splits = 1
@@ -130,6 +133,17 @@ def _dequant_dot_wins(m: int, n: int) -> bool:
     128) gives under half a wave of tiles, dequantizing the (small) weight for cuBLAS wins
     (H200: 512 x 3584 and 1024 x 4096 at M = 1024)."""
     return m >= 1024 and (n // 128) * -(-m // 256) < 0.5 * DEFAULT_SMS
+
+
+def ragged_plan(t: int, experts: int, n: int, k: int, x_dtype, sms: int | None = None,
+                clusters: bool | None = None) -> Plan:
+    """The grouped mma.sync launch of t rows over `experts` stacked weights (the one grouped
+    kernel; fp32 x: dequantize + the grouped dot)."""
+    if jnp.dtype(x_dtype) not in KERNEL_DTYPES:
+        return Plan("dequant_dot")
+    sms = sms or sm_count(DEFAULT_SMS)
+    clusters = device_has_clusters() if clusters is None else clusters
+    return _mma_plan(max(t, 1), n, k, sms, clusters, experts=experts)
 
 
 def rule_plan(m: int, n: int, k: int, x_dtype, sms: int, clusters: bool, wgmma: bool) -> Plan:
