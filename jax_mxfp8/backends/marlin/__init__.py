@@ -7,9 +7,14 @@ pads x along K and slices y along N where the weight was padded, and runs the pl
 "dequantize the packed weight to bf16 (one kernel) + XLA dot" (in column slices for large
 weights up to M = 2048: the emulation math, faster than the emulation path itself because the
 dequantize kernel runs at copy bandwidth).
+
+Stacked experts (E, N, K): every array of the packed layout gains a leading expert axis
+(qweight [E, Kp/16, 16*Np], scales [E, Kp/32, Np], flags [E, 1]); marlin_ragged_linear is the
+grouped GEMM over them.
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from jax_mxfp8 import reference
