@@ -223,6 +223,7 @@ def test_no_rows(rng):
     w = stacked(codes, scales, EMULATION)
     y = mx.ragged_linear(jnp.zeros((0, 64), jnp.bfloat16), w, jnp.zeros(2, jnp.int32))
     assert y.shape == (0, 64)
+    assert jax.vmap(mx.linear)(jnp.zeros((2, 0, 64), jnp.bfloat16), w).shape == (2, 0, 64)
 
 
 # ---- transforms ----------------------------------------------------------------------------------
@@ -519,6 +520,29 @@ def test_grad_sharded_matches_and_gathers_no_weight(e_axis, n_axis, k_axis, rng)
     dx = jax.jit(jax.grad(loss))(*args)
     assert rel_fro(dx, grad_reference(ct, codes, scales, gs)[0]) <= 1e-5
     assert weight_sized_all_gathers(hlo(jax.grad(loss), *args), n * k // 8) == []
+
+
+@needs_8
+@pytest.mark.parametrize("e_axis,n_axis,k_axis,x_spec", [("model", None, None, P("data")),
+                                                         (None, "model", None, P("data")),
+                                                         (None, None, "model", P(None, "model"))])
+def test_explicit_axes_mesh_forward_and_grad(e_axis, n_axis, k_axis, x_spec, rng):
+    mesh = jax.make_mesh((2, 4), ("data", "model"), devices=cpu_devices()[:8],
+                         axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    e, n, k, t = 8, 128, 256, 24
+    codes, scales = expert_codes(rng, e, n, k)
+    x = jnp.asarray(rng.standard_normal((t, k)), jnp.float32)
+    ct = rng.standard_normal((t, n))
+    gs = grouping("skewed", e, t, rng)
+    with jax.set_mesh(mesh):
+        w = placement.shard_weight(stacked(codes, scales, EMULATION), mesh, expert_axis=e_axis,
+                                   n_axis=n_axis, k_axis=k_axis)
+        xs, g = put(x, mesh, x_spec), put(jnp.asarray(gs), mesh, P())
+        y = jax.jit(mx.ragged_linear)(xs, w, g)
+        dx = jax.jit(jax.grad(lambda a: jnp.sum(mx.ragged_linear(a, w, g) * ct)))(xs)
+    assert rel_fro(y, reference(x, codes, scales, gs)) <= 1e-5
+    assert rel_fro(dx, grad_reference(ct, codes, scales, gs)[0]) <= 1e-5
+    assert dx.sharding.is_equivalent_to(xs.sharding, 2)
 
 
 @needs_8

@@ -2,8 +2,10 @@
 (stacked experts: [E, N, K] + [E, N, K/32])."""
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from jax_mxfp8 import reference
 from jax_mxfp8.backends.base import Backend, BackendImpl, register_backend
@@ -47,12 +49,23 @@ def rows_bias(bias, group_sizes, rows: int):
     return jnp.where((groups < bias.shape[0])[:, None], picked, 0.0)
 
 
+def rows_sharding(x):
+    """The out_sharding of a grouped dot of x under an Explicit-axes mesh (jax infers none for
+    ragged dots): x's rows sharding, the output columns whole; None elsewhere."""
+    sharding = jax.typeof(x).sharding
+    if not isinstance(sharding, NamedSharding) or not any(
+            t == AxisType.Explicit for t in sharding.mesh.axis_types):
+        return None
+    return NamedSharding(sharding.mesh, P(*tuple(sharding.spec)[:1]))
+
+
 def grouped_dot_with_bias(x, w, group_sizes, bias, out_dtype):
     """x [T, K] @ w[e].T on the rows of group e (w [E, N, K]), float32 accumulation, + bias[e]
     in float32 on those rows, one cast to out_dtype; rows past sum(group_sizes) are zero: the
     ragged version of reference.dot_with_bias (operands used as given)."""
     y = lax.ragged_dot_general(x, w, group_sizes.astype(jnp.int32), _GROUPED_DIMS,
-                               precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+                               precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32,
+                               out_sharding=rows_sharding(x))
     if bias is not None:
         y = y + rows_bias(bias, group_sizes, x.shape[0])
     return y.astype(out_dtype)

@@ -28,6 +28,8 @@ vmap of ragged_linear sorts the rows of all batch entries by expert (a stable ar
 ids) into one grouped call and scatters the result back. Autodiff: linear in x (JVP; the
 transpose is the grouped dx = dy @ W[e] in float32 through the dense weight), affine in bias (the
 bias' tangent spread over the rows); the weight is frozen and group_sizes has no gradient.
+Under Explicit-axes meshes (jax.set_mesh) jax's ragged dot infers no shardings: the grouped dots
+name their output sharding, and dx is computed on whole rows then resharded like x.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental.custom_partitioning import SdyShardingRule, custom_partitioning
+from jax.sharding import PartitionSpec as P
 
 from jax_mxfp8 import _checks, reference
 from jax_mxfp8._compat import (
@@ -46,7 +49,7 @@ from jax_mxfp8._compat import (
     require_devices_during_lowering, symbolic_zero, without_explicit_shardings)
 from jax_mxfp8.backends import get_backend_impl
 from jax_mxfp8.backends.base import E_AXIS, K_AXIS, N_AXIS
-from jax_mxfp8.backends.emulation import group_of_rows, rows_bias
+from jax_mxfp8.backends.emulation import group_of_rows, rows_bias, rows_sharding
 from jax_mxfp8.ops.prepared_gemm import (
     check_backend_runs_on, dense_weight, frozen_weight_error, leaf_factors, weight_mesh_axes)
 from jax_mxfp8.partitioning import (
@@ -57,6 +60,9 @@ from jax_mxfp8.weight import (
 
 OP = "ragged_linear"
 WEIGHT_GRADIENT_ERROR = frozen_weight_error(OP)
+# dx [T, K] = ct [T, N] @ W[e] [N, K] on group e's rows
+_DX_DIMS = lax.RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(([1], [1]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,8 +288,15 @@ def _ragged_transpose(ct, x, group_sizes, *rest, cfg: RaggedConfig):
     weight = MxWeight(dict(zip(cfg.keys, rest)), cfg.shape, cfg.backend, cfg.meta)
     op_dtype = reference.dot_dtype(ct.dtype)
     w = dense_weight(weight, op_dtype)  # [E, N, K]
-    dx = lax.ragged_dot(ct.astype(op_dtype), w, group_sizes.astype(jnp.int32),
-                        precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    ct = ct.astype(op_dtype)
+    explicit = rows_sharding(ct) is not None
+    if explicit:  # jax's ragged dot takes no row-sharded operand under Explicit axes
+        ct = jax.sharding.reshard(ct, P())
+    dx = lax.ragged_dot_general(ct, w, group_sizes.astype(jnp.int32), _DX_DIMS,
+                                precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32,
+                                out_sharding=rows_sharding(ct))
+    if explicit:
+        dx = jax.sharding.reshard(dx, x_aval.sharding.spec)
     return [dx.astype(x_aval.dtype), *nones]
 
 
@@ -307,6 +320,8 @@ def experts_linear(x, leaves, bias, *, keys, shape, backend, meta, out_dtype):
     rows = 1
     for d in lead:
         rows *= d
+    if rows == 0:
+        return jnp.zeros((experts, *lead, n), out_dtype)
     x2d = x.reshape(experts * rows, k)
     cfg = _config(keys, (experts, n, k), (experts, n, k), backend, meta, out_dtype, bias is not None,
                   group_rows=rows)
