@@ -75,3 +75,18 @@ def test_marlin_lab_sweep_times_every_candidate(tmp_path):
     assert len(times) >= 4
     best = re.search(r"best (\S+)", out.stdout).group(1)
     assert times[best] == min(times.values())
+
+
+def test_moe_bench_runs_on_cpu_and_writes_its_rows(tmp_path):
+    """The MoE GEMM benchmark end to end on CPU (EMULATION; no GPU busy times here): one row per
+    (shape, tokens, routing) with the groupings it claims."""
+    from jax_mxfp8.bench import moe
+    assert moe.main(["--shapes", "4x128x256", "--tokens", "1,8", "--backend", "emulation",
+                     "--copy-mib", "8", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "moe.json").read_text())["rows"]
+    assert [(r["tokens"], r["routing"]) for r in rows] == [(1, "even"), (1, "skewed"), (8, "even"),
+                                                           (8, "skewed")]
+    for r in rows:
+        gs = moe.group_sizes_for(r["rows"], r["experts"], r["routing"])
+        assert gs.sum() == r["rows"] == r["tokens"] * 2 and (gs > 0).sum() == r["active_experts"]
+    assert moe.group_sizes_for(10, 4, "skewed").tolist() == [7, 1, 1, 1]
