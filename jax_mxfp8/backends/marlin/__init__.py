@@ -22,14 +22,14 @@ from jax_mxfp8.backends.base import Backend, BackendImpl, register_backend
 from jax_mxfp8.backends.emulation import grouped_dot_with_bias
 from jax_mxfp8.backends.marlin.kernels import (  # noqa: F401  (the kernels' API)
     DEQUANT_TARGET, GEMM_TARGET, KERNEL_DTYPES, TILE_CONFIGS, WGMMA_CONFIGS, WGMMA_TARGET, Tile, WgmmaConfig, dequantize_packed,
-    device_has_clusters, device_has_wgmma, effective_splits, gemm, gemm_sm90, max_cluster_splits,
+    device_has_clusters, device_has_wgmma, effective_splits, gemm, gemm_sm90, grouped_gemm, max_cluster_splits,
     max_wgmma_splits, wgmma_config, workspace_bytes, wgmma_workspace_bytes)
 from jax_mxfp8.backends.marlin.layout import (  # noqa: F401  (the format's API)
     FAST_MAX_SCALE, META_TAG, TILE, layout_meta, pack_scales, pack_values, pack_weight,
     unpack_padded, unpack_scales, unpack_values, unpack_weight)
 from jax_mxfp8.backends.marlin.planner import (  # noqa: F401  (the planner's API)
     MAX_KERNEL_M, WGMMA_MIN_M, WGMMA_MIN_SPLIT_STAGES, Plan, candidates, choose_plan,
-    dequant_slices, plan_name, rule_plan, run_plan)
+    dequant_slices, plan_name, ragged_plan, rule_plan, run_plan)
 
 
 def __getattr__(name):
@@ -99,8 +99,9 @@ def marlin_ragged_linear(x2d, weight, group_sizes, bias, out_dtype):
     expert). x2d is bf16, fp16 or fp32 and holds K (unpadded) columns; out_dtype is bf16, fp16
     or fp32 (float32 for row-parallel partial products).
 
-    For now: the dequantize kernel per expert (exact bf16 weights) and a grouped dot with float32
-    accumulation, the emulation math.
+    bf16 / fp16 x: one launch of the grouped mma.sync kernel (planner.ragged_plan); fp32 x:
+    the dequantize kernel per expert (exact bf16 weights) and a grouped float32 dot, the
+    emulation math.
     """
     e, n, k = weight.shape
     _, n_pad, k_pad = weight.meta
@@ -111,9 +112,16 @@ def marlin_ragged_linear(x2d, weight, group_sizes, bias, out_dtype):
     if bias is not None and n_pad != n:
         bias = jnp.pad(bias, ((0, 0), (0, n_pad - n)))
     a = weight.arrays
-    w = jax.vmap(lambda q, s: dequantize_packed(q, s))(a["qweight"], a["scales"])  # [E, Np, Kp] bf16
-    op_dtype = reference.dot_dtype(x2d.dtype)
-    y = grouped_dot_with_bias(x2d.astype(op_dtype), w.astype(op_dtype), group_sizes, bias, out_dtype)
+    plan = ragged_plan(x2d.shape[0], e, n_pad, k_pad, x2d.dtype)
+    if plan.kind == "kernel":
+        y = grouped_gemm(x2d, a["qweight"], a["scales"], a["flags"], group_sizes.astype(jnp.int32),
+                         bias, m_blocks=plan.m_blocks, warps_n=plan.warps_n, splits=plan.splits,
+                         cluster=plan.cluster, out_dtype=out_dtype)
+    else:
+        w = jax.vmap(lambda q, s: dequantize_packed(q, s))(a["qweight"], a["scales"])  # [E, Np, Kp]
+        op_dtype = reference.dot_dtype(x2d.dtype)
+        y = grouped_dot_with_bias(x2d.astype(op_dtype), w.astype(op_dtype), group_sizes, bias,
+                                  out_dtype)
     return y[:, :n] if n_pad != n else y
 
 
