@@ -6,6 +6,8 @@ of one argument set), and the bytes it must move at least (the roofline floor is
 over the copy bandwidth of this run). Timing: jax_mxfp8.timing.
 
     python -m jax_mxfp8 bench [--op quantize|dequantize|linear ...] [--out DIR] [--quick]
+    python -m jax_mxfp8 bench --model NAME ...   (a whole decoder: bench/model.py)
+    python -m jax_mxfp8 bench --zoo ...          (every linear of real models: bench/zoo.py)
 """
 from __future__ import annotations
 
@@ -15,10 +17,13 @@ import datetime
 import gc
 import json
 import os
+import sys
 from typing import Callable
 
 import jax
 
+from jax_mxfp8.bench import model as model_bench
+from jax_mxfp8.bench import zoo
 from jax_mxfp8.timing import MiB, copy_bandwidth, device_time_us, kernels_per_call, profiled_us
 
 
@@ -218,7 +223,14 @@ def run(ops: list[str], config: Config, out_dir: str | None) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jax_mxfp8 bench", description=__doc__.split("\n\n")[0])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--model" or a.startswith("--model=") for a in argv):
+        return model_bench.main(argv)
+    if "--zoo" in argv:
+        return zoo.main(argv)
+    parser = argparse.ArgumentParser(prog="python -m jax_mxfp8 bench", description=__doc__.split("\n\n")[0],
+                                     epilog="--model NAME: the model benchmark (bench --model NAME --help); "
+                                            "--zoo: the shape zoo (bench --zoo --help)")
     parser.add_argument("--op", action="append", choices=registered_ops(),
                         help="op to benchmark (repeatable; default: quantize and dequantize)")
     parser.add_argument("--out", help="directory for bench.md, bench.json and bench.png")
