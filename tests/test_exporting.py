@@ -80,5 +80,8 @@ def test_cuda_lowering_from_the_cpu_host_names_versioned_targets(rng):
 
 def test_every_target_is_versioned():
     names = _ffi.target_names()
-    assert len(names) == 8 and all(n.endswith("_" + _ffi.FFI_VERSION) for n in names)
+    # quantize, dequantize, swizzle, unswizzle, the three Marlin GEMMs (mma.sync, grouped,
+    # wgmma), the Marlin dequantize, the CUTLASS GEMM
+    assert len(names) == 9 and all(n.endswith("_" + _ffi.FFI_VERSION) for n in names)
+    assert "jax_mxfp8_marlin_grouped_gemm_cuda_v1" in names
     assert len(exporting.disabled_checks()) == len(names)
