@@ -14,6 +14,10 @@ Layouts load_safetensors turns into MxWeights (each under its module's `<module>
   Quark MXFP8: `<name>` BF16/F16/F32 [out, in] holding e4m3 value x scale exactly, + `<name>_scale`
   F32 [out, in/32] powers of two. Re-encoded exactly to e4m3 codes + e8m0 bytes; a tensor that is
   not exactly representable is refused, naming the first element that is not.
+- Stacked experts (vLLM / ModelOpt `experts.w13_weight` [E, 2I, H], this library's writer): the
+  first layout with a leading expert axis, values [E, out, in] + scales [E, out, in/32]: one
+  stacked MxWeight. Per-expert names (`experts.{e}.gate_proj.weight`, any layout above) are
+  stacked with load_safetensors(experts="stack" / "fuse") (jax_mxfp8/moe_checkpoint.py).
 
 Every other tensor is an ordinary array.
 
@@ -39,6 +43,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from jax_mxfp8 import moe_checkpoint
 from jax_mxfp8._errors import CheckpointError
 from jax_mxfp8.quant_config import read_quant_config
 from jax_mxfp8.backends import Backend, get_backend_impl, registered_backends, select_backend
@@ -272,6 +277,12 @@ def _mx_pair(name: str, values: np.ndarray, raw: Mapping[str, np.ndarray], dtype
     """Validates an MXFP8 (values, scales) pair and returns the scales as uint8."""
     scale_name = name + SCALE_SUFFIX
     if scale_name not in raw:
+        expert = moe_checkpoint.expert_of(name)
+        if expert is not None:
+            raise CheckpointError(
+                f"F8_E4M3 tensor {name!r} (expert {expert[1]} of {expert[0]!r}) has no "
+                f"{scale_name!r}: every expert's MXFP8 weight needs its e8m0 scale tensor; the "
+                f"checkpoint is incomplete (re-export it, or check every shard of the index is there)")
         raise CheckpointError(f"F8_E4M3 tensor {name!r} has no {scale_name!r}: jax_mxfp8 reads MXFP8 "
                               f"(one e8m0 scale per 32 values); per-tensor FP8 checkpoints are not "
                               f"supported")
@@ -280,16 +291,18 @@ def _mx_pair(name: str, values: np.ndarray, raw: Mapping[str, np.ndarray], dtype
         raise CheckpointError(f"{scale_name!r} has dtype {dtype_names[scale_name]}, not an MXFP8 "
                               f"scale (expected U8 or F8_E8M0 [out, in/32]); per-tensor or "
                               f"per-channel FP8 checkpoints are not supported")
-    if values.ndim != 2:
+    if values.ndim not in (2, 3):
         raise CheckpointError(f"MXFP8 tensor {name!r} has shape {list(values.shape)}; only 2-D "
-                              f"[out, in] weights become MxWeights (for stacked/MoE weights use "
-                              f"read_safetensors() and prepare_weight() per slice)")
-    n, k = values.shape
+                              f"[out, in] weights and 3-D [experts, out, in] stacked experts "
+                              f"become MxWeights (read others with read_safetensors())")
+    *lead, n, k = values.shape
     if k % 32:
         raise CheckpointError(f"MXFP8 tensor {name!r} has in_features K={k}, not a multiple of 32")
-    if scales.shape != (n, k // 32):
+    if values.ndim == 3 and lead[0] == 0:
+        raise CheckpointError(f"MXFP8 tensor {name!r} has shape {list(values.shape)}: no experts")
+    if scales.shape != (*lead, n, k // 32):
         raise CheckpointError(f"{scale_name!r} has shape {list(scales.shape)}; MXFP8 weight "
-                              f"{name!r} [{n}, {k}] needs [{n}, {k // 32}]")
+                              f"{name!r} {list(values.shape)} needs {[*lead, n, k // 32]}")
     scales = scales.view(np.uint8)
     _check_scale_bytes(scale_name, scales)
     return scales
@@ -514,20 +527,31 @@ def _resolve_quant_config(path: Path, quant_config):
     return read_quant_config(directory)
 
 
-def load_safetensors(path: str | os.PathLike, *, backend=None, quant_config="auto") -> dict[str, Any]:
+def load_safetensors(path: str | os.PathLike, *, backend=None, quant_config="auto",
+                     experts=None) -> dict[str, Any]:
     """Loads a safetensors file or checkpoint directory.
 
     MXFP8 weights in any of the layouts of the module docstring (ModelOpt / compressed-tensors
     pairs, torchao MXTensors with swizzled scales, Quark fake-quantized weights) become
-    MxWeights prepared for `backend` (default select_backend()) under `<module>.weight`; other
-    tensors become jax arrays (numpy arrays for 64-bit dtypes when jax_enable_x64 is off).
-    Anything malformed raises CheckpointError instead of returning a wrong tensor.
+    MxWeights prepared for `backend` (default select_backend()) under `<module>.weight`; a 3-D
+    pair [E, N, K] + [E, N, K/32] (stacked experts, e.g. vLLM's `experts.w13_weight`) becomes one
+    stacked MxWeight. Other tensors become jax arrays (numpy arrays for 64-bit dtypes when
+    jax_enable_x64 is off). Anything malformed raises CheckpointError instead of returning a
+    wrong tensor.
 
     quant_config: "auto" reads the directory's quantization config (jax_mxfp8.quant_config;
     for a file path, the file's directory), which raises CheckpointError for a scheme that is
     not MXFP8; or pass a QuantConfig, or None for none. Float weights are re-encoded as
     Quark fake-quantized MXFP8 only when it is a Quark config (the values are never guessed at).
+
+    experts (mixture-of-experts tensors, jax_mxfp8.moe_checkpoint, docs/moe.md): None keeps the
+    names as stored; "stack" stacks per-expert tensors `<p>.experts.{e}.<rest>` (every producer's
+    layout) into `<p>.experts.<rest>` [E, ...] (MXFP8 weights: one stacked MxWeight); "fuse"
+    stacks too and gives the MoE layer's names: `<p>.experts.gate_up_proj.weight` [E, 2I, H]
+    (gate_proj / w1 rows, then up_proj / w3; vLLM's w13_weight) and `<p>.experts.down_proj.weight`
+    [E, H, I] (w2). An incomplete or inconsistent expert set is a CheckpointError.
     """
+    moe_checkpoint.check_layout(experts, moe_checkpoint.LOAD_LAYOUTS, "load_safetensors")
     path = Path(path)
     quant_config = _resolve_quant_config(path, quant_config)
     raw, metadata = _read_all(path)
@@ -541,19 +565,21 @@ def load_safetensors(path: str | os.PathLike, *, backend=None, quant_config="aut
         used |= quark_used
     scale_names = {name + SCALE_SUFFIX for name, d in dtype_names.items()
                    if d == "F8_E4M3" and name not in used}
-    out: dict[str, Any] = dict(prepared)
-    for name, (values, scales) in converted.items():
-        out[name] = prepare_weight(jnp.asarray(values), jnp.asarray(scales), backend=backend)
+    # Checkpoint-layout tensors (Mx pairs of e4m3 values + scale bytes, numpy arrays) first, so
+    # that expert sets are stacked before anything is prepared.
+    tensors: dict[str, Any] = {name: moe_checkpoint.Mx(*pair) for name, pair in converted.items()}
+    if experts is not None:  # prepared expert weights join their sets (unpacked exactly)
+        for name in [n for n in prepared if moe_checkpoint.is_expert_tensor(n)]:
+            tensors[name] = moe_checkpoint.Mx(*(np.asarray(a) for a in prepared.pop(name).unpack()))
     for name, array in raw.items():
         kind = dtype_names[name]
         if name in scale_names or name in used:
             continue
-        if name in out:
+        if name in tensors or name in prepared:
             raise CheckpointError(f"tensor {name!r} is stored both plainly and as a converted "
                                   f"MXFP8 weight")
         if kind == "F8_E4M3":
-            scales = _mx_pair(name, array, raw, dtype_names)
-            out[name] = prepare_weight(jnp.asarray(array), jnp.asarray(scales), backend=backend)
+            tensors[name] = moe_checkpoint.Mx(array, _mx_pair(name, array, raw, dtype_names))
         elif kind in ("F8_E5M2", "F8_E8M0"):
             raise CheckpointError(f"tensor {name!r} is {kind} without an F8_E4M3 partner: not an "
                                   f"MXFP8 (E4M3 + e8m0) tensor jax_mxfp8 can load")
@@ -561,10 +587,21 @@ def load_safetensors(path: str | os.PathLike, *, backend=None, quant_config="aut
             partner = name[:-len(SCALE_SUFFIX)]
             raise CheckpointError(f"{name!r} looks like an MXFP8 scale but {partner!r} is "
                                   f"{dtype_names[partner]}, not F8_E4M3")
-        elif jax.dtypes.canonicalize_dtype(array.dtype) == array.dtype:
-            out[name] = jnp.asarray(array)
         else:
-            out[name] = np.array(array)  # 64-bit without x64: keep exact on the host
+            tensors[name] = array
+    tensors = moe_checkpoint.load_layout(tensors, experts)
+    out: dict[str, Any] = dict(prepared)
+    for name, value in tensors.items():
+        if name in out:
+            raise CheckpointError(f"tensor {name!r} is stored both in a prepared layout and in the "
+                                  f"checkpoint layout; keep one")
+        if isinstance(value, moe_checkpoint.Mx):
+            out[name] = prepare_weight(jnp.asarray(value.values), jnp.asarray(value.scales),
+                                       backend=backend)
+        elif jax.dtypes.canonicalize_dtype(value.dtype) == value.dtype:
+            out[name] = jnp.asarray(value)
+        else:
+            out[name] = np.array(value)  # 64-bit without x64: keep exact on the host
     return out
 
 
@@ -635,8 +672,8 @@ def _host_arrays(tensors: Mapping, prepared: bool = False,
             described[PREPARED_KEY + name] = json.dumps(
                 {"backend": value.backend.value, "shape": list(value.shape),
                  "meta": encode_meta(value.meta), "arrays": sorted(value.arrays)})
-        elif isinstance(value, MxWeight):
-            values, scales = value.unpack()
+        elif isinstance(value, (MxWeight, moe_checkpoint.Mx)):
+            values, scales = value.unpack() if isinstance(value, MxWeight) else value
             entries = [(name, np.asarray(values)), (name + SCALE_SUFFIX, np.asarray(scales))]
         else:
             entries = [(name, np.asarray(value))]
@@ -673,9 +710,24 @@ def _write_file(path: Path, entries: list[tuple[str, np.ndarray]], metadata: Map
     os.replace(tmp, path)  # never leave a half-written file under the final name
 
 
+def _expert_layout(tensors: Mapping, experts) -> Mapping:
+    """save_safetensors' experts= layout: the experts' tensors (MxWeights as Mx pairs, exact)
+    renamed / split by jax_mxfp8.moe_checkpoint; everything else as given."""
+    moe_checkpoint.check_layout(experts, moe_checkpoint.SAVE_LAYOUTS, "save_safetensors")
+    if experts is None:
+        return tensors
+    flat = dict(_flatten(tensors))
+    for name, value in flat.items():
+        if moe_checkpoint.is_expert_tensor(name):
+            flat[name] = (moe_checkpoint.Mx(*(np.asarray(a) for a in value.unpack()))
+                          if isinstance(value, MxWeight) else np.asarray(value))
+    return moe_checkpoint.save_layout(flat, experts)
+
+
 def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any], *,
                      metadata: Mapping[str, str] | None = None,
-                     max_shard_bytes: int | None = None, prepared: bool = False) -> list[Path]:
+                     max_shard_bytes: int | None = None, prepared: bool = False,
+                     experts=None) -> list[Path]:
     """Writes tensors (name -> array or MxWeight; nested mappings are joined with '.') in the
     layout load_safetensors reads: an MxWeight `name` becomes `name` F8_E4M3 [out, in] and
     `name_scale` U8 [out, in/32] (the layout every producer reads).
@@ -683,6 +735,13 @@ def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any], *,
     prepared=True keeps each non-EMULATION MxWeight in its backend's prepared layout instead
     (`name.mx_<array>`, with the backend, shape and layout version in the metadata), so that
     load_safetensors on that backend uses it without repacking; jax_mxfp8 alone reads it.
+
+    A stacked MxWeight [E, N, K] is written as `name` [E, N, K] + `name_scale` [E, N, K/32].
+    experts (mixture-of-experts tensors under `<p>.experts.`, in the checkpoint layout; see
+    jax_mxfp8.moe_checkpoint): None writes them as given; "per_expert" writes Hugging Face names,
+    `<p>.experts.{e}.<rest>` per expert, a fused `gate_up_proj` split into `gate_proj` and
+    `up_proj`; "vllm" writes vLLM's `<p>.experts.w13_weight` [E, 2I, H] (gate_up_proj, or gate_proj
+    and up_proj concatenated) and `<p>.experts.w2_weight` [E, H, I] (down_proj).
 
     `path` ending in .safetensors: one file. Otherwise a directory: model.safetensors, or with
     max_shard_bytes, model-0000i-of-0000n.safetensors shards plus model.safetensors.index.json.
@@ -692,7 +751,7 @@ def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any], *,
     metadata = dict(DEFAULT_METADATA if metadata is None else metadata)
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise CheckpointError("metadata must map strings to strings")
-    groups = _host_arrays(tensors, prepared, metadata)
+    groups = _host_arrays(_expert_layout(tensors, experts), prepared, metadata)
     path = Path(path)
     if path.suffix == ".safetensors":
         if max_shard_bytes is not None:
