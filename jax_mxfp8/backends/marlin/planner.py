@@ -94,18 +94,51 @@ def _mma_plan(m: int, n: int, k: int, sms: int, clusters: bool, experts: int = 0
     return Plan("kernel", mb, wn, splits, cluster)
 
 
+# Above 128 rows the wgmma kernel is compute-bound: the relative throughput of each block
+# shape with every SM busy (H200 calibration at M = 1024, w256x2 = 1; the dequantization of
+# each weight tile is shared by the block's rows, so larger blocks do more per weight byte).
+WGMMA_BLOCK_EFFICIENCY = {(256, 2): 1.0, (128, 2): 0.75, (128, 1): 0.68, (64, 4): 0.6,
+                          (64, 2): 0.42, (64, 1): 0.41}
+WGMMA_SPLIT_COST = 0.1  # per K split above one: partial tiles stored and summed
+
+
+def _wgmma_large_m(m: int, n: int, k: int, sms: int) -> Plan:
+    """Above 128 rows: the candidate (block, power-of-two K splits within the stage minimums,
+    none above 512 rows) of least modelled time, waves x one block's work / its efficiency
+    (WGMMA_BLOCK_EFFICIENCY) x (1 + WGMMA_SPLIT_COST per split): large blocks unless they
+    leave most SMs idle, K splits only where tiles are few. Two splits sum in a cluster, more
+    through the workspace (4- and 8-block clusters of these blocks were up to 1.5x slower)."""
+    stages = k // TILE
+    best = None
+    for c in WGMMA_CONFIGS:
+        if n % (64 * c.consumers) or c.block_m > _round_up(m, 64):
+            continue
+        tiles = n // (64 * c.consumers) * -(-m // c.block_m)
+        minimum = WGMMA_256_MIN_SPLIT_STAGES if c.block_m == 256 else WGMMA_MIN_SPLIT_STAGES
+        most = 1 if m > 512 else max(1, min(MAX_WGMMA_SPLITS, stages // minimum))
+        for s in _powers_of_two(most):
+            waves = -(-tiles * s // (sms * c.blocks_per_sm))
+            cost = (waves * c.block_m * c.consumers * (k / s) * c.blocks_per_sm
+                    / WGMMA_BLOCK_EFFICIENCY[(c.block_m, c.consumers)]
+                    * (1 + WGMMA_SPLIT_COST * s * (s > 1)))
+            if best is None or cost < best[0]:
+                best = (cost, c, s)
+    _, c, s = best
+    return Plan("wgmma", splits=s, cluster=s == 2, block_m=c.block_m, consumers=c.consumers,
+                blocks_per_sm=c.blocks_per_sm)
+
+
 def _wgmma_plan(m: int, n: int, k: int, sms: int) -> Plan:
-    """Candidates: every compiled block that M needs (no block wider than M rounded to 64),
-    with K splits that keep one wave of blocks (up to 128 rows any count, above it powers of
-    two; <= MAX_WGMMA_SPLITS, and the stage minimums above). Each has a utilization, its
-    blocks over the resident-block slots (1 when the tiles alone fill a wave). Among those
-    within 0.8 (up to 128 rows) or 0.6 (above) of the best, the largest block (it dequantizes
-    each weight tile for the most rows; more splits first up to 128 rows, fewer above, where
-    a split's partial tile costs as much as its share of the work). Splits sum in a cluster
-    for pairs, or up to 128 rows under 3/4 of the slots (a cluster needs all its blocks in one
-    GPC; above 128 rows 4- and 8-block clusters of the large blocks were up to 1.5x slower
-    than the workspace); else through the workspace. `python tools/check_wgmma_rule.py`
-    compares this with a sweep."""
+    """Up to 128 rows, the memory-bound regime: candidates are every compiled block that M
+    needs (no block wider than M rounded to 64) with any K split count that keeps one wave of
+    blocks (<= MAX_WGMMA_SPLITS, >= WGMMA_MIN_SPLIT_STAGES stages each). Each has a
+    utilization, its blocks over the resident-block slots (1 when the tiles alone fill a
+    wave); among those within 0.8 of the best, the largest block (it reads x once for the most
+    weight rows), then the most splits. Splits sum in a cluster for pairs or under 3/4 of the
+    slots (a cluster needs all its blocks in one GPC), else through the workspace. Above 128
+    rows: _wgmma_large_m. `python tools/check_wgmma_rule.py` compares this with a sweep."""
+    if m > 128:
+        return _wgmma_large_m(m, n, k, sms)
     stages = k // TILE
     cands = []
     for c in WGMMA_CONFIGS:
@@ -113,17 +146,16 @@ def _wgmma_plan(m: int, n: int, k: int, sms: int) -> Plan:
             continue
         tiles = n // (64 * c.consumers) * -(-m // c.block_m)
         slots = sms * c.blocks_per_sm
-        minimum = WGMMA_256_MIN_SPLIT_STAGES if c.block_m == 256 else WGMMA_MIN_SPLIT_STAGES
-        most = 1 if m > 512 else max(1, min(MAX_WGMMA_SPLITS, stages // minimum))
-        for s in (range(1, most + 1) if m <= 128 else _powers_of_two(most)):
+        most = max(1, min(MAX_WGMMA_SPLITS, stages // WGMMA_MIN_SPLIT_STAGES))
+        for s in range(1, most + 1):
             if s > 1 and tiles * s > slots:
                 break
             cands.append((min(1.0, tiles * s / slots), c, s, tiles))
     best = max(u for u, *_ in cands)
-    ok = [x for x in cands if x[0] >= (0.8 if m <= 128 else 0.6) * best]
-    _, c, s, tiles = min(ok, key=lambda x: (-x[1].block_m * x[1].consumers, -x[1].block_m,
-                                             x[1].blocks_per_sm, -x[2] if m <= 128 else x[2]))
-    cluster = s > 1 and (s == 2 or (m <= 128 and tiles * s <= 0.75 * sms * c.blocks_per_sm))
+    _, c, s, tiles = min((x for x in cands if x[0] >= 0.8 * best),
+                         key=lambda x: (-x[1].block_m * x[1].consumers, -x[1].block_m,
+                                        x[1].blocks_per_sm, -x[2]))
+    cluster = s > 1 and (s == 2 or tiles * s <= 0.75 * sms * c.blocks_per_sm)
     return Plan("wgmma", splits=s, cluster=cluster, block_m=c.block_m, consumers=c.consumers,
                 blocks_per_sm=c.blocks_per_sm)
 
