@@ -103,8 +103,8 @@ WGMMA_SPLIT_COST = 0.1  # per K split above one: partial tiles stored and summed
 
 
 def _wgmma_large_m(m: int, n: int, k: int, sms: int) -> Plan:
-    """Above 128 rows: the candidate (block, power-of-two K splits within the stage minimums,
-    none above 512 rows) of least modelled time, waves x one block's work / its efficiency
+    """Above 128 rows: the candidate (block, power-of-two K splits within the stage minimums
+    and one wave, none above 512 rows) of least modelled time, waves x one block's work / its efficiency
     (WGMMA_BLOCK_EFFICIENCY) x (1 + WGMMA_SPLIT_COST per split): large blocks unless they
     leave most SMs idle, K splits only where tiles are few. Two splits sum in a cluster, more
     through the workspace (4- and 8-block clusters of these blocks were up to 1.5x slower)."""
@@ -117,6 +117,8 @@ def _wgmma_large_m(m: int, n: int, k: int, sms: int) -> Plan:
         minimum = WGMMA_256_MIN_SPLIT_STAGES if c.block_m == 256 else WGMMA_MIN_SPLIT_STAGES
         most = 1 if m > 512 else max(1, min(MAX_WGMMA_SPLITS, stages // minimum))
         for s in _powers_of_two(most):
+            if s > 1 and tiles * s > sms * c.blocks_per_sm:
+                break  # splits only fill idle SMs: past one wave they only add reduction work
             waves = -(-tiles * s // (sms * c.blocks_per_sm))
             cost = (waves * c.block_m * c.consumers * (k / s) * c.blocks_per_sm
                     / WGMMA_BLOCK_EFFICIENCY[(c.block_m, c.consumers)]
