@@ -4,7 +4,9 @@ Builds a random Llama-style decoder (or loads one with --checkpoint DIR), conver
 nnx.Linear layers with jax_mxfp8.flax.quantize_model (an MXFP8 checkpoint is loaded as it is,
 W8A8 or weight-only as its quantization config says), with q/k/v and gate/up fused into one
 GEMM each, runs both models under jit and prints the backend, the logits' errors, weight
-memory, and time per step.
+memory, and time per step. On a GPU (a fused-kernel backend) it then times what MXFP8 weights
+are for: the decode step of a Llama-3-8B-shaped slice, bf16 vs MXFP8 (the tiny demo model's
+own step times kernel launches, and says so).
 
 The logits are compared with the numpy reference of models/llama_reference.py (its own
 config.json parsing and the Hugging Face formulas, float32) run on the same weights: for
@@ -28,6 +30,7 @@ import numpy as np
 import jax_mxfp8 as mx
 from jax_mxfp8 import _ffi, timing
 from jax_mxfp8.backends import ensure_available, get_backend_impl
+from jax_mxfp8.bench import model as bench_model
 from jax_mxfp8.models import llama_reference, tp_mlp
 
 
@@ -69,6 +72,8 @@ def add_arguments(parser) -> None:
                      help="leave lm_head in bf16 (as ModelOpt exports do)")
     run.add_argument("--repeats", type=int, default=4,
                      help="R distinct inputs unrolled in one jit for the device-time measurement")
+    run.add_argument("--no-speed", dest="speed", action="store_false",
+                     help="on a GPU, skip the decode benchmark of a Llama-3-8B-shaped slice")
     run.add_argument("--save", metavar="DIR", help="write the quantized model as an MXFP8 checkpoint")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--max-rel-error", type=float, default=0.15,
@@ -315,9 +320,25 @@ def main(args) -> int:
         mx_ms = 1e3 * mx_forward.time_per_step(sets)
         note = " (emulation: dequantize + XLA dot, not a fused kernel)" \
             if backend is mx.Backend.EMULATION else ""
+        if device.platform == "gpu":
+            note += (f" -- a {c.hidden_size}-wide model's GEMMs are small, mostly launch "
+                     f"time: the decode benchmark below is the comparison that means something")
         print(f"time per step (device time of one forward over {args.batch}x{args.seq} tokens: "
               f"(t[R={len(sets)}] - t[R=1]) / {len(sets) - 1}, median of 5): bf16 {ref_ms:.2f} ms, "
               f"MXFP8 {mx_ms:.2f} ms{note}")
+
+    if device.platform == "gpu" and backend is not mx.Backend.EMULATION and args.speed:
+        # Where MXFP8 weights pay: decode, whose time is reading the weights. A slice of a real
+        # model's shapes (Llama-3-8B, 4 of 32 layers, fused projections) says what a serving
+        # loop gains; the tiny demo model above cannot.
+        print("decode speed: a Llama-3-8B-shaped slice (4 layers, fused q/k/v and gate/up, "
+              "context 1024), the jitted decode step in a loop, bf16 vs MXFP8 "
+              "(python -m jax_mxfp8 bench --model llama3-8b for the whole model; --no-speed "
+              "skips this):", flush=True)
+        bench_model.main(["--model", "llama3-8b", "--layers", "4", "--batch", "1,16",
+                          "--ctx", "1024", "--prefill", "0", "--fused", "--backend", backend.value,
+                          "--lm-head", "none", "--steps", "16", "--rounds", "3", "--no-busy",
+                          "--copy-mib", "256"])
 
     if args.save:
         files = decoder.save_pretrained(model, args.save)
