@@ -589,20 +589,24 @@ def load_safetensors(path: str | os.PathLike, *, backend=None, quant_config="aut
                                   f"{dtype_names[partner]}, not F8_E4M3")
         else:
             tensors[name] = array
-    tensors = moe_checkpoint.load_layout(tensors, experts)
     out: dict[str, Any] = dict(prepared)
-    for name, value in tensors.items():
-        if name in out:
-            raise CheckpointError(f"tensor {name!r} is stored both in a prepared layout and in the "
-                                  f"checkpoint layout; keep one")
-        if isinstance(value, moe_checkpoint.Mx):
-            out[name] = prepare_weight(jnp.asarray(value.values), jnp.asarray(value.scales),
-                                       backend=backend)
-        elif jax.dtypes.canonicalize_dtype(value.dtype) == value.dtype:
-            out[name] = jnp.asarray(value)
-        else:
-            out[name] = np.array(value)  # 64-bit without x64: keep exact on the host
+    for group in [tensors] if experts is None else moe_checkpoint.by_experts_module(tensors):
+        for name, value in moe_checkpoint.load_layout(group, experts).items():
+            if name in out:
+                raise CheckpointError(f"tensor {name!r} is stored both in a prepared layout and in "
+                                      f"the checkpoint layout; keep one")
+            out[name] = _to_jax(value, backend)
     return out
+
+
+def _to_jax(value, backend):
+    """A checkpoint-layout tensor as load_safetensors returns it: an Mx pair prepared for
+    `backend`, an array as a jax array (64-bit ones numpy when jax_enable_x64 is off)."""
+    if isinstance(value, moe_checkpoint.Mx):
+        return prepare_weight(jnp.asarray(value.values), jnp.asarray(value.scales), backend=backend)
+    if jax.dtypes.canonicalize_dtype(value.dtype) == value.dtype:
+        return jnp.asarray(value)
+    return np.array(value)  # keep exact on the host
 
 
 # ---- prepared layouts (save_safetensors(prepared=True)) ------------------------------------------

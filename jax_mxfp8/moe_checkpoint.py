@@ -188,6 +188,17 @@ def load_layout(tensors: Mapping[str, Any], layout) -> dict[str, Any]:
     return fuse_experts(stacked) if layout == "fuse" else stacked
 
 
+def by_experts_module(tensors: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The tensors of each experts module (one dict per prefix), then all the others: a
+    module's stacked names stay under its prefix, so modules convert one at a time (the host
+    holds one layer's stacked copies, not the model's)."""
+    groups: dict[str | None, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        m = EXPERT_TENSOR.fullmatch(name) or STACKED_TENSOR.fullmatch(name)
+        groups.setdefault(None if m is None else m["prefix"], {})[name] = value
+    return [groups[key] for key in sorted(groups, key=lambda k: (k is None, k or ""))]
+
+
 # ---- saving: stacked tensors -> per expert, or the vLLM names ------------------------------------
 
 def _stacked_entries(tensors: Mapping[str, Any]) -> dict[str, str]:

@@ -341,3 +341,23 @@ def test_prepared_per_expert_weights_stack(tmp_path, rng):
     assert_weight(fused[f"{P}.experts.gate_up_proj.weight"], np.concatenate([gate[0], up[0]], 1),
                   np.concatenate([gate[1], up[1]], 1), "marlin")
     assert_weight(fused[f"{P}.experts.down_proj.weight"], *truth["down_proj"], "marlin")
+
+
+def test_layers_of_both_layouts_in_one_checkpoint(tmp_path, rng):
+    """Each experts module is converted on its own: layer 0 per expert, layer 1 fused by vLLM."""
+    per_expert, truth = hf_tensors(rng)
+    fused = {k.replace("layers.0", "layers.1"): v for k, v in vllm_tensors(rng).items()}
+    norm = {"model.norm.weight": rng.standard_normal(H).astype(np.float32)}
+    loaded = mx.load_safetensors(write(tmp_path, {**per_expert, **fused, **norm}), backend="emulation",
+                                 experts="fuse")
+    layer1 = "model.layers.1.mlp"
+    assert set(loaded) == {f"{lp}.experts.{p}.weight" for lp in (P, layer1) for p in ("gate_up_proj", "down_proj")
+                           } | {f"{layer1}.gate.weight", "model.norm.weight"}
+    assert_weight(loaded[f"{P}.experts.down_proj.weight"], *truth["down_proj"])
+    assert_weight(loaded[f"{layer1}.experts.gate_up_proj.weight"], fused[f"{layer1}.experts.w13_weight"],
+                  fused[f"{layer1}.experts.w13_weight_scale"])
+    groups = moe_checkpoint.by_experts_module(loaded)
+    assert [sorted(g) for g in groups] == [
+        sorted(n for n in loaded if n.startswith(f"{P}.experts.")),
+        sorted(n for n in loaded if n.startswith(f"{layer1}.experts.")),
+        sorted([f"{layer1}.gate.weight", "model.norm.weight"])]
