@@ -86,6 +86,12 @@ def add_arguments(parser) -> None:
     run.add_argument("--tp", type=int, default=0, metavar="N",
                      help="run the tensor-parallel MXFP8 MLP on a mesh of N devices instead "
                           "(jax_mxfp8/models/tp_mlp.py; on CPU, N fake devices)")
+    moe = parser.add_argument_group("mixture of experts")
+    moe.add_argument("--moe", action="store_true",
+                     help="run one random MoE layer instead (jax_mxfp8/flax/moe.py: router, top-k, "
+                          "grouped GEMMs over --hidden / --intermediate), bf16 vs MXFP8")
+    moe.add_argument("--experts", type=int, default=8, help="experts of the --moe layer")
+    moe.add_argument("--top-k", type=int, default=2, help="experts per token of the --moe layer")
 
 
 def _mib(nbytes: int) -> str:
@@ -239,6 +245,8 @@ class UnrolledForward:
 def main(args) -> int:
     if getattr(args, "tp", 0):  # tensor parallel: the MLP example of models/tp_mlp.py
         return tp_mlp.main(args)
+    if getattr(args, "moe", False):  # one mixture-of-experts layer
+        return moe_main(args)
     wall = time.perf_counter()
     nnx, _, decoder = _flax()
 
@@ -357,4 +365,113 @@ def main(args) -> int:
     if not model_ok:
         print("the Flax model disagrees with the numpy reference on the same weights: the "
               "decoder's config parsing or its math is wrong for this model")
+    return 0 if ok else 1
+
+
+MOE_MAX_KERNEL_ERROR = 1e-2  # ragged_linear's bound against float64 (docs/moe.md)
+
+
+def _moe_backend(args):
+    """(backend, note): --backend, else the default device's choice, or, where that has no
+    grouped GEMM (CUTLASS), MARLIN where it runs, else EMULATION."""
+    if args.backend:
+        return ensure_available(mx.Backend.parse(args.backend)), ""
+    backend = mx.select_backend()
+    if get_backend_impl(backend).ragged_linear is not None:
+        return backend, ""
+    for fallback in (mx.Backend.MARLIN, mx.Backend.EMULATION):
+        try:
+            return ensure_available(fallback), f" ({backend.value} has no grouped GEMM)"
+        except ValueError:
+            continue
+    raise ValueError("no backend with a grouped GEMM runs here")
+
+
+def moe_main(args) -> int:
+    """`demo --moe`: a random MoE layer (--experts, --top-k, --hidden, --intermediate) in bf16
+    and its experts in MXFP8, on --batch x --seq random tokens; prints the errors (against the
+    bf16 layer, and against the bf16 layer on the dequantized weights: the grouped GEMM's own),
+    the experts' weight memory and the time per layer call; exit 1 outside the tolerances."""
+    wall = time.perf_counter()
+    nnx, mx_flax, _ = _flax()
+    moe = mx_flax.moe
+    if args.checkpoint or args.w8a8 or args.save:
+        print("error: --moe runs a random layer, W8A16 (ragged_linear); drop --checkpoint, --w8a8 "
+              "and --save")
+        return 2
+    try:
+        backend, why = _moe_backend(args)
+    except ValueError as err:
+        print(f"error: {err}")
+        return 2
+    if get_backend_impl(backend).ragged_linear is None:
+        print(f"error: backend {backend.value} has no grouped GEMM; use --backend marlin or emulation")
+        return 2
+    hidden, inter, experts, top_k = args.hidden, args.intermediate, args.experts, args.top_k
+    if hidden % 32 or inter % 32 or not 1 <= top_k <= experts:
+        print(f"error: --hidden {hidden} and --intermediate {inter} must be multiples of 32 and "
+              f"1 <= --top-k {top_k} <= --experts {experts}")
+        return 2
+    device = jax.devices()[0]
+    print(f"jax_mxfp8 {mx.__version__} | jax {jax.__version__} | device {device.platform} "
+          f"({device.device_kind}) | backend {backend.value}{why} (W8A16)")
+    bf16 = moe.MoE.create(hidden, inter, experts, top_k, rngs=nnx.Rngs(args.seed))
+    start = time.perf_counter()
+    mxfp8 = moe.quantize_moe(nnx.clone(bf16), backend=backend)
+    quantize_s = time.perf_counter() - start
+    print(f"model: random MoE layer: {experts} experts, top-{top_k} (softmax over the experts, "
+          f"renormalized over the {top_k} chosen: Mixtral / Qwen3-MoE), hidden {hidden}, expert "
+          f"MLP {inter} (SiLU(gate) * up); experts in MXFP8 ({quantize_s:.1f} s): fused gate/up "
+          f"[{experts}, {2 * inter}, {hidden}] and down [{experts}, {hidden}, {inter}], one grouped "
+          f"GEMM each (ragged_linear); router bf16")
+
+    keys = jax.random.split(jax.random.key(args.seed + 1), max(args.repeats, 2))
+    xs = [jax.random.normal(k, (args.batch, args.seq, hidden), jnp.bfloat16) for k in keys]
+    tokens = args.batch * args.seq
+    _, ids = moe.route(bf16.gate(xs[0].reshape(-1, hidden)), top_k)
+    rows = np.bincount(np.asarray(ids).ravel(), minlength=experts)
+    print(f"input: {args.batch} x {args.seq} random tokens: {tokens * top_k} rows (tokens x top-{top_k}), "
+          f"per expert min {rows.min()} / max {rows.max()}, {int((rows == 0).sum())} experts without any")
+
+    def unrolled(module):
+        graphdef, state = nnx.split(module)
+        return UnrolledForward(lambda s, x: nnx.merge(graphdef, s)(x).astype(jnp.float32), state)
+
+    bf16_forward, mx_forward = unrolled(bf16), unrolled(mxfp8)
+    twin_forward = unrolled(moe.dequantized(mxfp8))
+    from_bf16 = np.asarray(bf16_forward(xs[:1])[0], np.float64)
+    got = np.asarray(mx_forward(xs[:1])[0], np.float64)
+    on_dequantized = np.asarray(twin_forward(xs[:1])[0], np.float64)
+    weights = [w.get_value() for w in (bf16.gate.weight, bf16.experts.gate_up_proj.weight,
+                                       bf16.experts.down_proj.weight)]
+    reference = np.asarray(moe.moe_reference(xs[0], *weights, top_k=top_k), np.float64)
+    vs_bf16 = _compare(got, from_bf16)
+    kernel = _compare(got, on_dequantized)[0]
+    sorting = _compare(from_bf16, reference)[0]
+    print(f"output vs bf16 layer: cosine similarity {vs_bf16[1]:.5f}, relative error {vs_bf16[0]:.4f}")
+    print(f"output vs bf16 layer on the dequantized weights (the grouped GEMM's own error): "
+          f"relative error {kernel:.2e}")
+    print(f"bf16 layer vs einsum over every expert (checks routing, sorting and unsorting): "
+          f"relative error {sorting:.2e}")
+    mx_bytes = sum(l.weight.get_value().nbytes for l in (mxfp8.experts.gate_up_proj, mxfp8.experts.down_proj))
+    bf16_bytes = sum(l.weight.get_value().nbytes for l in (bf16.experts.gate_up_proj, bf16.experts.down_proj))
+    print(f"weight memory: experts {_mib(bf16_bytes)} in bf16 -> {_mib(mx_bytes)} "
+          f"({bf16_bytes / mx_bytes:.2f}x smaller)")
+
+    if args.repeats >= 2:
+        sets = xs[:args.repeats]
+        ref_ms = 1e3 * bf16_forward.time_per_step(sets)
+        mx_ms = 1e3 * mx_forward.time_per_step(sets)
+        note = " (emulation: dequantize + XLA grouped dot, not a fused kernel)" \
+            if backend is mx.Backend.EMULATION else ""
+        print(f"time per layer call (device time over {args.batch}x{args.seq} tokens: "
+              f"(t[R={len(sets)}] - t[R=1]) / {len(sets) - 1}, median of 5): bf16 "
+              f"(jax.lax.ragged_dot) {ref_ms:.3f} ms, MXFP8 (ragged_linear) {mx_ms:.3f} ms{note}")
+
+    ok = (vs_bf16[0] <= args.max_rel_error and vs_bf16[1] >= args.min_cosine
+          and kernel <= MOE_MAX_KERNEL_ERROR and sorting <= MOE_MAX_KERNEL_ERROR)  # NaN fails too
+    print(f"{'PASS' if ok else 'FAIL'}: vs bf16 layer: relative error {vs_bf16[0]:.4f} (limit "
+          f"{args.max_rel_error}), cosine {vs_bf16[1]:.5f} (limit {args.min_cosine}); vs the "
+          f"dequantized weights {kernel:.2e}, bf16 layer vs einsum {sorting:.2e} (limits "
+          f"{MOE_MAX_KERNEL_ERROR}); total {time.perf_counter() - wall:.1f} s")
     return 0 if ok else 1
