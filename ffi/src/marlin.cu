@@ -43,6 +43,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <type_traits>
@@ -431,43 +432,55 @@ struct GroupChunk {
 
 template <int kRows>
 __device__ __forceinline__ GroupChunk FindChunk(const GemmArgs& a, int c) {
-  using Scan = cub::BlockScan<int, kThreads>;
-  __shared__ typename Scan::TempStorage scan;
+  // Row sums in 64 bits: group sizes may add up past 2^31 (they are clipped at T below).
+  // Warp-scan algorithm: the least shared memory (the 16 x 256 tile leaves ~256 B of the 99
+  // KiB of SM86/89).
+  using RowScan = cub::BlockScan<long long, kThreads, cub::BLOCK_SCAN_WARP_SCANS>;
+  using Scan = cub::BlockScan<int, kThreads, cub::BLOCK_SCAN_WARP_SCANS>;
+  __shared__ union {
+    typename RowScan::TempStorage rows;
+    typename Scan::TempStorage chunks;
+  } scan;
   __shared__ GroupChunk found;
   const int tid = threadIdx.x;
   const int per = (a.experts + kThreads - 1) / kThreads;  // experts per thread, in order
   const int e0 = min(a.experts, tid * per), e1 = min(a.experts, e0 + per);
-  int raw = 0;
+  long long raw = 0;
   for (int e = e0; e < e1; ++e) raw += max(0, __ldg(a.group_sizes + e));
-  int start = 0, total_rows = 0;
-  Scan(scan).ExclusiveSum(raw, start, total_rows);
+  long long start = 0, total_rows = 0;
+  RowScan(scan.rows).ExclusiveSum(raw, start, total_rows);
+  // rows of expert e inside x: [r, r + g) clipped to [0, T)
+  auto clipped = [&](long long r, int g) {
+    return static_cast<int>(max(0LL, min(r + g, static_cast<long long>(a.m)) - r));
+  };
   int chunks = 0;
-  for (int e = e0, r = start; e < e1; ++e) {
+  long long r = start;
+  for (int e = e0; e < e1; ++e) {
     const int g = max(0, __ldg(a.group_sizes + e));
-    const int clamped = max(0, min(r + g, a.m) - r);
-    chunks += (clamped + kRows - 1) / kRows;
+    chunks += (clipped(r, g) + kRows - 1) / kRows;
     r += g;
   }
   __syncthreads();  // scan storage reused
   int first = 0, total_chunks = 0;
-  Scan(scan).ExclusiveSum(chunks, first, total_chunks);
+  Scan(scan.chunks).ExclusiveSum(chunks, first, total_chunks);
   if (tid == 0) {
-    const int used = min(total_rows, a.m);
+    const int used = static_cast<int>(min(total_rows, static_cast<long long>(a.m)));
     const int tail = c - total_chunks;
-    found = tail * kRows < a.m - used ? GroupChunk{-1, used + tail * kRows,
-                                                   min(kRows, a.m - used - tail * kRows)}
-                                      : GroupChunk{-2, 0, 0};
+    found = tail >= 0 && tail * kRows < a.m - used
+                ? GroupChunk{-1, used + tail * kRows, min(kRows, a.m - used - tail * kRows)}
+                : GroupChunk{-2, 0, 0};
   }
   __syncthreads();
   if (c >= first && c < first + chunks) {  // this thread's experts hold chunk c
-    int r = start, k = first;
+    long long r = start;
+    int k = first;
     for (int e = e0; e < e1; ++e) {
       const int g = max(0, __ldg(a.group_sizes + e));
-      const int clamped = max(0, min(r + g, a.m) - r);
+      const int clamped = clipped(r, g);
       const int n = (clamped + kRows - 1) / kRows;
       if (c < k + n) {
         const int off = (c - k) * kRows;
-        found = GroupChunk{e, r + off, min(kRows, clamped - off)};
+        found = GroupChunk{e, static_cast<int>(r) + off, min(kRows, clamped - off)};
         break;
       }
       k += n;
@@ -682,8 +695,8 @@ ffi::Error MarlinGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi
 
 // The grouped GEMM: x [T, K] rows grouped by expert (group_sizes [E]), qweight [E, K/16, 16N],
 // scales [E, K/32, N], flags [E, 1], bias [E, N] or [0] -> y [T, N], rows past
-// sum(group_sizes) zero. Grid: splits x (ceil(T / rows) + E) chunks x N tiles (the most chunks
-// any grouping needs; the unused ones exit at once).
+// sum(group_sizes) zero. Grid: splits x (ceil(T / rows) + min(E, T)) chunks x N tiles (the
+// most chunks any grouping needs; the unused ones exit at once).
 ffi::Error MarlinGroupedGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U8> qweight,
                                  ffi::Buffer<ffi::U8> scales, ffi::Buffer<ffi::S32> flags,
                                  ffi::Buffer<ffi::S32> group_sizes, ffi::AnyBuffer bias,
@@ -732,7 +745,11 @@ ffi::Error MarlinGroupedGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buf
   args.splits = split.splits;
   args.kt_per_split = split.kt_per_split;
   const int rows = 16 * m_blocks;
-  args.m_chunks = static_cast<int>((t + rows - 1) / rows + e);
+  // at most min(E, T) experts have rows, each adding at most one partial chunk
+  const int64_t chunks = (t + rows - 1) / rows + std::min<int64_t>(e, t);
+  if (chunks * rows > 0x7FFFFFFF)
+    return ffi::Error::InvalidArgument("marlin grouped: T and E too large for one launch");
+  args.m_chunks = static_cast<int>(chunks);
   args.bias_type = bias_type;
   args.out_type = out_type;
   args.group_sizes = group_sizes.typed_data();

@@ -21,7 +21,7 @@ from jax_mxfp8 import reference
 from jax_mxfp8.backends.base import Backend, BackendImpl, register_backend
 from jax_mxfp8.backends.emulation import grouped_dot_with_bias
 from jax_mxfp8.backends.marlin.kernels import (  # noqa: F401  (the kernels' API)
-    DEQUANT_TARGET, GEMM_TARGET, KERNEL_DTYPES, TILE_CONFIGS, WGMMA_CONFIGS, WGMMA_TARGET, Tile, WgmmaConfig, dequantize_packed,
+    DEQUANT_TARGET, GEMM_TARGET, GROUPED_TARGET, KERNEL_DTYPES, TILE_CONFIGS, WGMMA_CONFIGS, WGMMA_TARGET, Tile, WgmmaConfig, dequantize_packed,
     device_has_clusters, device_has_wgmma, effective_splits, gemm, gemm_sm90, grouped_gemm, max_cluster_splits,
     max_wgmma_splits, wgmma_config, workspace_bytes, wgmma_workspace_bytes)
 from jax_mxfp8.backends.marlin.layout import (  # noqa: F401  (the format's API)
@@ -140,7 +140,7 @@ def _shard_meta(meta, shape):
 
 register_backend(BackendImpl(
     backend=Backend.MARLIN, min_compute_capability=(8, 0),
-    required_targets=(GEMM_TARGET, DEQUANT_TARGET), default_quantize_activations=False,
+    required_targets=(GEMM_TARGET, GROUPED_TARGET, DEQUANT_TARGET), default_quantize_activations=False,
     supports_w8a16=True, supports_w8a8=False, prepare=pack_weight, unprepare=unpack_weight,
     linear=_linear, array_axes=_array_axes, n_tile=TILE, k_tile=TILE, shard_meta=_shard_meta,
     dequantize_weight=_dequantize_weight, ragged_linear=marlin_ragged_linear))

@@ -254,10 +254,11 @@ class MarlinDequantize(Op):
 
 
 def grouped_chunks(t: int, experts: int, m_blocks: int) -> int:
-    """Row chunks of a grouped launch's grid: ceil(T / rows) + E, the most any grouping of T
-    rows over E experts needs (each expert adds at most one partial chunk; the rows past the
-    groups' sum are chunks too)."""
-    return -(-t // (16 * m_blocks)) + experts
+    """Row chunks of a grouped launch's grid: ceil(T / rows) + min(E, T), the most any grouping
+    of T rows over E experts needs (at most min(E, T) experts have rows, each adding at most one
+    partial chunk; the rows past the groups' sum are chunks too). ffi/src/marlin.cu sizes its
+    grid the same way."""
+    return -(-t // (16 * m_blocks)) + min(experts, t)
 
 
 def _grouped_reference(x, qweight, scales, flags, group_sizes, bias, *, out_dtype, has_bias,
