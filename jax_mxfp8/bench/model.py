@@ -30,7 +30,6 @@ import datetime
 import functools
 import gc
 import glob
-import json
 import os
 import statistics
 import tempfile
@@ -41,6 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_mxfp8.backends import Backend, select_backend
+from jax_mxfp8.bench.report import positive_ints, write_report
 from jax_mxfp8.models import kv_decoder as kd
 from jax_mxfp8.timing import copy_bandwidth
 
@@ -51,14 +51,7 @@ GiB = 1 << 30
 DEFAULT_LAYERS = {"llama3-70b": 20}
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
+_ints = positive_ints
 
 
 def _backends(text: str) -> list[Backend]:
@@ -386,16 +379,7 @@ def plot(report: dict, path: str) -> str | None:
 
 
 def write(report: dict, out_dir: str) -> None:
-    os.makedirs(out_dir, exist_ok=True)
-    text = markdown(report)
-    with open(os.path.join(out_dir, "model_bench.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    note = plot(report, os.path.join(out_dir, "model_bench.png"))
-    if note:
-        print(note)
-        text += f"\n{note}\n"
-    with open(os.path.join(out_dir, "model_bench.md"), "w") as f:
-        f.write(text)
+    write_report(report, out_dir, "model_bench", markdown, plot)
 
 
 def main(argv=None) -> int:

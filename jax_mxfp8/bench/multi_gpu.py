@@ -67,6 +67,7 @@ import jax_mxfp8 as mx  # noqa: E402
 from jax_mxfp8 import placement  # noqa: E402
 from jax_mxfp8.backends import Backend, select_backend  # noqa: E402
 from jax_mxfp8.backends.emulation import grouped_dot_with_bias  # noqa: E402
+from jax_mxfp8.bench.report import positive_ints  # noqa: E402
 from jax_mxfp8.models import kv_decoder as kd  # noqa: E402
 from jax_mxfp8.weight import MxWeight  # noqa: E402
 
@@ -674,14 +675,7 @@ def write(report: dict, out_dir: str) -> list[str]:
 
 # ---- command line ------------------------------------------------------------------------------------
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
+_ints = positive_ints
 
 
 def _tp_sizes(tp: list[int]) -> list[int]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import math
 import os
 import time
@@ -34,6 +33,7 @@ import jax_mxfp8 as mx
 from jax_mxfp8 import timing
 from jax_mxfp8.backends import Backend, select_backend
 from jax_mxfp8.backends.marlin import planner
+from jax_mxfp8.bench.report import positive_ints, write_report
 from jax_mxfp8.models import kv_decoder as kd
 from jax_mxfp8.timing import MiB
 
@@ -44,14 +44,7 @@ BANDS = (("M<=16", 1, 16), ("17-64", 17, 64), ("128-512", 128, 512), (">=1024", 
 BIG_WEIGHT = 16 * MiB  # M <= 64: the 1.3x-bf16 target applies from this MXFP8 weight size
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
+_ints = positive_ints
 
 
 def _names(text: str) -> list[str]:
@@ -328,16 +321,7 @@ def plot(report: dict, path: str) -> str | None:
 
 
 def write(report: dict, out_dir: str) -> None:
-    os.makedirs(out_dir, exist_ok=True)
-    text = markdown(report)
-    with open(os.path.join(out_dir, "zoo.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    note = plot(report, os.path.join(out_dir, "zoo.png"))
-    if note:
-        print(note)
-        text += f"\n{note}\n"
-    with open(os.path.join(out_dir, "zoo.md"), "w") as f:
-        f.write(text)
+    write_report(report, out_dir, "zoo", markdown, plot)
 
 
 def print_summary(report: dict) -> None:
