@@ -636,6 +636,37 @@ ffi::Error DispatchTile(cudaStream_t stream, const GemmArgs& args, int mb, int w
   }
 }
 
+// The K-split reduction of a launch (args.splits already set): a cluster (SM90+, at most
+// kMaxClusterSplits) or the workspace, whose counters are zeroed on the stream. m: the rows the
+// workspace is laid out for.
+ffi::Error SetUpSplits(const std::string& what, bool cluster, int64_t m, int64_t n, int64_t k,
+                       int m_blocks, int warps_n, int splits, ffi::Buffer<ffi::U8>& workspace,
+                       cudaStream_t stream, GemmArgs& args) {
+  if (args.splits <= 1) return ffi::Error::Success();
+  if (cluster) {
+    int device = 0, major = 0;
+    JAX_MXFP8_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+    JAX_MXFP8_CUDA_RETURN_IF_ERROR(
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    if (major < 9 || args.splits > kMaxClusterSplits)
+      return ffi::Error::InvalidArgument(
+          what + ": cluster=1 needs an SM90+ GPU and at most " + std::to_string(kMaxClusterSplits) +
+          " K splits (got compute capability " + std::to_string(major) + ".x, " +
+          std::to_string(args.splits) + " splits); use cluster=0");
+    args.cluster = 1;
+    return ffi::Error::Success();
+  }
+  const SplitWorkspace layout = MarlinWorkspace(m, n, k, m_blocks, warps_n, splits, false);
+  if (workspace.element_count() < static_cast<size_t>(layout.counter_bytes + layout.partial_bytes))
+    return ffi::Error::InvalidArgument(what + ": workspace too small for splits=" +
+                                       std::to_string(args.splits));
+  uint8_t* ws = workspace.typed_data();
+  args.counters = reinterpret_cast<int32_t*>(ws);
+  args.partial = reinterpret_cast<float*>(ws + layout.counter_bytes);
+  JAX_MXFP8_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(ws, 0, layout.counter_bytes, stream));
+  return ffi::Error::Success();
+}
+
 ffi::Error MarlinGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U8> qweight,
                           ffi::Buffer<ffi::U8> scales, ffi::Buffer<ffi::S32> flags,
                           ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> y,
@@ -667,28 +698,8 @@ ffi::Error MarlinGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi
   args.m_chunks = static_cast<int>((m + rows - 1) / rows);
   args.bias_type = g.bias_type;
   args.out_type = g.out_type;
-  if (cluster && args.splits > 1) {
-    int device = 0, major = 0;
-    JAX_MXFP8_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
-    JAX_MXFP8_CUDA_RETURN_IF_ERROR(
-        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    if (major < 9 || args.splits > kMaxClusterSplits)
-      return ffi::Error::InvalidArgument(
-          "marlin: cluster=1 needs an SM90+ GPU and at most " + std::to_string(kMaxClusterSplits) +
-          " K splits (got compute capability " + std::to_string(major) + ".x, " +
-          std::to_string(args.splits) + " splits); use cluster=0");
-    args.cluster = 1;
-  }
-  if (args.splits > 1 && !args.cluster) {
-    const SplitWorkspace layout = MarlinWorkspace(m, n, k, m_blocks, warps_n, splits, false);
-    if (workspace->element_count() < static_cast<size_t>(layout.counter_bytes + layout.partial_bytes))
-      return ffi::Error::InvalidArgument("marlin: workspace too small for splits=" +
-                                         std::to_string(args.splits));
-    uint8_t* ws = workspace->typed_data();
-    args.counters = reinterpret_cast<int32_t*>(ws);
-    args.partial = reinterpret_cast<float*>(ws + layout.counter_bytes);
-    JAX_MXFP8_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(ws, 0, layout.counter_bytes, stream));
-  }
+  JAX_MXFP8_RETURN_IF_ERROR(
+      SetUpSplits("marlin", cluster, m, n, k, m_blocks, warps_n, splits, *workspace, stream, args));
   if (g.x_type == kBF16) return DispatchTile<__nv_bfloat16, false>(stream, args, m_blocks, warps_n);
   return DispatchTile<__half, false>(stream, args, m_blocks, warps_n);
 }
@@ -756,27 +767,9 @@ ffi::Error MarlinGroupedGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buf
   args.experts = static_cast<int>(e);
   args.w_stride = static_cast<size_t>(k) * n;
   args.s_stride = static_cast<size_t>(k / 32) * n;
-  if (cluster && args.splits > 1) {
-    int device = 0, major = 0;
-    JAX_MXFP8_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
-    JAX_MXFP8_CUDA_RETURN_IF_ERROR(
-        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    if (major < 9 || args.splits > kMaxClusterSplits)
-      return ffi::Error::InvalidArgument("marlin grouped: cluster=1 needs an SM90+ GPU and at most " +
-                                         std::to_string(kMaxClusterSplits) + " K splits; use cluster=0");
-    args.cluster = 1;
-  }
-  if (args.splits > 1 && !args.cluster) {
-    const SplitWorkspace layout =
-        MarlinWorkspace(static_cast<int64_t>(args.m_chunks) * rows, n, k, m_blocks, warps_n, splits, false);
-    if (workspace->element_count() < static_cast<size_t>(layout.counter_bytes + layout.partial_bytes))
-      return ffi::Error::InvalidArgument("marlin grouped: workspace too small for splits=" +
-                                         std::to_string(args.splits));
-    uint8_t* ws = workspace->typed_data();
-    args.counters = reinterpret_cast<int32_t*>(ws);
-    args.partial = reinterpret_cast<float*>(ws + layout.counter_bytes);
-    JAX_MXFP8_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(ws, 0, layout.counter_bytes, stream));
-  }
+  JAX_MXFP8_RETURN_IF_ERROR(SetUpSplits("marlin grouped", cluster,
+                                        static_cast<int64_t>(args.m_chunks) * rows, n, k, m_blocks,
+                                        warps_n, splits, *workspace, stream, args));
   if (x_type == kBF16) return DispatchTile<__nv_bfloat16, true>(stream, args, m_blocks, warps_n);
   return DispatchTile<__half, true>(stream, args, m_blocks, warps_n);
 }
