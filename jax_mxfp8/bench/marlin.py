@@ -131,10 +131,37 @@ def sanitize(args) -> int:
                                      blocks_per_sm=cfg.blocks_per_sm, splits=splits,
                                      cluster=cluster, out_dtype=jnp.bfloat16).block_until_ready()
                     count += 1
+    if not args.wgmma_only:
+        count += _sanitize_grouped(rng, values, scales, args)
     marlin.dequantize_packed(arrays["qweight"], arrays["scales"]).block_until_ready()
     marlin.dequantize_packed(arrays["qweight"], arrays["scales"], 64, 128).block_until_ready()
     log("sanitize: ran", count + 2, "kernels")
     return 0
+
+
+def _sanitize_grouped(rng, values, scales, args) -> int:
+    """The grouped kernel over 3 stacked experts, with an empty expert, rows past the groups'
+    sum (the zero tail) and each expert's rows not a multiple of the tile: every tile and the
+    K-split variants."""
+    packed = [marlin.pack_weight(jnp.roll(values, e, axis=0), jnp.roll(scales, e, axis=0))[0]
+              for e in range(3)]
+    stacked = {name: jnp.stack([p[name] for p in packed]) for name in packed[0]}
+    bias = jnp.asarray(rng.standard_normal((3, values.shape[0])), jnp.bfloat16)
+    count = 0
+    for m in args.ms or (3, 33):
+        t = 2 * m + 5
+        x = jnp.asarray(rng.standard_normal((t, values.shape[1])), jnp.bfloat16)
+        sizes = jnp.asarray([m, 0, m + 1], jnp.int32)  # 4 rows past the sum
+        for tile in marlin.TILE_CONFIGS:
+            if args.tiles and f"{tile.m_blocks}{tile.warps_n}" not in args.tiles:
+                continue
+            for splits, cluster in ((1, False), (2, True), (2, False)):
+                marlin.grouped_gemm(x, stacked["qweight"], stacked["scales"], stacked["flags"],
+                                    sizes, bias, m_blocks=tile.m_blocks, warps_n=tile.warps_n,
+                                    splits=splits, cluster=cluster,
+                                    out_dtype=jnp.bfloat16).block_until_ready()
+                count += 1
+    return count
 
 
 # ---- timing ----------------------------------------------------------------------------------
