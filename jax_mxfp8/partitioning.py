@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.custom_partitioning import (
     BATCHING, CompoundFactor, SdyShardingRule, custom_partitioning)
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
 from jax_mxfp8._compat import (
     Primitive, ShapedArray, batching, mlir, primitive_impl, require_devices_during_lowering,
@@ -203,7 +203,19 @@ def all_replicated(mesh, fn, arg_shapes, result_shape):
             getattr(s, "is_fully_replicated", False) for s in shardings):
         return None
     results = jax.tree.map(lambda _: shardings[0], result_shape)
-    return mesh, fn, results, tuple(shardings)
+    return mesh, shard_local(fn), results, tuple(shardings)
+
+
+def shard_local(fn: Callable) -> Callable:
+    """A partition's per-device function, traced under no mesh. custom_partitioning traces it
+    from shard shapes that carry no sharding, and newer jax (0.11) does so inside the caller's
+    mesh context; under an Explicit-axes mesh, ops that have no explicit sharding rule (the
+    grouped dot) then refuse to trace. Per-device code has no mesh: collectives name their axes
+    through the axis environment custom_partitioning sets up."""
+    def local(*args):
+        with jax.sharding.use_abstract_mesh(AbstractMesh((), ())):
+            return fn(*args)
+    return local
 
 
 def define_partitioned(inner: Primitive, *, abstract_eval: Callable,
@@ -235,7 +247,7 @@ def define_partitioned(inner: Primitive, *, abstract_eval: Callable,
         if replicated:
             return replicated
         results, args, fn = partition(static, mesh, arg_shapes, result_shape, fn)
-        return mesh, fn, results, args
+        return mesh, shard_local(fn), results, args
 
     partitioned = custom_partitioning(body, static_argnums=(0,))
     partitioned.def_partition(partition=partition_cb,

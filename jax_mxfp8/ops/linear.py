@@ -45,7 +45,7 @@ from jax_mxfp8.ops.prepared_gemm import (  # noqa: F401  (dense_weight: linear's
     check_backend_runs_on, dense_weight, frozen_weight_error, leaf_factors, weight_mesh_axes)
 from jax_mxfp8.partitioning import (
     all_replicated, axes_size, dim_axes, mapped, move_to_front, named, sdy_rule,
-    typed_abstract_eval, without_reused)
+    shard_local, typed_abstract_eval, without_reused)
 from jax_mxfp8.weight import (
     MxWeight, backend_layout, check_shard_tiles, local_shape, shard_meta)
 
@@ -111,7 +111,7 @@ def linear_partition(call: LinearCall, mesh, arg_shapes, result_shape):
         arg_shardings.append(named(mesh, [n_axes]))
     result = named(mesh, [*lead, n_axes])
     fn = functools.partial(linear_body, local_cfg, k_axes)
-    return mesh, fn, result, tuple(arg_shardings)
+    return mesh, shard_local(fn), result, tuple(arg_shardings)
 
 
 def linear_body(cfg: LinearConfig, k_axes, x, *rest):

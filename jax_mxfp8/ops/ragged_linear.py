@@ -54,7 +54,7 @@ from jax_mxfp8.ops.prepared_gemm import (
     check_backend_runs_on, dense_weight, frozen_weight_error, leaf_factors, weight_mesh_axes)
 from jax_mxfp8.partitioning import (
     all_replicated, axes_size, dim_axes, mapped, move_to_front, named, sdy_rule,
-    typed_abstract_eval)
+    shard_local, typed_abstract_eval)
 from jax_mxfp8.weight import (
     MxWeight, backend_layout, check_expert_shards, check_shard_tiles, local_shape, shard_meta)
 
@@ -200,7 +200,7 @@ def ragged_partition(call: RaggedCall, mesh, arg_shapes, result_shape):
         arg_shardings.append(named(mesh, [e_axes, n_axes]))
     result = named(mesh, [t_axes, n_axes])
     fn = functools.partial(ragged_body, local_cfg, Placement(e_axes, t_axes, k_axes, aligned))
-    return mesh, fn, result, tuple(arg_shardings)
+    return mesh, shard_local(fn), result, tuple(arg_shardings)
 
 
 _ragged_cp = custom_partitioning(
