@@ -97,13 +97,18 @@ def has_cuda_targets(*targets: str) -> bool:
 
 # ---- markers -------------------------------------------------------------------------------------
 
-def gpu_test(available: bool = True, reason: str = "needs an NVIDIA GPU"):
-    """Decorator of a GPU-only test: marks it `gpu` (pyproject.toml registers the marker) and
-    skips it unless a GPU is present and `available` holds (e.g. its kernels were built)."""
-    skip = pytest.mark.skipif(not (available and has_gpu()), reason=reason)
+def gpu_marks(available: bool = True, reason: str = "needs an NVIDIA GPU") -> list:
+    """The marks of a GPU-only test or parameter: `gpu` (pyproject.toml registers the marker)
+    and a skip unless a GPU is present and `available` holds (e.g. its kernels were built)."""
+    return [pytest.mark.gpu, pytest.mark.skipif(not (available and has_gpu()), reason=reason)]
 
+
+def gpu_test(available: bool = True, reason: str = "needs an NVIDIA GPU"):
+    """Decorator of a GPU-only test (gpu_marks)."""
     def mark(fn):
-        return pytest.mark.gpu(skip(fn))
+        for m in reversed(gpu_marks(available, reason)):
+            fn = m(fn)
+        return fn
     return mark
 
 

@@ -38,7 +38,6 @@
 // sums 1/splits of the tile, else the tile's last block sums it all. All are deterministic:
 // the same additions in the same order.
 #include <cooperative_groups.h>
-#include <cub/block/block_scan.cuh>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -420,77 +419,6 @@ __global__ void __launch_bounds__(kThreads, MB == 1 ? 3 : 2) MarlinGemmKernel(co
   GemmTile<MB, WN, STAGES, XT>(a, smem, split, b % a.m_chunks, b / a.m_chunks);
 }
 
-// Where chunk c of a grouped launch lies. Chunks are the 16*MB-row pieces of each expert's
-// rows in expert order (an expert of g rows has ceil(g / rows) of them); the chunks after the
-// last one cover the rows past sum(group_sizes), which are zero. Group sizes are clamped to
-// [0, rows left] (the rows are x's, T of them), as ragged_dot reads them.
-struct GroupChunk {
-  int expert;     // -1: a tail chunk (zero rows), -2: nothing to do
-  int row_begin;  // first row of x / y
-  int rows;       // rows of the chunk
-};
-
-template <int kRows>
-__device__ __forceinline__ GroupChunk FindChunk(const GemmArgs& a, int c) {
-  // Row sums in 64 bits: group sizes may add up past 2^31 (they are clipped at T below).
-  // Warp-scan algorithm: the least shared memory (the 16 x 256 tile leaves ~256 B of the 99
-  // KiB of SM86/89).
-  using RowScan = cub::BlockScan<long long, kThreads, cub::BLOCK_SCAN_WARP_SCANS>;
-  using Scan = cub::BlockScan<int, kThreads, cub::BLOCK_SCAN_WARP_SCANS>;
-  __shared__ union {
-    typename RowScan::TempStorage rows;
-    typename Scan::TempStorage chunks;
-  } scan;
-  __shared__ GroupChunk found;
-  const int tid = threadIdx.x;
-  const int per = (a.experts + kThreads - 1) / kThreads;  // experts per thread, in order
-  const int e0 = min(a.experts, tid * per), e1 = min(a.experts, e0 + per);
-  long long raw = 0;
-  for (int e = e0; e < e1; ++e) raw += max(0, __ldg(a.group_sizes + e));
-  long long start = 0, total_rows = 0;
-  RowScan(scan.rows).ExclusiveSum(raw, start, total_rows);
-  // rows of expert e inside x: [r, r + g) clipped to [0, T)
-  auto clipped = [&](long long r, int g) {
-    return static_cast<int>(max(0LL, min(r + g, static_cast<long long>(a.m)) - r));
-  };
-  int chunks = 0;
-  long long r = start;
-  for (int e = e0; e < e1; ++e) {
-    const int g = max(0, __ldg(a.group_sizes + e));
-    chunks += (clipped(r, g) + kRows - 1) / kRows;
-    r += g;
-  }
-  __syncthreads();  // scan storage reused
-  int first = 0, total_chunks = 0;
-  Scan(scan.chunks).ExclusiveSum(chunks, first, total_chunks);
-  if (tid == 0) {
-    const int used = static_cast<int>(min(total_rows, static_cast<long long>(a.m)));
-    const int tail = c - total_chunks;
-    found = tail >= 0 && tail * kRows < a.m - used
-                ? GroupChunk{-1, used + tail * kRows, min(kRows, a.m - used - tail * kRows)}
-                : GroupChunk{-2, 0, 0};
-  }
-  __syncthreads();
-  if (c >= first && c < first + chunks) {  // this thread's experts hold chunk c
-    long long r = start;
-    int k = first;
-    for (int e = e0; e < e1; ++e) {
-      const int g = max(0, __ldg(a.group_sizes + e));
-      const int clamped = clipped(r, g);
-      const int n = (clamped + kRows - 1) / kRows;
-      if (c < k + n) {
-        const int off = (c - k) * kRows;
-        found = GroupChunk{e, static_cast<int>(r) + off, min(kRows, clamped - off)};
-        break;
-      }
-      k += n;
-      r += g;
-    }
-  }
-  __syncthreads();
-  return found;
-}
-
 // The grouped GEMM: blockIdx = (split, chunk, n_tile) as in the dense kernel, each chunk one
 // expert's rows against that expert's weight; the K-split workspace and counters are indexed
 // by chunk, so chunks are independent tiles. Tail chunks write zeros (split 0).
@@ -502,17 +430,12 @@ __global__ void __launch_bounds__(kThreads, MB == 1 ? 3 : 2) MarlinGroupedGemmKe
   const int split = b % a.splits;
   b /= a.splits;
   const int c = b % a.m_chunks, n_tile = b / a.m_chunks;
-  const GroupChunk chunk = FindChunk<T::kRows>(a, c);
+  const GroupChunk chunk = FindChunk<T::kRows, kThreads>(a.group_sizes, a.experts, a.m, c);
   if (chunk.expert == -2) return;
   if (chunk.expert == -1) {
-    if (split != 0) return;
-    const int esize = a.out_type == kF32 ? 4 : 2;
-    const int words = T::kCols * esize / 16;  // 16-byte stores per row of the tile
-    for (int i = threadIdx.x; i < chunk.rows * words; i += kThreads) {
-      const size_t row = chunk.row_begin + i / words;
-      uint8_t* dst = static_cast<uint8_t*>(a.y) + (row * a.n + n_tile * T::kCols) * esize;
-      reinterpret_cast<uint4*>(dst)[i % words] = make_uint4(0, 0, 0, 0);
-    }
+    if (split == 0)
+      ZeroRows(a.y, a.n, a.out_type, chunk.row_begin, chunk.rows, n_tile * T::kCols, T::kCols,
+               threadIdx.x, kThreads);
     return;
   }
   // The chunk as rows [c * rows, c * rows + chunk.rows) of a shifted x / y: the tile code and
@@ -714,31 +637,13 @@ ffi::Error MarlinGroupedGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buf
                                  ffi::Result<ffi::AnyBuffer> y,
                                  ffi::Result<ffi::Buffer<ffi::U8>> workspace, int32_t m_blocks,
                                  int32_t warps_n, int32_t splits, int32_t cluster) {
-  const auto xd = x.dimensions(), wd = qweight.dimensions(), sd = scales.dimensions();
-  const auto yd = y->dimensions(), fd = flags.dimensions(), gd = group_sizes.dimensions();
-  if (xd.size() != 2 || wd.size() != 3 || sd.size() != 3 || yd.size() != 2 || gd.size() != 1)
-    return ffi::Error::InvalidArgument("marlin grouped: x, y must be 2-D, qweight and scales 3-D "
-                                       "[E, ...], group_sizes 1-D");
-  const int64_t t = xd[0], k = xd[1], n = yd[1], e = gd[0];
-  if (yd[0] != t || k % 64 || n % 64 || k == 0 || e < 1 || wd[0] != e || sd[0] != e ||
-      wd[1] != k / 16 || wd[2] != 16 * n || sd[1] != k / 32 || sd[2] != n ||
-      flags.element_count() != static_cast<size_t>(e))
-    return ffi::Error::InvalidArgument("marlin grouped: shapes do not form x [T, K], qweight [E, K/16, "
-                                       "16N], scales [E, K/32, N], flags [E, 1], y [T, N] with K, N "
-                                       "multiples of 64");
-  if (t > 0x3FFFFFFF || n > 0x7FFFFFFF || k > 0x7FFFFFFF || e > 0x3FFFFFFF)
-    return ffi::Error::InvalidArgument("marlin grouped: dimensions too large");
-  (void)fd;
-  const int x_type = DTypeOf(x.element_type()), out_type = DTypeOf(y->element_type());
+  GroupedGemm gg;
+  JAX_MXFP8_RETURN_IF_ERROR(
+      CheckGroupedGemm("marlin grouped", x, qweight, scales, flags, group_sizes, bias, *y, gg));
+  const int64_t t = gg.t, k = gg.k, n = gg.n, e = gg.e;
+  const int x_type = gg.x_type, out_type = gg.out_type, bias_type = gg.bias_type;
   if (x_type != kBF16 && x_type != kF16)
     return ffi::Error::InvalidArgument("marlin grouped: x must be bfloat16 or float16");
-  if (out_type < 0) return ffi::Error::InvalidArgument("marlin grouped: y must be bf16, fp16 or fp32");
-  int bias_type = kNone;
-  if (bias.element_count() > 0) {
-    bias_type = DTypeOf(bias.element_type());
-    if (bias.element_count() != static_cast<size_t>(e * n) || bias_type < 0)
-      return ffi::Error::InvalidArgument("marlin grouped: bias must be [E, N] bf16, fp16 or fp32");
-  }
   if (t == 0) return ffi::Error::Success();
   if (m_blocks < 1 || splits < 1) return ffi::Error::InvalidArgument("marlin grouped: bad launch parameters");
 
@@ -756,8 +661,7 @@ ffi::Error MarlinGroupedGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buf
   args.splits = split.splits;
   args.kt_per_split = split.kt_per_split;
   const int rows = 16 * m_blocks;
-  // at most min(E, T) experts have rows, each adding at most one partial chunk
-  const int64_t chunks = (t + rows - 1) / rows + std::min<int64_t>(e, t);
+  const int64_t chunks = GroupedChunks(t, e, rows);
   if (chunks * rows > 0x7FFFFFFF)
     return ffi::Error::InvalidArgument("marlin grouped: T and E too large for one launch");
   args.m_chunks = static_cast<int>(chunks);

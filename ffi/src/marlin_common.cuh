@@ -1,12 +1,15 @@
 // Pieces shared by the two MARLIN-backend GEMM kernels (marlin.cu: mma.sync, SM80+;
 // marlin_sm90.cu: wgmma, sm_90a): the exact fp8 -> bf16 dequantization of the packed weight,
-// the bias + output-rounding epilogue store, and small host helpers.
+// the bias + output-rounding epilogue store, the chunk schedule of grouped (MoE) launches, and
+// small host helpers.
 #pragma once
 
+#include <cub/block/block_scan.cuh>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <mutex>
 #include <string>
@@ -245,6 +248,142 @@ inline ffi::Error CheckPackedGemm(const std::string& what, const ffi::AnyBuffer&
       return ffi::Error::InvalidArgument(what + ": bias must be [N] bf16, fp16 or fp32");
   }
   return ffi::Error::Success();
+}
+
+// The problem both grouped handlers take: x [T, K] rows grouped by expert, group_sizes [E],
+// qweight [E, K/16, 16N], scales [E, K/32, N], flags [E, 1], bias [E, N] or empty, y [T, N].
+struct GroupedGemm {
+  int64_t t = 0, k = 0, n = 0, e = 0;
+  int x_type = -1, out_type = -1, bias_type = kNone;
+};
+
+inline ffi::Error CheckGroupedGemm(const std::string& what, const ffi::AnyBuffer& x,
+                                   const ffi::Buffer<ffi::U8>& qweight,
+                                   const ffi::Buffer<ffi::U8>& scales,
+                                   const ffi::Buffer<ffi::S32>& flags,
+                                   const ffi::Buffer<ffi::S32>& group_sizes,
+                                   const ffi::AnyBuffer& bias, const ffi::AnyBuffer& y,
+                                   GroupedGemm& g) {
+  const auto xd = x.dimensions(), wd = qweight.dimensions(), sd = scales.dimensions();
+  const auto yd = y.dimensions(), gd = group_sizes.dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || sd.size() != 3 || yd.size() != 2 || gd.size() != 1)
+    return ffi::Error::InvalidArgument(what + ": x, y must be 2-D, qweight and scales 3-D [E, ...], "
+                                       "group_sizes 1-D");
+  g.t = xd[0];
+  g.k = xd[1];
+  g.n = yd[1];
+  g.e = gd[0];
+  const int64_t t = g.t, k = g.k, n = g.n, e = g.e;
+  if (yd[0] != t || k % 64 || n % 64 || k == 0 || e < 1 || wd[0] != e || sd[0] != e ||
+      wd[1] != k / 16 || wd[2] != 16 * n || sd[1] != k / 32 || sd[2] != n ||
+      flags.element_count() != static_cast<size_t>(e))
+    return ffi::Error::InvalidArgument(what + ": shapes do not form x [T, K], qweight [E, K/16, 16N], "
+                                       "scales [E, K/32, N], flags [E, 1], y [T, N] with K, N "
+                                       "multiples of 64");
+  if (t > 0x3FFFFFFF || n > 0x7FFFFFFF || k > 0x7FFFFFFF || e > 0x3FFFFFFF)
+    return ffi::Error::InvalidArgument(what + ": dimensions too large");
+  g.x_type = DTypeOf(x.element_type());
+  g.out_type = DTypeOf(y.element_type());
+  if (g.out_type < 0) return ffi::Error::InvalidArgument(what + ": y must be bf16, fp16 or fp32");
+  if (bias.element_count() > 0) {
+    g.bias_type = DTypeOf(bias.element_type());
+    if (bias.element_count() != static_cast<size_t>(e * n) || g.bias_type < 0)
+      return ffi::Error::InvalidArgument(what + ": bias must be [E, N] bf16, fp16 or fp32");
+  }
+  return ffi::Error::Success();
+}
+
+// Row chunks of a grouped launch's grid: ceil(T / rows) + min(E, T), the most any grouping of T
+// rows over E experts needs (at most min(E, T) experts have rows, each adding at most one
+// partial chunk); chunks past the used ones exit at once.
+inline int64_t GroupedChunks(int64_t t, int64_t e, int rows) {
+  return (t + rows - 1) / rows + std::min<int64_t>(e, t);
+}
+
+// Where chunk c of a grouped launch lies. Chunks are the kRows-row pieces of each expert's
+// rows in expert order (an expert of g rows has ceil(g / kRows) of them); the chunks after the
+// last one cover the rows past sum(group_sizes), which are zero. Group sizes are clamped to
+// [0, rows left] (the rows are x's, m of them), as ragged_dot reads them. Every thread of the
+// block calls it (block-wide scans); kThreadCount is the block size.
+struct GroupChunk {
+  int expert;     // -1: a tail chunk (zero rows), -2: nothing to do
+  int row_begin;  // first row of x / y
+  int rows;       // rows of the chunk
+};
+
+template <int kRows, int kThreadCount>
+__device__ __forceinline__ GroupChunk FindChunk(const int32_t* group_sizes, int experts, int m,
+                                                int c) {
+  // Row sums in 64 bits: group sizes may add up past 2^31 (they are clipped at m below).
+  // Warp-scan algorithm: the least shared memory (the mma.sync kernel's 16 x 256 tile leaves
+  // ~256 B of the 99 KiB of SM86/89).
+  using RowScan = cub::BlockScan<long long, kThreadCount, cub::BLOCK_SCAN_WARP_SCANS>;
+  using Scan = cub::BlockScan<int, kThreadCount, cub::BLOCK_SCAN_WARP_SCANS>;
+  __shared__ union {
+    typename RowScan::TempStorage rows;
+    typename Scan::TempStorage chunks;
+  } scan;
+  __shared__ GroupChunk found;
+  const int tid = threadIdx.x;
+  const int per = (experts + kThreadCount - 1) / kThreadCount;  // experts per thread, in order
+  const int e0 = min(experts, tid * per), e1 = min(experts, e0 + per);
+  long long raw = 0;
+  for (int e = e0; e < e1; ++e) raw += max(0, __ldg(group_sizes + e));
+  long long start = 0, total_rows = 0;
+  RowScan(scan.rows).ExclusiveSum(raw, start, total_rows);
+  // rows of expert e inside x: [r, r + g) clipped to [0, m)
+  auto clipped = [&](long long r, int g) {
+    return static_cast<int>(max(0LL, min(r + g, static_cast<long long>(m)) - r));
+  };
+  int chunks = 0;
+  long long r = start;
+  for (int e = e0; e < e1; ++e) {
+    const int g = max(0, __ldg(group_sizes + e));
+    chunks += (clipped(r, g) + kRows - 1) / kRows;
+    r += g;
+  }
+  __syncthreads();  // scan storage reused
+  int first = 0, total_chunks = 0;
+  Scan(scan.chunks).ExclusiveSum(chunks, first, total_chunks);
+  if (tid == 0) {
+    const int used = static_cast<int>(min(total_rows, static_cast<long long>(m)));
+    const int tail = c - total_chunks;
+    found = tail >= 0 && tail * kRows < m - used
+                ? GroupChunk{-1, used + tail * kRows, min(kRows, m - used - tail * kRows)}
+                : GroupChunk{-2, 0, 0};
+  }
+  __syncthreads();
+  if (c >= first && c < first + chunks) {  // this thread's experts hold chunk c
+    long long r = start;
+    int k = first;
+    for (int e = e0; e < e1; ++e) {
+      const int g = max(0, __ldg(group_sizes + e));
+      const int clamped = clipped(r, g);
+      const int n = (clamped + kRows - 1) / kRows;
+      if (c < k + n) {
+        const int off = (c - k) * kRows;
+        found = GroupChunk{e, static_cast<int>(r) + off, min(kRows, clamped - off)};
+        break;
+      }
+      k += n;
+      r += g;
+    }
+  }
+  __syncthreads();
+  return found;
+}
+
+// Zeros in rows [row_begin, row_begin + rows) x columns [col0, col0 + cols) of y [*, n]
+// (a tail chunk: rows past the groups' sum); cols * the element size is a multiple of 16.
+__device__ __forceinline__ void ZeroRows(void* y, int n, int out_type, int row_begin, int rows,
+                                         int col0, int cols, int tid, int threads) {
+  const int esize = out_type == kF32 ? 4 : 2;
+  const int words = cols * esize / 16;  // 16-byte stores per row
+  for (int i = tid; i < rows * words; i += threads) {
+    const size_t row = row_begin + i / words;
+    uint8_t* dst = static_cast<uint8_t*>(y) + (row * n + col0) * esize;
+    reinterpret_cast<uint4*>(dst)[i % words] = make_uint4(0, 0, 0, 0);
+  }
 }
 
 // The dynamic shared-memory limit one kernel has been raised to, per device (a static of that

@@ -112,6 +112,11 @@ struct WgmmaArgs {
   int32_t* counters;  // kWorkspace: [tiles] blocks done, zeroed before the launch
   int spread;         // kWorkspace, every block resident at once: the splits of a tile wait for
                       // each other and each sums and stores 1/splits of its token rows
+  // Grouped (MoE) launches: x rows grouped by expert, group_sizes [experts] on the device; w, s,
+  // flags and bias stacked per expert (strides in bytes of w and s); m_tiles counts row chunks.
+  const int32_t* group_sizes;
+  int experts;
+  size_t w_stride, s_stride;
 };
 
 #if JAX_MXFP8_WGMMA
@@ -349,9 +354,10 @@ __device__ __forceinline__ void Consume(float (&acc)[T::kBM / 2], const uint8_t*
 // and each sums 1/splits of the tile's token rows, else the tile's last block sums it all
 // (marlin.cu's schemes). Each scheme is its own instantiation: the cluster barriers mark a
 // kernel for cluster launches, and with them the unsplit kernel ran ~1.2x slower on the H200.
-template <int BM, int C, int STAGES, int BLOCKS, Reduce kReduce, typename Hooks = NoHooks>
+template <int BM, int C, int STAGES, int BLOCKS, Reduce kReduce, typename Hooks = NoHooks,
+          bool kGrouped = false>
 __global__ void __launch_bounds__(WgTile<BM, C, STAGES, BLOCKS>::kThreads, BLOCKS)
-    MarlinWgmmaKernel(const __grid_constant__ CUtensorMap x_map, const WgmmaArgs a) {
+    MarlinWgmmaKernel(const __grid_constant__ CUtensorMap x_map, const WgmmaArgs args) {
 #if JAX_MXFP8_WGMMA
   using T = WgTile<BM, C, STAGES, BLOCKS>;
   extern __shared__ uint8_t smem_raw[];
@@ -359,9 +365,31 @@ __global__ void __launch_bounds__(WgTile<BM, C, STAGES, BLOCKS>::kThreads, BLOCK
   const uint32_t sbase = SmemAddr(smem);
   const uint32_t full0 = sbase + T::kBarOff, empty0 = full0 + 8 * STAGES;
   const int tid = threadIdx.x, wg = tid >> 7, lane = tid & 31;
-  const int split = blockIdx.x % a.splits, tile = blockIdx.x / a.splits;
-  const int m_tile = tile % a.m_tiles, n_tile = tile / a.m_tiles;
-  const int m0 = m_tile * BM, kt_total = a.k / kBK;
+  const int split = blockIdx.x % args.splits, tile = blockIdx.x / args.splits;
+  const int m_tile = tile % args.m_tiles, n_tile = tile / args.m_tiles;
+  WgmmaArgs a = args;
+  int m0 = m_tile * BM, rows = min(BM, a.m - m0);  // the x / y rows of this block's tile
+  if constexpr (kGrouped) {
+    // Row chunk m_tile is one expert's rows: that expert's weight, rows [row_begin, + rows).
+    // The TMA box still loads BM rows from row_begin (the next expert's, or zero fill past
+    // T); only the chunk's rows are stored.
+    const GroupChunk chunk = FindChunk<BM, T::kThreads>(a.group_sizes, a.experts, a.m, m_tile);
+    if (chunk.expert == -2) return;
+    if (chunk.expert == -1) {
+      ZeroRows(a.y, a.n, a.out_type, chunk.row_begin, chunk.rows, n_tile * T::kBN, T::kBN, tid,
+               T::kThreads);
+      return;
+    }
+    m0 = chunk.row_begin;
+    rows = chunk.rows;
+    a.w += chunk.expert * a.w_stride;
+    a.s += chunk.expert * a.s_stride;
+    a.flags += chunk.expert;
+    if (a.bias != nullptr)
+      a.bias = static_cast<const uint8_t*>(a.bias) +
+               static_cast<size_t>(chunk.expert) * a.n * (a.bias_type == kF32 ? 4 : 2);
+  }
+  const int kt_total = a.k / kBK;
   const int kt_begin = split * kt_total / a.splits;  // near-equal ranges, none empty (host)
   const int num_kt = (split + 1) * kt_total / a.splits - kt_begin;
   Hooks::Point(tid == 0, 0);
@@ -482,7 +510,6 @@ __global__ void __launch_bounds__(WgTile<BM, C, STAGES, BLOCKS>::kThreads, BLOCK
     st[(m + 1) * T::kOutStride + nl + 8] = acc[4 * i + 3];
   }
   constexpr int kVecs = T::kBN / 4;
-  const int rows = min(BM, a.m - m0);
   if constexpr (kReduce != Reduce::kCluster) {
     ConsumerBarrier(128 * C);
     const int stored = min(rows, row_end) - row_begin;
@@ -551,11 +578,12 @@ ffi::Error EncodeX(CUtensorMap* map, const void* x, int64_t m, int64_t k, int bl
 
 // `spread`: let the K splits of a tile share its sum when the grid fits on the GPU at once
 // (they wait for each other; a block that is not resident yet would never arrive otherwise).
-template <int BM, int C, int STAGES, int BLOCKS, Reduce kReduce, typename Hooks = NoHooks>
+template <int BM, int C, int STAGES, int BLOCKS, Reduce kReduce, typename Hooks = NoHooks,
+          bool kGrouped = false>
 ffi::Error LaunchWgmmaKernel(cudaStream_t stream, const CUtensorMap& map, WgmmaArgs args,
                              unsigned blocks, bool spread = true) {
   using T = WgTile<BM, C, STAGES, BLOCKS>;
-  auto kernel = MarlinWgmmaKernel<BM, C, STAGES, BLOCKS, kReduce, Hooks>;
+  auto kernel = MarlinWgmmaKernel<BM, C, STAGES, BLOCKS, kReduce, Hooks, kGrouped>;
   static SmemLimit smem_limit;  // one per instantiation
   JAX_MXFP8_CUDA_RETURN_IF_ERROR(AllowSmem(kernel, T::kSmemBytes, smem_limit));
   if constexpr (kReduce == Reduce::kWorkspace) {
@@ -572,17 +600,23 @@ ffi::Error LaunchWgmmaKernel(cudaStream_t stream, const CUtensorMap& map, WgmmaA
 
 // ws: the FFI workspace (K splits summed through global memory); spread = false keeps the
 // last-block sum even where the grid is resident (tools/wgmma_trace.cu compares the two).
-template <int BM, int C, int STAGES, int BLOCKS, typename Hooks = NoHooks>
+// kGrouped: a grouped launch (args.group_sizes), one K range per block (splits 1).
+template <int BM, int C, int STAGES, int BLOCKS, typename Hooks = NoHooks, bool kGrouped = false>
 ffi::Error LaunchWgmma(cudaStream_t stream, const CUtensorMap& map, WgmmaArgs args, bool cluster,
                        uint8_t* ws, size_t ws_bytes, bool spread = true) {
   using T = WgTile<BM, C, STAGES, BLOCKS>;
   if (args.n % T::kBN != 0)
     return ffi::Error::InvalidArgument("marlin wgmma: N=" + std::to_string(args.n) +
                                        " is not a multiple of the block width " + std::to_string(T::kBN));
-  args.m_tiles = (args.m + BM - 1) / BM;
-  const long long tiles = static_cast<long long>(args.n / T::kBN) * args.m_tiles;
+  const int64_t m_tiles = kGrouped ? GroupedChunks(args.m, args.experts, BM) : (args.m + BM - 1) / BM;
+  const long long tiles = static_cast<long long>(args.n / T::kBN) * m_tiles;
   if (tiles * args.splits > 0x7FFFFFFF) return ffi::Error::InvalidArgument("marlin wgmma: grid too large");
+  args.m_tiles = static_cast<int>(m_tiles);
   const unsigned blocks = static_cast<unsigned>(tiles * args.splits);
+  if constexpr (kGrouped) {
+    if (args.splits != 1) return ffi::Error::InvalidArgument("marlin grouped wgmma: splits must be 1");
+    return LaunchWgmmaKernel<BM, C, STAGES, BLOCKS, Reduce::kNone, Hooks, true>(stream, map, args, blocks);
+  }
   if (args.splits == 1)
     return LaunchWgmmaKernel<BM, C, STAGES, BLOCKS, Reduce::kNone, Hooks>(stream, map, args, blocks);
   if (cluster)
@@ -602,19 +636,17 @@ ffi::Error LaunchWgmma(cudaStream_t stream, const CUtensorMap& map, WgmmaArgs ar
 
 // The configurations jax_mxfp8/backends/marlin/kernels.py may ask for (WGMMA_CONFIGS): x rows
 // per block, consumer warpgroups, blocks per SM.
+template <bool kGrouped>
 ffi::Error DispatchWgmma(cudaStream_t stream, const CUtensorMap& map, const WgmmaArgs& args, int bm,
-                         int c, int blocks_per_sm, bool cluster,
-                         ffi::Result<ffi::Buffer<ffi::U8>>& workspace) {
-  uint8_t* ws = workspace->typed_data();
-  const size_t bytes = workspace->element_count();
+                         int c, int blocks_per_sm, bool cluster, uint8_t* ws, size_t bytes) {
   switch (bm * 100 + c * 10 + blocks_per_sm) {
-    case 6412: return LaunchWgmma<64, 1, 8, 2>(stream, map, args, cluster, ws, bytes);
-    case 12812: return LaunchWgmma<128, 1, 5, 2>(stream, map, args, cluster, ws, bytes);
-    case 6421: return LaunchWgmma<64, 2, 8, 1>(stream, map, args, cluster, ws, bytes);
-    case 6422: return LaunchWgmma<64, 2, 6, 2>(stream, map, args, cluster, ws, bytes);
-    case 12821: return LaunchWgmma<128, 2, 8, 1>(stream, map, args, cluster, ws, bytes);
-    case 6441: return LaunchWgmma<64, 4, 8, 1>(stream, map, args, cluster, ws, bytes);
-    case 25621: return LaunchWgmma<256, 2, 5, 1>(stream, map, args, cluster, ws, bytes);
+    case 6412: return LaunchWgmma<64, 1, 8, 2, NoHooks, kGrouped>(stream, map, args, cluster, ws, bytes);
+    case 12812: return LaunchWgmma<128, 1, 5, 2, NoHooks, kGrouped>(stream, map, args, cluster, ws, bytes);
+    case 6421: return LaunchWgmma<64, 2, 8, 1, NoHooks, kGrouped>(stream, map, args, cluster, ws, bytes);
+    case 6422: return LaunchWgmma<64, 2, 6, 2, NoHooks, kGrouped>(stream, map, args, cluster, ws, bytes);
+    case 12821: return LaunchWgmma<128, 2, 8, 1, NoHooks, kGrouped>(stream, map, args, cluster, ws, bytes);
+    case 6441: return LaunchWgmma<64, 4, 8, 1, NoHooks, kGrouped>(stream, map, args, cluster, ws, bytes);
+    case 25621: return LaunchWgmma<256, 2, 5, 1, NoHooks, kGrouped>(stream, map, args, cluster, ws, bytes);
     default:
       return ffi::Error::InvalidArgument("marlin wgmma: no compiled configuration for block_m=" +
                                          std::to_string(bm) + ", consumers=" + std::to_string(c) +
@@ -624,6 +656,19 @@ ffi::Error DispatchWgmma(cudaStream_t stream, const CUtensorMap& map, const Wgmm
 
 bool BuiltForSm90a() {
   return std::string(JAX_MXFP8_CUDA_ARCHS).find("90a") != std::string::npos;
+}
+
+ffi::Error CheckSm90a(const std::string& what) {
+  int device = 0, major = 0, minor = 0;
+  JAX_MXFP8_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  JAX_MXFP8_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  JAX_MXFP8_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  if (major != 9 || minor != 0 || !BuiltForSm90a())
+    return ffi::Error::InvalidArgument(
+        what + ": needs a compute capability 9.0 GPU (H100/H200) and a build whose "
+        "CMAKE_CUDA_ARCHITECTURES include 90a (this GPU: " + std::to_string(major) + "." +
+        std::to_string(minor) + ", built for " + JAX_MXFP8_CUDA_ARCHS + "); use the mma.sync kernel");
+  return ffi::Error::Success();
 }
 
 ffi::Error MarlinWgmmaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U8> qweight,
@@ -642,15 +687,7 @@ ffi::Error MarlinWgmmaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ff
     return ffi::Error::InvalidArgument("marlin wgmma: splits=" + std::to_string(splits) +
                                        " must be in [1, min(" + std::to_string(max_splits) +
                                        ", K/64 = " + std::to_string(k / kBK) + ")]");
-  int device = 0, major = 0, minor = 0;
-  JAX_MXFP8_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
-  JAX_MXFP8_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  JAX_MXFP8_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-  if (major != 9 || minor != 0 || !BuiltForSm90a())
-    return ffi::Error::InvalidArgument(
-        "marlin wgmma: needs a compute capability 9.0 GPU (H100/H200) and a build whose "
-        "CMAKE_CUDA_ARCHITECTURES include 90a (this GPU: " + std::to_string(major) + "." +
-        std::to_string(minor) + ", built for " + JAX_MXFP8_CUDA_ARCHS + "); use the mma.sync kernel");
+  JAX_MXFP8_RETURN_IF_ERROR(CheckSm90a("marlin wgmma"));
 
   WgmmaArgs args{};
   args.w = qweight.typed_data();
@@ -666,7 +703,46 @@ ffi::Error MarlinWgmmaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ff
   args.splits = splits;
   CUtensorMap map;
   JAX_MXFP8_RETURN_IF_ERROR(EncodeX(&map, x.untyped_data(), m, k, block_m));
-  return DispatchWgmma(stream, map, args, block_m, consumers, blocks_per_sm, cluster != 0, workspace);
+  return DispatchWgmma<false>(stream, map, args, block_m, consumers, blocks_per_sm, cluster != 0,
+                             workspace->typed_data(), workspace->element_count());
+}
+
+// The grouped GEMM on wgmma (marlin.cu's grouped kernel for many rows per expert): x [T, K]
+// bf16 rows grouped by expert (group_sizes [E]), qweight [E, K/16, 16N], scales [E, K/32, N],
+// flags [E, 1], bias [E, N] or [0] -> y [T, N], rows past sum(group_sizes) zero. Grid:
+// (ceil(T / block_m) + min(E, T)) row chunks x N tiles, one K range per block.
+ffi::Error MarlinGroupedWgmmaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U8> qweight,
+                                  ffi::Buffer<ffi::U8> scales, ffi::Buffer<ffi::S32> flags,
+                                  ffi::Buffer<ffi::S32> group_sizes, ffi::AnyBuffer bias,
+                                  ffi::Result<ffi::AnyBuffer> y, int32_t block_m, int32_t consumers,
+                                  int32_t blocks_per_sm) {
+  GroupedGemm g;
+  JAX_MXFP8_RETURN_IF_ERROR(
+      CheckGroupedGemm("marlin grouped wgmma", x, qweight, scales, flags, group_sizes, bias, *y, g));
+  if (g.x_type != kBF16)
+    return ffi::Error::InvalidArgument("marlin grouped wgmma: x must be bfloat16 (fp16 x uses the "
+                                       "mma.sync grouped kernel)");
+  if (g.t == 0) return ffi::Error::Success();
+  JAX_MXFP8_RETURN_IF_ERROR(CheckSm90a("marlin grouped wgmma"));
+  WgmmaArgs args{};
+  args.w = qweight.typed_data();
+  args.s = scales.typed_data();
+  args.flags = flags.typed_data();
+  args.bias = g.bias_type != kNone ? bias.untyped_data() : nullptr;
+  args.y = y->untyped_data();
+  args.m = static_cast<int>(g.t);
+  args.n = static_cast<int>(g.n);
+  args.k = static_cast<int>(g.k);
+  args.bias_type = g.bias_type;
+  args.out_type = g.out_type;
+  args.splits = 1;
+  args.group_sizes = group_sizes.typed_data();
+  args.experts = static_cast<int>(g.e);
+  args.w_stride = static_cast<size_t>(g.k) * g.n;
+  args.s_stride = static_cast<size_t>(g.k / 32) * g.n;
+  CUtensorMap map;
+  JAX_MXFP8_RETURN_IF_ERROR(EncodeX(&map, x.untyped_data(), g.t, g.k, block_m));
+  return DispatchWgmma<true>(stream, map, args, block_m, consumers, blocks_per_sm, false, nullptr, 0);
 }
 
 }  // namespace
@@ -688,6 +764,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MarlinWgmmaHandler, MarlinWgmmaImpl,
                                   .Attr<int32_t>("cluster"),     // 1: summed in a cluster (<= 8 splits)
                               {ffi::Traits::kCmdBufferCompatible});
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MarlinGroupedWgmmaHandler, MarlinGroupedWgmmaImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()         // x [T, K] bf16
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // qweight [E, K/16, 16N]
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // scales [E, K/32, N]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // flags [E, 1]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // group_sizes [E]
+                                  .Arg<ffi::AnyBuffer>()         // bias [E, N] or [0]
+                                  .Ret<ffi::AnyBuffer>()         // y [T, N]
+                                  .Attr<int32_t>("block_m")
+                                  .Attr<int32_t>("consumers")
+                                  .Attr<int32_t>("blocks_per_sm"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
 JAX_MXFP8_REGISTER_CUDA_TARGET("jax_mxfp8_marlin_wgmma_cuda", MarlinWgmmaHandler);
+JAX_MXFP8_REGISTER_CUDA_TARGET("jax_mxfp8_marlin_grouped_wgmma_cuda", MarlinGroupedWgmmaHandler);
 
 }  // namespace jax_mxfp8

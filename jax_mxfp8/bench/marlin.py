@@ -140,9 +140,9 @@ def sanitize(args) -> int:
 
 
 def _sanitize_grouped(rng, values, scales, args) -> int:
-    """The grouped kernel over 3 stacked experts, with an empty expert, rows past the groups'
-    sum (the zero tail) and each expert's rows not a multiple of the tile: every tile and the
-    K-split variants."""
+    """The grouped kernels over 3 stacked experts, with an empty expert, rows past the groups'
+    sum (the zero tail) and each expert's rows not a multiple of the tile: every mma.sync tile
+    and K-split variant, every wgmma configuration (sm_90a)."""
     packed = [marlin.pack_weight(jnp.roll(values, e, axis=0), jnp.roll(scales, e, axis=0))[0]
               for e in range(3)]
     stacked = {name: jnp.stack([p[name] for p in packed]) for name in packed[0]}
@@ -160,6 +160,14 @@ def _sanitize_grouped(rng, values, scales, args) -> int:
                                     sizes, bias, m_blocks=tile.m_blocks, warps_n=tile.warps_n,
                                     splits=splits, cluster=cluster,
                                     out_dtype=jnp.bfloat16).block_until_ready()
+                count += 1
+        if marlin.device_has_grouped_wgmma():
+            for cfg in marlin.WGMMA_CONFIGS:
+                marlin.grouped_gemm_sm90(x, stacked["qweight"], stacked["scales"],
+                                         stacked["flags"], sizes, bias, block_m=cfg.block_m,
+                                         consumers=cfg.consumers,
+                                         blocks_per_sm=cfg.blocks_per_sm,
+                                         out_dtype=jnp.bfloat16).block_until_ready()
                 count += 1
     return count
 

@@ -21,9 +21,11 @@ from jax_mxfp8 import reference
 from jax_mxfp8.backends.base import Backend, BackendImpl, register_backend
 from jax_mxfp8.backends.emulation import grouped_dot_with_bias
 from jax_mxfp8.backends.marlin.kernels import (  # noqa: F401  (the kernels' API)
-    DEQUANT_TARGET, GEMM_TARGET, GROUPED_TARGET, KERNEL_DTYPES, TILE_CONFIGS, WGMMA_CONFIGS, WGMMA_TARGET, Tile, WgmmaConfig, dequantize_packed,
-    device_has_clusters, device_has_wgmma, effective_splits, gemm, gemm_sm90, grouped_gemm, max_cluster_splits,
-    max_wgmma_splits, wgmma_config, workspace_bytes, wgmma_workspace_bytes)
+    DEQUANT_TARGET, GEMM_TARGET, GROUPED_TARGET, GROUPED_WGMMA_TARGET, KERNEL_DTYPES, TILE_CONFIGS,
+    WGMMA_CONFIGS, WGMMA_TARGET, Tile, WgmmaConfig, dequantize_packed, device_has_clusters,
+    device_has_grouped_wgmma, device_has_wgmma, effective_splits, gemm, gemm_sm90, grouped_gemm,
+    grouped_gemm_sm90, max_cluster_splits, max_wgmma_splits, wgmma_config, workspace_bytes,
+    wgmma_workspace_bytes)
 from jax_mxfp8.backends.marlin.layout import (  # noqa: F401  (the format's API)
     FAST_MAX_SCALE, META_TAG, TILE, layout_meta, pack_scales, pack_values, pack_weight,
     unpack_padded, unpack_scales, unpack_values, unpack_weight)
@@ -99,7 +101,8 @@ def marlin_ragged_linear(x2d, weight, group_sizes, bias, out_dtype):
     expert). x2d is bf16, fp16 or fp32 and holds K (unpadded) columns; out_dtype is bf16, fp16
     or fp32 (float32 for row-parallel partial products).
 
-    bf16 / fp16 x: one launch of the grouped mma.sync kernel (planner.ragged_plan); fp32 x:
+    bf16 / fp16 x: one launch of the grouped mma.sync kernel, or of the grouped wgmma kernel
+    (sm_90a, bf16 x, many rows per expert), as planner.ragged_plan picks; fp32 x:
     the dequantize kernel per expert (exact bf16 weights) and a grouped float32 dot, the
     emulation math.
     """
@@ -117,6 +120,11 @@ def marlin_ragged_linear(x2d, weight, group_sizes, bias, out_dtype):
         y = grouped_gemm(x2d, a["qweight"], a["scales"], a["flags"], group_sizes.astype(jnp.int32),
                          bias, m_blocks=plan.m_blocks, warps_n=plan.warps_n, splits=plan.splits,
                          cluster=plan.cluster, out_dtype=out_dtype)
+    elif plan.kind == "wgmma":
+        y = grouped_gemm_sm90(x2d, a["qweight"], a["scales"], a["flags"],
+                              group_sizes.astype(jnp.int32), bias, block_m=plan.block_m,
+                              consumers=plan.consumers, blocks_per_sm=plan.blocks_per_sm,
+                              out_dtype=out_dtype)
     else:
         w = jax.vmap(lambda q, s: dequantize_packed(q, s))(a["qweight"], a["scales"])  # [E, Np, Kp]
         op_dtype = reference.dot_dtype(x2d.dtype)

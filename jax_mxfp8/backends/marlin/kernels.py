@@ -5,6 +5,7 @@
   GPUs only), bf16 x.
 - MarlinGroupedGemm: the mma.sync kernel over a stacked [E, ...] packed weight with x's rows
   grouped by expert (group_sizes read on the device): ragged_dot semantics, one launch.
+- MarlinGroupedWgmma: the same on the wgmma kernel (sm_90a, bf16 x), for many rows per expert.
 - MarlinDequantize: the packed weight to bf16 (the dequantize + dot path).
 
 All read the packed layout of layout.py. K splits (splits > 1) divide K among that many blocks
@@ -30,6 +31,7 @@ from jax_mxfp8.partitioning import move_to_front
 GEMM_TARGET = "jax_mxfp8_marlin_gemm_cuda_v1"
 GROUPED_TARGET = "jax_mxfp8_marlin_grouped_gemm_cuda_v1"
 WGMMA_TARGET = "jax_mxfp8_marlin_wgmma_cuda_v1"
+GROUPED_WGMMA_TARGET = "jax_mxfp8_marlin_grouped_wgmma_cuda_v1"
 DEQUANT_TARGET = "jax_mxfp8_marlin_dequantize_cuda_v1"
 KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -114,6 +116,11 @@ def device_has_wgmma() -> bool:
         return False
     archs = str(_ffi.cuda_module().build_info().get("cuda_architectures", ""))
     return default_compute_capability() == (9, 0) and "90a" in archs.split(",")
+
+
+def device_has_grouped_wgmma() -> bool:
+    """The grouped wgmma kernel can run (a build from before it has only the mma.sync one)."""
+    return device_has_wgmma() and _ffi.has_cuda_target(GROUPED_WGMMA_TARGET)
 
 
 def _check_packed(what, x, qweight, scales, flags, bias, has_bias, n_multiple):
@@ -271,6 +278,26 @@ def _grouped_reference(x, qweight, scales, flags, group_sizes, bias, *, out_dtyp
                                  bias if has_bias else None, out_dtype)
 
 
+def _check_grouped(what, x, qweight, scales, flags, group_sizes, bias, has_bias, n_multiple):
+    """(T, K, N, E) of a grouped problem on a stacked packed weight, or an error naming what
+    does not fit."""
+    if qweight.ndim != 3 or scales.ndim != 3 or group_sizes.ndim != 1:
+        raise ValueError(f"{what}: qweight {qweight.shape} / scales {scales.shape} must be "
+                         f"stacked [E, ...] and group_sizes 1-D")
+    e = qweight.shape[0]
+    if group_sizes.dtype != jnp.int32 or group_sizes.shape != (e,):
+        raise ValueError(f"{what}: group_sizes must be int32 [{e}], got "
+                         f"{group_sizes.dtype}{list(group_sizes.shape)}")
+    if flags.shape != (e, 1) or flags.dtype != jnp.int32:
+        raise ValueError(f"{what}: flags must be int32 [{e}, 1]")
+    one = lambda a: ShapedArray(a.shape[1:], a.dtype)  # noqa: E731
+    m, k, n = _check_packed(what, x, one(qweight), one(scales), ShapedArray((1,), flags.dtype),
+                            None, False, n_multiple)
+    if has_bias and bias.shape != (e, n):
+        raise ValueError(f"{what}: bias shape {bias.shape} != ({e}, {n})")
+    return m, k, n, e
+
+
 @register
 class MarlinGroupedGemm(Op):
     name = "mxfp8_marlin_grouped_gemm"
@@ -282,20 +309,8 @@ class MarlinGroupedGemm(Op):
                  cluster, out_dtype, has_bias):
         _checks.check_dtype("marlin grouped gemm x", x.dtype, KERNEL_DTYPES,
                             "The Marlin kernel takes bf16 or fp16 activations.")
-        if qweight.ndim != 3 or scales.ndim != 3 or group_sizes.ndim != 1:
-            raise ValueError(f"marlin grouped gemm: qweight {qweight.shape} / scales "
-                             f"{scales.shape} must be stacked [E, ...] and group_sizes 1-D")
-        e = qweight.shape[0]
-        if group_sizes.dtype != jnp.int32 or group_sizes.shape != (e,):
-            raise ValueError(f"marlin grouped gemm: group_sizes must be int32 [{e}], got "
-                             f"{group_sizes.dtype}{list(group_sizes.shape)}")
-        if flags.shape != (e, 1) or flags.dtype != jnp.int32:
-            raise ValueError(f"marlin grouped gemm: flags must be int32 [{e}, 1]")
-        one = lambda a: ShapedArray(a.shape[1:], a.dtype)  # noqa: E731
-        m, k, n = _check_packed("marlin grouped gemm", x, one(qweight), one(scales),
-                                ShapedArray((1,), flags.dtype), None, False, 64 * warps_n)
-        if has_bias and bias.shape != (e, n):
-            raise ValueError(f"marlin grouped gemm: bias shape {bias.shape} != ({e}, {n})")
+        m, k, n, _ = _check_grouped("marlin grouped gemm", x, qweight, scales, flags,
+                                    group_sizes, bias, has_bias, 64 * warps_n)
         if Tile(m_blocks, warps_n) not in TILE_CONFIGS:
             raise ValueError(f"marlin grouped gemm: {Tile(m_blocks, warps_n)} is not compiled; "
                              f"use one of {TILE_CONFIGS}")
@@ -319,6 +334,45 @@ class MarlinGroupedGemm(Op):
     def batch(cls, args, dims, **params):
         raise NotImplementedError("marlin grouped gemm is batched by ragged_linear's own vmap "
                                   "rule (rows of all batch entries sorted into one call)")
+
+
+@register
+class MarlinGroupedWgmma(Op):
+    name = "mxfp8_marlin_grouped_wgmma"
+    cuda_target = GROUPED_WGMMA_TARGET
+    reference = staticmethod(_grouped_reference)
+
+    @staticmethod
+    def abstract(x, qweight, scales, flags, group_sizes, bias, *, block_m, consumers,
+                 blocks_per_sm, out_dtype, has_bias):
+        _checks.check_dtype("marlin grouped wgmma x", x.dtype, (jnp.bfloat16,),
+                            "The wgmma kernel takes bf16 activations; fp16 uses the mma.sync "
+                            "grouped kernel.")
+        m, _, n, _ = _check_grouped("marlin grouped wgmma", x, qweight, scales, flags,
+                                    group_sizes, bias, has_bias, 64 * consumers)
+        wgmma_config(block_m, consumers, blocks_per_sm)
+        return ShapedArray((m, n), out_dtype)
+
+    @staticmethod
+    def cuda_attrs(*, block_m, consumers, blocks_per_sm, out_dtype, has_bias):
+        return {"block_m": block_m, "consumers": consumers, "blocks_per_sm": blocks_per_sm}
+
+    @classmethod
+    def batch(cls, args, dims, **params):
+        raise NotImplementedError("marlin grouped wgmma is batched by ragged_linear's own vmap "
+                                  "rule (rows of all batch entries sorted into one call)")
+
+
+def grouped_gemm_sm90(x, qweight, scales, flags, group_sizes, bias=None, *, block_m, consumers,
+                      out_dtype, blocks_per_sm=None):
+    """One grouped launch of the sm_90a wgmma kernel (no K split): x [T, K] bf16 rows grouped
+    by expert, stacked packed weight."""
+    config = wgmma_config(int(block_m), int(consumers), blocks_per_sm)
+    has_bias, bias = _bias_operand(bias, x)
+    return MarlinGroupedWgmma.inner.bind(
+        x, qweight, scales, flags, group_sizes.astype(jnp.int32), bias, block_m=config.block_m,
+        consumers=config.consumers, blocks_per_sm=config.blocks_per_sm,
+        out_dtype=jnp.dtype(out_dtype), has_bias=has_bias)
 
 
 def grouped_gemm(x, qweight, scales, flags, group_sizes, bias=None, *, m_blocks, warps_n,

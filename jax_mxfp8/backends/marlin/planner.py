@@ -24,7 +24,8 @@ from jax_mxfp8._devices import device_kind as _device_kind
 from jax_mxfp8._devices import sm_count
 from jax_mxfp8.backends.marlin import autotune, kernels
 from jax_mxfp8.backends.marlin.kernels import (
-    KERNEL_DTYPES, TILE_CONFIGS, WGMMA_CONFIGS, Tile, device_has_clusters, device_has_wgmma)
+    KERNEL_DTYPES, TILE_CONFIGS, WGMMA_CONFIGS, Tile, device_has_clusters, device_has_grouped_wgmma,
+    device_has_wgmma)
 from jax_mxfp8.backends.marlin.layout import TILE, pack_values
 from jax_mxfp8.backends.marlin.layout import round_up as _round_up
 
@@ -169,15 +170,44 @@ def _dequant_dot_wins(m: int, n: int) -> bool:
     return m >= 1024 and (n // 128) * -(-m // 256) < 0.5 * DEFAULT_SMS
 
 
+def _wgmma_grouped_plan(rows: int, active: int, n: int, k: int, sms: int) -> Plan:
+    """The grouped wgmma launch: `active` experts of ~`rows` rows each. Every block is one
+    expert's chunk of block_m rows (a partial chunk costs a whole block), one K range each.
+    The block of least modelled time, as _wgmma_large_m: waves x one block's work / its
+    efficiency."""
+    best = None
+    for c in WGMMA_CONFIGS:
+        if n % (64 * c.consumers) or c.block_m > _round_up(rows, 64):
+            continue
+        tiles = n // (64 * c.consumers) * -(-rows // c.block_m) * active
+        waves = -(-tiles // (sms * c.blocks_per_sm))
+        cost = (waves * c.block_m * c.consumers * k * c.blocks_per_sm
+                / WGMMA_BLOCK_EFFICIENCY[(c.block_m, c.consumers)])
+        if best is None or cost < best[0]:
+            best = (cost, c)
+    c = best[1]
+    return Plan("wgmma", block_m=c.block_m, consumers=c.consumers, blocks_per_sm=c.blocks_per_sm)
+
+
 def ragged_plan(t: int, experts: int, n: int, k: int, x_dtype, sms: int | None = None,
-                clusters: bool | None = None) -> Plan:
-    """The grouped mma.sync launch of t rows over `experts` stacked weights (the one grouped
-    kernel; fp32 x: dequantize + the grouped dot)."""
-    if jnp.dtype(x_dtype) not in KERNEL_DTYPES:
+                clusters: bool | None = None, wgmma: bool | None = None) -> Plan:
+    """A grouped launch of t rows over `experts` stacked weights, planned for the rows an
+    expert that has tokens gets on average (t / min(experts, t)): the mma.sync grouped kernel
+    up to WGMMA_MIN_M of them (memory-bound: the experts' weights stream once), the wgmma one
+    above on sm_90a GPUs with bf16 x (compute-bound: its blocks share each dequantized weight
+    tile among up to 256 rows); fp32 x: dequantize + the grouped dot."""
+    x_dtype = jnp.dtype(x_dtype)
+    if x_dtype not in KERNEL_DTYPES:
         return Plan("dequant_dot")
     sms = sms or sm_count(DEFAULT_SMS)
     clusters = device_has_clusters() if clusters is None else clusters
-    return _mma_plan(max(t, 1), n, k, sms, clusters, experts=experts)
+    wgmma = device_has_grouped_wgmma() if wgmma is None else wgmma
+    t = max(t, 1)
+    active = min(experts, t)
+    rows = -(-t // active)
+    if wgmma and x_dtype == jnp.bfloat16 and rows > WGMMA_MIN_M:
+        return _wgmma_grouped_plan(rows, active, n, k, sms)
+    return _mma_plan(t, n, k, sms, clusters, experts=experts)
 
 
 def rule_plan(m: int, n: int, k: int, x_dtype, sms: int, clusters: bool, wgmma: bool) -> Plan:
