@@ -148,7 +148,7 @@ def test_jit_and_split_merge(rng, seed):
     # one program against op-by-op dispatch: XLA's fusions and a GPU's GEMM algorithms may sum
     # in another order and move bf16 roundings by an ulp, so only the tolerance is a contract
     want = reference_of(dequantized(moe), x)
-    assert rel_fro(jitted, want) < 4e-3 and rel_fro(eager, want) < 4e-3
+    assert rel_fro(jitted, want) < 1e-2 and rel_fro(eager, want) < 1e-2  # numerics.md's bound
     assert "mxfp8_ragged_linear" in str(jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x))(state, x))
 
 

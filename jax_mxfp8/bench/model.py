@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_mxfp8.backends import Backend, select_backend
+from jax_mxfp8.bench import moe_model
 from jax_mxfp8.bench.report import positive_ints, write_report
 from jax_mxfp8.models import kv_decoder as kd
 from jax_mxfp8.timing import copy_bandwidth
@@ -65,9 +66,11 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jax_mxfp8 bench --model",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True,
-                   help=f"one of {', '.join(kd.MODELS)} ('tiny': a 2-layer smoke-test configuration)")
+                   help=f"one of {', '.join(kd.MODELS)} ('tiny': a 2-layer smoke-test configuration); "
+                        f"MoE layers (bench/moe_model.py): {', '.join(moe_model.MODELS)}")
     p.add_argument("--layers", type=int, help="the first N layers only (default: all; "
-                   + ", ".join(f"{m}: {n}" for m, n in DEFAULT_LAYERS.items()) + ")")
+                   + ", ".join(f"{m}: {n}" for m, n in DEFAULT_LAYERS.items())
+                   + "); MoE models: N stacked MoE layers (default 1)")
     p.add_argument("--batch", type=_ints, default=[1, 16, 64], help="decode batch sizes (default 1,16,64)")
     p.add_argument("--ctx", type=int, default=1024, help="KV cache length of decode (default 1024)")
     p.add_argument("--prefill", type=int, default=2048,
@@ -208,8 +211,11 @@ def check_fits(config, batches, ctx) -> None:
 
 
 def run(args) -> dict:
+    if args.model in moe_model.MODELS:  # MoE layers, not a decoder: bench/moe_model.py
+        return moe_model.run(args)
     if args.model not in kd.MODELS:
-        raise SystemExit(f"unknown model {args.model!r}; known: {', '.join(kd.MODELS)}")
+        raise SystemExit(f"unknown model {args.model!r}; known: "
+                         f"{', '.join([*kd.MODELS, *moe_model.MODELS])}")
     full = kd.MODELS[args.model]
     layers = args.layers or DEFAULT_LAYERS.get(args.model)
     config = full.with_layers(min(layers, full.layers) if layers else None)
@@ -388,6 +394,8 @@ def main(argv=None) -> int:
         parser().error("--steps and --rounds must be >= 1, --warmup >= 0")
     if args.prefill < 0 or args.ctx < 1:
         parser().error("--prefill must be >= 0 and --ctx >= 1")
+    if args.model in moe_model.MODELS:  # its own checks, report and files
+        return moe_model.main(args, parser())
     report = run(args)
     print(markdown(report))
     if args.out:
